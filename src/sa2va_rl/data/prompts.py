@@ -1,0 +1,57 @@
+"""Prompt datasets for causal LMs: DATA_DIR/train.jsonl with {"prompt": str, "solution": str} per line."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+from datasets import Dataset
+
+from sa2va_rl.models.tiny import COLORS, PLACES, SHAPES
+
+TRAIN_FILE = "train.jsonl"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line and the field."""
+
+
+def load_prompt_dataset(data_dir: str) -> Dataset:
+    path = os.path.join(data_dir, TRAIN_FILE)
+    if not os.path.isdir(data_dir):
+        raise DataError(f"--data_dir {data_dir!r} is not a directory")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing. A prompt data dir holds {TRAIN_FILE} with one "
+                        '{"prompt": "...", "solution": "..."} object per line '
+                        "(`sa2va-rl make-data --kind prompts DIR` writes an example)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            for key in ("prompt", "solution"):
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    got = "missing" if key not in row else f"{type(row[key]).__name__} {row[key]!r}"
+                    raise DataError(f"{path}:{lineno}: field {key!r} must be a non-empty string, got {got}")
+            rows.append({"prompt": row["prompt"], "solution": row["solution"]})
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return Dataset.from_list(rows)
+
+
+def make_prompt_data(out_dir: str, n: int = 64, seed: int = 0) -> str:
+    """A copy task in the tiny tokenizer's words: 'copy : red square left' -> 'red square left'."""
+    rng = random.Random(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, TRAIN_FILE), "w", encoding="utf-8") as f:
+        for _ in range(n):
+            words = [rng.choice(COLORS), rng.choice(SHAPES), rng.choice(PLACES)]
+            f.write(json.dumps({"prompt": "copy : " + " ".join(words), "solution": " ".join(words)}) + "\n")
+    return out_dir

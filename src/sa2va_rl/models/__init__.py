@@ -1,0 +1,3 @@
+from sa2va_rl.models.policy import CausalLMPolicy, Generation, Policy
+
+__all__ = ["CausalLMPolicy", "Generation", "Policy"]

@@ -1,0 +1,49 @@
+"""Tiny models built in code (random weights, no download) for tests, demos and offline smoke runs."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+SPECIAL = ["<pad>", "<unk>", "<eos>"]
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+SHAPES = ["square", "circle", "triangle", "star", "box", "ring"]
+PLACES = ["left", "right", "top", "bottom", "center", "corner"]
+WORDS = COLORS + SHAPES + PLACES + [
+    "copy", "repeat", ":", "the", "a", "is", "in", "on", "of", "and", "with", "at", "object", "region",
+    "small", "large", "bright", "dark", "describe", "segment", "this", "masked", "please", "it", ".", ",",
+] + [str(i) for i in range(10)]
+
+
+def word_tokenizer(words: list[str], extra_special: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer: ids 0..2 are <pad>, <unk>, <eos>; then extra specials; then words."""
+    vocab: dict[str, int] = {}
+    for tok in SPECIAL + list(extra_special or []) + list(words):
+        vocab.setdefault(tok, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+                                   additional_special_tokens=list(extra_special or []))
+
+
+def tiny_qwen2_config(vocab_size: int, hidden: int = 64, layers: int = 2, **overrides) -> Qwen2Config:
+    return Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2,
+                       bos_token_id=None, **overrides)
+
+
+def make_tiny_causal(out_dir: str, seed: int = 0) -> str:
+    """Write a ~100k-parameter Qwen2 causal LM and its tokenizer to ``out_dir``; return the path."""
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(WORDS)
+    model = Qwen2ForCausalLM(tiny_qwen2_config(len(tokenizer)))
+    model.generation_config = GenerationConfig(eos_token_id=2, pad_token_id=0, do_sample=True, max_new_tokens=16)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,1 @@
+"""The RL layer: TRL's GRPOTrainer at its seams, the stability callback, rewards."""

@@ -1,0 +1,109 @@
+"""Sa2VAGRPOConfig: TRL's GRPOConfig plus the stability fields, with the old script's defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from trl import GRPOConfig
+
+
+def bf16_supported() -> bool:
+    """bf16 where the hardware has it: a CUDA device with native bf16. CPU runs stay fp32."""
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+@dataclass
+class Sa2VAGRPOConfig(GRPOConfig):
+    """GRPOConfig with numerically guarded sampling, loss and optimizer steps.
+
+    Defaults that differ from TRL's follow the original Sa2VA RL script: learning_rate 1e-5, max_grad_norm
+    1.0, warmup_steps 10, num_generations 4, bf16 only when the device supports it (never fp16 by default).
+    """
+
+    # --- old-script defaults ---------------------------------------------------------------------------------
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (after GradGuard)."})
+    warmup_steps: int = field(default=10, metadata={"help": "Linear warmup steps."})
+    num_generations: int | None = field(
+        default=4, metadata={"help": "Completions sampled per prompt (the GRPO group). Must be >= 2."}
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision. Default: on when the GPU supports bf16, else fp32 (never fp16)."},
+    )
+    cast_lm_head_to_fp32: bool = field(
+        default=True, metadata={"help": "Run the LM head in fp32 so logprobs are not computed from bf16 logits."}
+    )
+    logging_steps: float = field(default=1, metadata={"help": "Log metrics every N optimizer steps."})
+
+    batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Prompts per device per step, as in the original Sa2VA RL script. Sets "
+                          "per_device_train_batch_size = batch_size * num_generations (TRL counts completions)."},
+    )
+
+    # --- stability -------------------------------------------------------------------------------------------
+    logits_guard: bool = field(
+        default=True,
+        metadata={"help": "Repair NaN/inf/overflowed logit rows before sampling (healthy rows bit-identical)."},
+    )
+    max_abs_logit: float = field(
+        default=1e4, metadata={"help": "Logits above this count as overflow and mark their row broken."}
+    )
+    drop_repaired_tokens: bool = field(
+        default=True, metadata={"help": "Exclude tokens sampled from repaired logit rows from the loss."}
+    )
+    skip_nonfinite_steps: bool = field(
+        default=True,
+        metadata={"help": "Skip an optimizer step whose gradients hold NaN/Inf; the optimizer state is untouched."},
+    )
+    max_consecutive_skips: int = field(
+        default=3, metadata={"help": "After this many non-finite steps in a row, act (see on_persistent_nonfinite)."}
+    )
+    on_persistent_nonfinite: str = field(
+        default="halt",
+        metadata={"help": "What to do after max_consecutive_skips: 'halt' (stop with an error) or 'rollback'."},
+    )
+    stability_summary_steps: int = field(
+        default=10, metadata={"help": "Log a one-line stability summary every N optimizer steps (0: never)."}
+    )
+    advantage_std_floor: float = field(
+        default=1e-2,
+        metadata={"help": "Floor on the reward std that advantages are divided by, so near-ties do not explode."},
+    )
+    log_ratio_clamp: float = field(
+        default=20.0, metadata={"help": "Clamp |log pi/pi_old| and |log pi_ref/pi| before exp()."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None:
+            if self.batch_size < 1:
+                raise ValueError(f"batch_size={self.batch_size}: use 1 or more prompts per device per step")
+            self.per_device_train_batch_size = self.batch_size * (self.num_generations or 1)
+        if self.bf16 is None:
+            self.bf16 = False if self.fp16 else bf16_supported()
+        problems = []
+        if self.num_generations is None or self.num_generations < 2:
+            problems.append(
+                f"num_generations={self.num_generations}: GRPO normalises rewards within a group, and the std of "
+                "a single sample is NaN; use --num_generations 2 or more (4 is the usual choice)"
+            )
+        if self.on_persistent_nonfinite not in ("halt", "rollback"):
+            problems.append(f"on_persistent_nonfinite={self.on_persistent_nonfinite!r}: use 'halt' or 'rollback'")
+        if self.max_consecutive_skips < 1:
+            problems.append(f"max_consecutive_skips={self.max_consecutive_skips}: use 1 or more")
+        if not (math.isfinite(self.max_abs_logit) and self.max_abs_logit > 0):
+            problems.append(f"max_abs_logit={self.max_abs_logit}: use a positive number such as 1e4")
+        if not (self.advantage_std_floor > 0):
+            problems.append(f"advantage_std_floor={self.advantage_std_floor}: use a small positive number (1e-2)")
+        if not (self.log_ratio_clamp > 0):
+            problems.append(f"log_ratio_clamp={self.log_ratio_clamp}: use a positive number such as 20")
+        if self.stability_summary_steps < 0:
+            problems.append(f"stability_summary_steps={self.stability_summary_steps}: use 0 (off) or more")
+        if self.drop_repaired_tokens and not self.logits_guard:
+            problems.append("drop_repaired_tokens needs logits_guard: enable --logits_guard or disable both")
+        if problems:
+            raise ValueError("Invalid Sa2VAGRPOConfig:\n  - " + "\n  - ".join(problems))
+        super().__post_init__()

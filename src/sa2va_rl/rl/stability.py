@@ -1,0 +1,173 @@
+"""StabilityCallback: the run's numerical health, in the logs, in a summary line, and in stability.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import TrainerCallback
+
+from sa2va_rl.numerics import GradGuard, GradReport, LogitsGuard
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "stability_state.json"  # inside each checkpoint
+REPORT_FILE = "stability.json"  # in output_dir at the end of a run
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Raised when non-finite steps persist; the message says what happened and what to try."""
+
+
+@dataclass
+class StabilityCounters:
+    steps: int = 0  # optimizer steps taken or skipped
+    skipped_steps: int = 0
+    nonfinite_grad_steps: int = 0
+    repaired_rows: int = 0  # logit rows repaired by LogitsGuard
+    dropped_tokens: int = 0  # completion tokens excluded from the loss (repaired or empty filler)
+    empty_completions: int = 0
+    nonfinite_losses: int = 0
+    nonfinite_metric_values: int = 0
+    first_nonfinite: dict | None = None  # {"step", "kind", "params"} of the first non-finite gradient step
+    events: list = field(default_factory=list)  # the last few non-finite steps, newest last
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """Write to a temp file in the same directory, fsync, rename: a reader never sees half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """One pass over the parameters, one sync: end of run and failure path only."""
+    params = [p.detach() for p in model.parameters()]
+    if not params:
+        return True
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+
+
+class StabilityCallback(TrainerCallback):
+    """Owns the stability counters; the trainer feeds it, the trainer's log() asks it for metrics."""
+
+    MAX_EVENTS = 20
+
+    def __init__(self, summary_steps: int = 10, logits_guard: LogitsGuard | None = None,
+                 grad_guard: GradGuard | None = None) -> None:
+        self.summary_steps = summary_steps
+        self.logits_guard = logits_guard
+        self.grad_guard = grad_guard or GradGuard()
+        self.counters = StabilityCounters()
+
+    # ---------------------------------------------------------------- feeding
+    def record_generation(self, repaired_rows: int, dropped_tokens: int, empty: int) -> None:
+        c = self.counters
+        c.repaired_rows += repaired_rows
+        c.dropped_tokens += dropped_tokens
+        c.empty_completions += empty
+
+    def record_grads(self, step: int, report: GradReport, skipped: bool) -> None:
+        c = self.counters
+        c.steps += 1
+        if report.finite:
+            return
+        c.nonfinite_grad_steps += 1
+        c.skipped_steps += int(skipped)
+        event = {"step": step, "kind": report.kind, "params": report.nonfinite_params,
+                 "num_params": report.num_nonfinite_params}
+        if c.first_nonfinite is None:
+            c.first_nonfinite = event
+        c.events = (c.events + [event])[-self.MAX_EVENTS:]
+
+    # --------------------------------------------------------------- reading
+    def metrics(self) -> dict[str, float]:
+        c, g = self.counters, self.grad_guard.stats
+        out = {
+            "stability/skipped_steps": c.skipped_steps,
+            "stability/nonfinite_grad_steps": c.nonfinite_grad_steps,
+            "stability/consecutive_nonfinite": g.consecutive_nonfinite,
+            "stability/repaired_rows": c.repaired_rows,
+            "stability/dropped_tokens": c.dropped_tokens,
+            "stability/empty_completions": c.empty_completions,
+            "stability/nonfinite_losses": c.nonfinite_losses,
+            "stability/nonfinite_metric_values": c.nonfinite_metric_values,
+            "stability/grad_norm_mean": g.norm_mean,
+            "stability/grad_norm_max": g.norm_max,
+        }
+        if self.logits_guard is not None:
+            out["stability/logit_rows_seen"] = self.logits_guard.stats.rows_seen
+        return out
+
+    def summary_line(self, step: int) -> str:
+        c, g = self.counters, self.grad_guard.stats
+        lg = self.logits_guard.stats if self.logits_guard is not None else None
+        rows = f"{lg.rows_repaired}/{lg.rows_seen} logit rows repaired" if lg else "logits guard off"
+        return (f"stability @ step {step}: {c.skipped_steps} skipped of {c.steps} steps "
+                f"({c.nonfinite_grad_steps} non-finite grads), {rows}, {c.dropped_tokens} tokens dropped, "
+                f"{c.empty_completions} empty completions, {c.nonfinite_losses} non-finite losses, "
+                f"grad norm mean {g.norm_mean:.4g} max {g.norm_max:.4g}")
+
+    def report(self, model: torch.nn.Module | None) -> dict:
+        out = asdict(self.counters)
+        out["grad_guard"] = asdict(self.grad_guard.stats)
+        out["grad_guard"]["norm_min"] = None if math.isinf(out["grad_guard"]["norm_min"]) else \
+            out["grad_guard"]["norm_min"]
+        out["logits_guard"] = self.logits_guard.stats.as_dict() if self.logits_guard is not None else None
+        out["final_weights_finite"] = weights_finite(model) if model is not None else None
+        return out
+
+    def write_report(self, output_dir: str, model: torch.nn.Module | None) -> dict:
+        payload = self.report(model)
+        write_json_atomic(os.path.join(output_dir, REPORT_FILE), payload)
+        return payload
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        return {
+            "counters": asdict(self.counters),
+            "grad_guard": self.grad_guard.state_dict(),
+            "logits_guard": self.logits_guard.state_dict() if self.logits_guard is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counters = StabilityCounters(**state["counters"])
+        gg = state["grad_guard"]
+        gg["stats"]["norm_min"] = math.inf if gg["stats"]["norm_min"] is None else gg["stats"]["norm_min"]
+        self.grad_guard.load_state_dict(gg)
+        if self.logits_guard is not None and state.get("logits_guard") is not None:
+            self.logits_guard.load_state_dict(state["logits_guard"])
+
+    def save(self, checkpoint_dir: str) -> None:
+        state = self.state_dict()
+        state["grad_guard"]["stats"]["norm_min"] = None if math.isinf(state["grad_guard"]["stats"]["norm_min"]) \
+            else state["grad_guard"]["stats"]["norm_min"]
+        write_json_atomic(os.path.join(checkpoint_dir, STATE_FILE), state)
+
+    def load(self, checkpoint_dir: str) -> bool:
+        path = os.path.join(checkpoint_dir, STATE_FILE)
+        if not os.path.exists(path):
+            return False
+        with open(path) as f:
+            self.load_state_dict(json.load(f))
+        return True
+
+    # ------------------------------------------------------------ callbacks
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.summary_steps and state.global_step % self.summary_steps == 0:
+            logger.info(self.summary_line(state.global_step))

@@ -1,0 +1,271 @@
+"""Sa2VAGRPOTrainer: TRL's GRPOTrainer with guarded sampling, loss and optimizer steps.
+
+TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The overrides, each a seam:
+
+* ``_generate_single_turn``: generation goes through the Policy with the LogitsGuard; completions are the
+  new tokens only; empty completions become one dropped EOS token (zero loss, counted).
+* ``_generate``: tokens sampled from repaired rows become TRL's ``tool_mask`` zeros, so the loss's own
+  mask (``completion_mask * tool_mask``) drops them.
+* ``_get_per_token_logps_and_entropies``: the Policy's fp32, right-padded scoring; dropped positions are
+  neutralised before log_softmax; during the loss, log-ratios against pi_old and pi_ref are clamped
+  (straight-through: values bounded, gradients kept).
+* ``_generate_and_score_completions``: advantages recomputed in fp32 with a floored group std.
+* ``_clip_grad_norm``: GradGuard before clipping; non-finite steps skipped with the optimizer untouched.
+* ``log``, ``training_step``: stability metrics, non-finite losses and metric values counted, not hidden.
+* ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: the stability state travels with checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+from accelerate.utils import DistributedType
+from trl import GRPOTrainer
+from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import nanstd
+
+from sa2va_rl.models.policy import CausalLMPolicy, Policy
+from sa2va_rl.numerics import GradGuard, LogitsGuard
+from sa2va_rl.rl.config import Sa2VAGRPOConfig
+from sa2va_rl.rl.stability import NonFiniteTrainingError, StabilityCallback
+
+logger = logging.getLogger(__name__)
+
+
+def group_advantages(rewards_per_func: torch.Tensor, weights: torch.Tensor, num_generations: int,
+                     scale: str, std_floor: float) -> torch.Tensor:
+    """Advantages in fp32: (r - group mean) / max(std, floor). NaN rewards are 'no opinion' (TRL's None).
+
+    A completion with no reward at all gets advantage 0; a group whose rewards are all equal gets 0s
+    (never 0/0); a near-tie cannot blow up past |r - mean| / std_floor.
+    """
+    rpf = rewards_per_func.float()
+    unscorable = torch.isnan(rpf).all(dim=1)
+    rewards = (rpf * weights.float().to(rpf.device)).nansum(dim=1)
+    rewards = torch.where(unscorable, torch.nan, rewards)
+    grouped = rewards.view(-1, num_generations)  # [groups, G]
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
+    centred = grouped - mean
+    if scale == "group":
+        std = nanstd(grouped, dim=1).unsqueeze(1)
+    elif scale == "batch":
+        std = nanstd(rewards).expand(grouped.shape[0], 1)
+    else:  # "none"
+        std = torch.ones_like(mean)
+    adv = centred / torch.nan_to_num(std, nan=0.0).clamp(min=std_floor)
+    return torch.nan_to_num(adv.view(-1), nan=0.0)
+
+
+def _straight_through_clamp(x: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | None) -> torch.Tensor:
+    """Value clamped into [lo, hi], gradient of x unchanged. Bit-identical to x where no bound bites."""
+    y = x
+    if lo is not None:
+        y = torch.maximum(y, lo)
+    if hi is not None:
+        y = torch.minimum(y, hi)
+    return x + (y - x).detach()
+
+
+class Sa2VAGRPOTrainer(GRPOTrainer):
+    def __init__(self, model, reward_funcs, args: Sa2VAGRPOConfig | None = None, policy: Policy | None = None,
+                 **kwargs) -> None:
+        if args is None:
+            args = Sa2VAGRPOConfig(output_dir="outputs/sa2va-rl")
+        if not isinstance(args, Sa2VAGRPOConfig):
+            raise TypeError(f"Sa2VAGRPOTrainer needs a Sa2VAGRPOConfig, got {type(args).__name__}")
+        if args.use_vllm or args.use_transformers_continuous_batching:
+            raise ValueError("Sa2VAGRPOTrainer generates through its Policy with the LogitsGuard; "
+                             "use_vllm and use_transformers_continuous_batching are not supported")
+        super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        self.policy = policy or CausalLMPolicy(pad_token_id=self._tokenizer.pad_token_id)
+        self.logits_guard = (LogitsGuard(eos_token_id=self.generation_config.eos_token_id,
+                                         max_abs_logit=args.max_abs_logit) if args.logits_guard else None)
+        self.grad_guard = GradGuard()
+        self.stability = StabilityCallback(args.stability_summary_steps, self.logits_guard, self.grad_guard)
+        self.add_callback(self.stability)
+        self._pending_drop: list[list[bool]] | None = None  # per completion token, from the last generation
+        self._drop_mask: torch.Tensor | None = None  # [B, K] for the logprob calls in flight
+        self._loss_refs: dict | None = None  # old/ref logps while _compute_loss runs
+        self._last_rewards_per_func: torch.Tensor | None = None
+        self._nonfinite_losses = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
+
+    # ------------------------------------------------------------------ generation
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            gen = self.policy.generate(unwrapped_model, prompt_ids, self.generation_config, self.logits_guard)
+        completions, drop = gen.completion_ids, [list(r) for r in gen.repaired]
+        repaired_rows = sum(any(r) for r in gen.repaired)
+        if not self.args.drop_repaired_tokens:
+            drop = [[False] * len(r) for r in drop]
+        eos = self.eos_token_ids[0] if self.eos_token_ids else self._tokenizer.pad_token_id
+        empty = 0
+        for i, c in enumerate(completions):
+            if not c:  # never a 0/0: one EOS that the loss ignores
+                completions[i], drop[i] = [eos], [True]
+                empty += 1
+        if empty:
+            logger.warning("%d of %d completions were empty; each contributes zero loss (counted as "
+                           "empty_completions)", empty, len(completions))
+        self.stability.record_generation(repaired_rows, sum(map(sum, drop)), empty)
+        self._pending_drop = drop
+        return completions, None
+
+    def _generate(self, prompts):
+        out = list(super()._generate(prompts))
+        drop, self._pending_drop = self._pending_drop, None
+        # TRL's tool_mask: 1 = model token that the loss sees, 0 = token the loss ignores
+        out[2] = [[0 if d else 1 for d in row] for row in drop]
+        self._drop_mask = self._lists_to_mask(drop)
+        return tuple(out)
+
+    def _lists_to_mask(self, drop: list[list[bool]]) -> torch.Tensor:
+        width = max((len(r) for r in drop), default=0)
+        mask = torch.zeros(len(drop), width, dtype=torch.bool)
+        for i, row in enumerate(drop):
+            mask[i, : len(row)] = torch.tensor(row, dtype=torch.bool)
+        return mask.to(self.accelerator.device)
+
+    def _generate_and_score_completions(self, inputs):
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._drop_mask = None
+        if self.multi_objective_aggregation == "sum_then_normalize" and self._last_rewards_per_func is not None:
+            mode = "train" if self.model.training else "eval"
+            g = self.num_generations if mode == "train" else self.num_generations_eval
+            adv = group_advantages(self._last_rewards_per_func, self.reward_weights, g, self.scale_rewards,
+                                   self.args.advantage_std_floor)
+            n = output["advantages"].shape[0]
+            rank = self.accelerator.process_index
+            output["advantages"] = adv[rank * n:(rank + 1) * n]
+        return output
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    # ------------------------------------------------------------------ scoring
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        K = logits_to_keep
+        P = input_ids.shape[1] - K
+        drop = self._drop_mask
+        if drop is not None and drop.shape[1] != K:  # TRL may pad completions further (pad_to_multiple_of)
+            drop = torch.nn.functional.pad(drop[:, :K], (0, max(0, K - drop.shape[1])), value=False)
+        batch_size = batch_size or input_ids.shape[0]
+        logps, ents = [], []
+        for s in range(0, input_ids.shape[0], batch_size):
+            e = min(s + batch_size, input_ids.shape[0])
+            with self.accelerator.autocast():
+                lp, ent = self.policy.logprobs(
+                    model, input_ids[s:e, :P], attention_mask[s:e, :P], input_ids[s:e, P:],
+                    attention_mask[s:e, P:], temperature=self.temperature,
+                    drop_mask=None if drop is None else drop[s:e],
+                )
+            logps.append(lp)
+            ents.append(ent)
+        logps = torch.cat(logps)
+        if self._loss_refs is not None:  # bound the log-ratios that the loss exponentiates
+            c = self.args.log_ratio_clamp
+            old, ref = self._loss_refs.get("old_per_token_logps"), self._loss_refs.get("ref_per_token_logps")
+            lows = [t - c for t in (old, ref) if t is not None]
+            lo = torch.stack(lows).amax(dim=0) if lows else None
+            logps = _straight_through_clamp(logps, lo=lo, hi=None if old is None else old + c)
+        return logps, (torch.cat(ents) if compute_entropy else None), None
+
+    def _compute_loss(self, model, inputs):
+        self._drop_mask = (inputs["tool_mask"] == 0) if "tool_mask" in inputs else None
+        self._loss_refs = {k: inputs[k].float() for k in ("old_per_token_logps", "ref_per_token_logps")
+                           if inputs.get(k) is not None}
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._drop_mask, self._loss_refs = None, None
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._nonfinite_losses += (~torch.isfinite(loss.detach())).sum()  # stays on device: no sync
+        return loss
+
+    # ------------------------------------------------------------------ optimizer step
+    def _clip_grad_norm(self, model):
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED or self.args.fp16:
+            # DeepSpeed owns clipping and the step; fp16's GradScaler already skips inf/NaN steps.
+            return super()._clip_grad_norm(model)
+        report = self.grad_guard.check(model)
+        step = self.state.global_step + 1
+        if report.finite:
+            self.stability.record_grads(step, report, skipped=False)
+            if math.isfinite(self.args.max_grad_norm):
+                self.grad_guard.clip_(self.args.max_grad_norm)
+            return torch.tensor(report.norm)
+        skip = self.args.skip_nonfinite_steps
+        if skip:
+            self.grad_guard.skip(self.optimizer)
+        self.stability.record_grads(step, report, skipped=skip)
+        k = self.grad_guard.stats.consecutive_nonfinite
+        if k >= self.args.max_consecutive_skips or not skip:
+            self._halt(step, report, k)
+        return torch.tensor(float("nan"))
+
+    def _halt(self, step, report, consecutive) -> None:
+        # on_persistent_nonfinite="rollback" keeps this hook: restoring the last good checkpoint (issue D)
+        # needs the atomic checkpoint keeper; until then both policies stop here.
+        self.stability.write_report(self.args.output_dir, self.model)
+        raise NonFiniteTrainingError(
+            f"non-finite gradients ({report.kind}) at step {step}, {consecutive} step(s) in a row "
+            f"(max_consecutive_skips={self.args.max_consecutive_skips}); first offending parameters: "
+            f"{report.nonfinite_params or 'on another rank'}. The weights were not updated by these steps. "
+            "Try a lower --learning_rate, check the data of these steps, or resume from the last checkpoint; "
+            f"details in {os.path.join(self.args.output_dir, 'stability.json')}."
+        )
+
+    # ------------------------------------------------------------------ logging and checkpoints
+    def log(self, logs, start_time=None):
+        mode = "train" if self.model.training else "eval"
+        nonfinite = sum(1 for vals in self._metrics[mode].values() for v in vals
+                        if isinstance(v, float) and not math.isfinite(v))
+        self.stability.counters.nonfinite_metric_values += nonfinite
+        self.stability.counters.nonfinite_losses = int(self._nonfinite_losses)  # one sync per log
+        if mode == "train":
+            logs = {**logs, **self.stability.metrics()}
+        super().log(logs, start_time)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.args.should_save:
+                self.stability.counters.nonfinite_losses = int(self._nonfinite_losses)
+                payload = self.stability.write_report(self.args.output_dir, self.model)
+                logger.info("%s; weights finite: %s", self.stability.summary_line(self.state.global_step),
+                            payload["final_weights_finite"])
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            self.stability.counters.nonfinite_losses = int(self._nonfinite_losses)
+            self.stability.save(folder)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.stability.load(checkpoint):
+            self._nonfinite_losses.fill_(self.stability.counters.nonfinite_losses)
+            logger.info("restored stability state from %s: %s", checkpoint,
+                        self.stability.summary_line(self.state.global_step))
