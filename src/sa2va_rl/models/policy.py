@@ -147,10 +147,15 @@ def right_aligned_logprobs(
 
 
 class CausalLMPolicy:
-    """Any Hugging Face causal LM: generate from ``input_ids``, score with one right-padded forward."""
+    """Any Hugging Face causal LM: generate from ``input_ids``, score with one right-padded forward.
 
-    def __init__(self, pad_token_id: int) -> None:
+    ``generate_from_embeds=True`` feeds ``inputs_embeds`` instead, as Sa2VA does; generate() then returns
+    the new tokens only, and the completions must come out the same.
+    """
+
+    def __init__(self, pad_token_id: int, generate_from_embeds: bool = False) -> None:
         self.pad_token_id = pad_token_id
+        self.generate_from_embeds = generate_from_embeds
 
     def generate(self, model, prompt_ids, generation_config, logits_guard) -> Generation:
         device = next(model.parameters()).device
@@ -160,7 +165,9 @@ class CausalLMPolicy:
         for start, end in prompt_groups(prompt_ids):
             prompt = torch.tensor([prompt_ids[start]] * (end - start), device=device)
             counter = logits_guard if logits_guard is not None else StepCounter()
-            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+            inputs = ({"inputs_embeds": model.get_input_embeddings()(prompt)} if self.generate_from_embeds
+                      else {"input_ids": prompt})
+            out = model.generate(**inputs, attention_mask=torch.ones_like(prompt),
                                  generation_config=generation_config,
                                  logits_processor=LogitsProcessorList([counter]))
             if logits_guard is not None:

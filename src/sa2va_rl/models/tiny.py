@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 SPECIAL = ["<pad>", "<unk>", "<eos>"]
@@ -19,13 +19,21 @@ WORDS = COLORS + SHAPES + PLACES + [
 
 
 def word_tokenizer(words: list[str], extra_special: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer: ids 0..2 are <pad>, <unk>, <eos>; then extra specials; then words."""
-    vocab: dict[str, int] = {}
-    for tok in SPECIAL + list(extra_special or []) + list(words):
-        vocab.setdefault(tok, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
+    """A byte-level BPE tokenizer trained in code on ``words`` (the kind Qwen ships, so transformers'
+    Qwen2Tokenizer loads it back unchanged): ids 0..2 are <pad>, <unk>, <eos>, then extra specials.
+
+    Every word of ``words`` is one token, with and without a leading space; any other text still
+    encodes, byte by byte.
+    """
+    specials = SPECIAL + list(extra_special or [])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + len(specials) + 10 * len(words), min_frequency=1,
+                                  special_tokens=specials, initial_alphabet=alphabet, show_progress=False)
+    corpus = [" ".join(words)] * 4 + [" ".join(words[i:] + words[:i]) for i in range(len(words))] + words
+    tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
                                    additional_special_tokens=list(extra_special or []))
 

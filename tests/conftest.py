@@ -1,0 +1,14 @@
+import pytest
+
+from sa2va_rl.data.prompts import make_prompt_data
+from sa2va_rl.models.tiny import make_tiny_causal
+
+
+@pytest.fixture(scope="session")
+def tiny_causal(tmp_path_factory):
+    return make_tiny_causal(str(tmp_path_factory.mktemp("tiny_causal")))
+
+
+@pytest.fixture(scope="session")
+def prompt_dir(tmp_path_factory):
+    return make_prompt_data(str(tmp_path_factory.mktemp("prompts")), n=32)
