@@ -257,3 +257,44 @@ def test_checkpoint_resume_keeps_stability_counters(tiny_causal, prompt_dir, tmp
     assert report["first_nonfinite"] == saved["first_nonfinite"]
     assert report["grad_guard"]["steps"] == 4
     assert report["logits_guard"]["rows_seen"] > saved["logits_guard"]["rows_seen"]
+
+
+# empty completions ------------------------------------------------------------------------------------------
+class EmptyFirstPolicy(CausalLMPolicy):
+    """Returns an empty completion for the first sample of each generation call."""
+
+    def generate(self, model, prompt_ids, generation_config, logits_guard):
+        gen = super().generate(model, prompt_ids, generation_config, logits_guard)
+        gen.completion_ids[0], gen.repaired[0] = [], []
+        return gen
+
+
+def test_empty_completion_contributes_zero_loss_and_is_counted(tiny_causal, prompt_dir, tmp_path):
+    trainer = make_trainer(tiny_causal, prompt_dir, tmp_path, loss_type="grpo",
+                           policy=EmptyFirstPolicy(pad_token_id=0))
+    inputs = trainer._generate_and_score_completions(group_batch(trainer))
+    assert (inputs["tool_mask"][0] * inputs["completion_mask"][0]).sum() == 0  # nothing of row 0 in the loss
+    assert trainer.stability.counters.empty_completions == 1
+    loss = trainer.compute_loss(trainer.model, inputs)
+    assert torch.isfinite(loss)
+    ours = grads_of(trainer.model, loss)
+    keep = inputs["completion_mask"].bool() & (inputs["tool_mask"] == 1)
+    by_hand = grads_of(trainer.model, hand_loss(trainer.model, inputs, keep))
+    for n in by_hand:
+        torch.testing.assert_close(ours[n], by_hand[n], rtol=1e-4, atol=1e-6)
+    trainer.train()
+    report = stability_json(tmp_path)
+    assert report["empty_completions"] == 1 + 3 and report["final_weights_finite"] is True
+
+
+def test_log_ratio_clamp_bounds_value_keeps_gradient_and_is_identity_when_idle():
+    from sa2va_rl.rl.trainer import _straight_through_clamp
+
+    x = torch.tensor([-1.0, -50.0, -0.5], requires_grad=True)
+    ref = torch.tensor([-1.2, -2.0, -0.4])
+    y = _straight_through_clamp(x, lo=ref - 20, hi=None)
+    assert y[0] == x[0] and y[2] == x[2]  # bit-identical where the bound does not bite
+    assert y[1] == -22.0  # bounded: exp(ref - y) <= e^20 instead of e^48
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones(3))  # gradient of every token kept
+    assert torch.isfinite(torch.exp(ref - y)).all()
