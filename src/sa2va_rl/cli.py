@@ -96,10 +96,12 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _make_data(args: argparse.Namespace) -> int:
-    if args.kind != "prompts":
-        print(f"sa2va-rl make-data: --kind {args.kind} is not available yet (prompts only until issue C)",
-              file=sys.stderr)
-        return EXIT_USAGE
+    if args.kind == "gar":
+        from sa2va_rl.data.synthetic import make_gar_data
+
+        out = make_gar_data(args.out_dir, n=args.n, seed=args.seed)
+        print(f"synthetic GAR data (Fine-Grained-Dataset/*.arrow) written to {out}")
+        return EXIT_OK
     from sa2va_rl.data.prompts import make_prompt_data
 
     print(f"prompt data written to {make_prompt_data(args.out_dir, n=args.n, seed=args.seed)}")

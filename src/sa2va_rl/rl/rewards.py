@@ -53,4 +53,92 @@ def exact_match(completions, solution=None, **kwargs) -> list[float | None]:
             for c, ref in zip(completions, solution, strict=True)]
 
 
+class _NoWordNet:
+    """Stands in for nltk's WordNet reader when the corpus is not installed: no synonyms, so METEOR
+    matches exact words and Porter stems only. Nothing is downloaded at run time."""
+
+    def synsets(self, *args, **kwargs):
+        return []
+
+
+def _wordnet():
+    try:
+        from nltk.corpus import wordnet
+
+        wordnet.ensure_loaded()
+        return wordnet
+    except LookupError:
+        return _NoWordNet()
+
+
+_WORDNET = None
+
+
+def caption_meteor(completions, caption=None, **kwargs) -> list[float | None]:
+    """METEOR of the completion against the reference ``caption`` (nltk), in [0, 1]; None without one.
+
+    WordNet synonyms are used when the corpus is installed (``python -m nltk.downloader wordnet``),
+    exact + stem matching otherwise.
+    """
+    global _WORDNET
+    from nltk.translate.meteor_score import meteor_score
+
+    if caption is None:
+        return [None] * len(completions)
+    if _WORDNET is None:
+        _WORDNET = _wordnet()
+    out: list[float | None] = []
+    for completion, ref in zip(completions, caption, strict=True):
+        if ref is None:
+            out.append(None)
+            continue
+        hyp = _tokens(_text(completion))
+        out.append(float(meteor_score([_tokens(ref)], hyp, wordnet=_WORDNET)) if hyp else 0.0)
+    return out
+
+
+def mask_iou(completions, pred_masks=None, gt_mask=None, **kwargs) -> list[float | None]:
+    """IoU of the predicted and reference bool masks; 0 when the union is empty or no mask was predicted
+    (a completion without [SEG]); None when there is no reference."""
+    import numpy as np
+
+    if gt_mask is None or pred_masks is None:
+        return [None] * len(completions)
+    out: list[float | None] = []
+    for pred, gt in zip(pred_masks, gt_mask, strict=True):
+        if gt is None:
+            out.append(None)
+            continue
+        gt = np.asarray(gt, dtype=bool)
+        if pred is None:
+            out.append(0.0)
+            continue
+        pred = np.asarray(pred, dtype=bool)
+        if pred.shape != gt.shape:
+            raise ValueError(f"mask_iou: predicted mask {pred.shape} and reference {gt.shape} differ in size")
+        union = np.logical_or(pred, gt).sum()
+        out.append(float(np.logical_and(pred, gt).sum() / union) if union else 0.0)
+    return out
+
+
+_JUNK = re.compile(r"(<\|[^|>]*\|>|<IMG_CONTEXT>|<img>|</img>|\ufffd)")
+
+
+def format_reward(completions, task=None, **kwargs) -> list[float]:
+    """1.0 for a well-formed answer: non-empty text, no template/image tokens or replacement characters,
+    and exactly the [SEG] use the task needs (caption2mask: at least one; mask2caption: none)."""
+    out = []
+    tasks = task if isinstance(task, list) else [task] * len(completions)
+    for completion, t in zip(completions, tasks, strict=True):
+        text = _text(completion)
+        words = text.replace("[SEG]", " ").strip()
+        ok = bool(words) and not _JUNK.search(text)
+        if t == "caption2mask":
+            ok = ok and "[SEG]" in text
+        elif t == "mask2caption":
+            ok = ok and "[SEG]" not in text
+        out.append(float(ok))
+    return out
+
+
 REWARDS = {"token_f1": token_f1, "exact_match": exact_match}
