@@ -64,7 +64,8 @@ class Sa2VAGRPOConfig(GRPOConfig):
     )
     on_persistent_nonfinite: str = field(
         default="halt",
-        metadata={"help": "What to do after max_consecutive_skips: 'halt' (stop with an error) or 'rollback'."},
+        metadata={"help": "What to do after max_consecutive_skips: 'halt' (stop with an error), or 'rollback' "
+                          "(restore the last good checkpoint; not implemented yet, it halts as well)."},
     )
     stability_summary_steps: int = field(
         default=10, metadata={"help": "Log a one-line stability summary every N optimizer steps (0: never)."}
