@@ -85,10 +85,11 @@ def _train(argv: list[str]) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    if args.kind != "causal":
-        print(f"sa2va-rl make-tiny: --kind {args.kind} is not available yet (causal only until issue C)",
-              file=sys.stderr)
-        return EXIT_USAGE
+    if args.kind == "sa2va":
+        from sa2va_rl.models.tiny_sa2va import make_tiny_sa2va
+
+        print(f"tiny Sa2VA-compatible model written to {make_tiny_sa2va(args.out_dir, seed=args.seed)}")
+        return EXIT_OK
     from sa2va_rl.models.tiny import make_tiny_causal
 
     print(f"tiny causal LM written to {make_tiny_causal(args.out_dir, seed=args.seed)}")
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="GRPO training: --model_path M --data_dir D [--config FILE.yaml] [--flag value ...]",
                    add_help=False)
     tiny = sub.add_parser("make-tiny", help="write a tiny model built in code (no download) to OUT_DIR")
-    tiny.add_argument("--kind", choices=["causal", "sa2va"], default="causal")
+    tiny.add_argument("--kind", choices=["causal", "sa2va"], default="causal",
+                      help="causal: a Qwen2 LM; sa2va: a Sa2VA-compatible model (vision, LM, [SEG] decoder)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("out_dir")
     tiny.set_defaults(func=_make_tiny)

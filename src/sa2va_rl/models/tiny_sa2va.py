@@ -1,0 +1,210 @@
+"""A tiny Sa2VA-compatible model, built in code with random weights, for tests and the demo.
+
+Same structure and contracts as Sa2VA (SA2VA_FACTS.md sections 1-4), scaled down:
+
+  tiles [N, 3, S, S] -> vision tower (patch conv + one transformer layer) -> pixel shuffle (ratio 0.5)
+  -> ``mlp1`` (LayerNorm, Linear, GELU, Linear) -> one feature per ``<IMG_CONTEXT>`` token
+  -> Qwen2 LM, whose vocabulary holds ``<img>``, ``</img>``, ``<IMG_CONTEXT>``, ``[SEG]``, ``<vp>``, ``</vp>``;
+  last hidden state at each ``[SEG]`` -> ``text_hidden_fcs`` -> a small mask decoder (dot product with a
+  conv feature map of the whole image) -> mask logits at image size.
+
+``generate`` builds ``inputs_embeds`` and calls ``language_model.generate`` without ``input_ids``, so, like
+Sa2VA, it returns the new tokens only: the trap that broke the original trainer is reproduced on purpose.
+Unlike upstream, a mismatch between ``<IMG_CONTEXT>`` tokens and visual features is an error, not a silent
+no-op. Registered with the Auto classes as model_type ``sa2va_tiny``: loading needs no trust_remote_code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (AutoConfig, AutoModel, GenerationConfig, PretrainedConfig, PreTrainedModel, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+from sa2va_rl.models.tiny import WORDS, tiny_qwen2_config, word_tokenizer
+
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+SEG, VP_START, VP_END = "[SEG]", "<vp>", "</vp>"
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+SA2VA_SPECIAL = [IMG_START, IMG_END, IMG_CONTEXT, SEG, "<p>", "</p>", VP_START, VP_END] + CHAT_TOKENS
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class TinySa2VAConfig(PretrainedConfig):
+    model_type = "sa2va_tiny"
+    sub_configs = {"llm_config": Qwen2Config}
+
+    def __init__(self, llm_config=None, force_image_size: int = 32, patch_size: int = 4, vision_hidden: int = 32,
+                 downsample_ratio: float = 0.5, ps_version: str = "v2", template: str = "qwen_chat",
+                 mask_dim: int = 16, **kwargs) -> None:
+        if isinstance(llm_config, dict):
+            llm_config = Qwen2Config(**llm_config)
+        self.llm_config = llm_config if llm_config is not None else Qwen2Config()
+        self.force_image_size = force_image_size
+        self.patch_size = patch_size
+        self.vision_hidden = vision_hidden
+        self.downsample_ratio = downsample_ratio
+        self.ps_version = ps_version
+        self.template = template
+        self.mask_dim = mask_dim
+        super().__init__(**kwargs)
+
+    @property
+    def num_image_token(self) -> int:
+        return int((self.force_image_size // self.patch_size) ** 2 * self.downsample_ratio ** 2)
+
+
+def pixel_shuffle(x: torch.Tensor, scale: float, ps_version: str = "v2") -> torch.Tensor:
+    """InternVL's pixel shuffle: [N, w, h, C] -> [N, w*s, h*s, C/s^2]."""
+    n, w, h, c = x.shape
+    x = x.view(n, w, int(h * scale), int(c / scale)).permute(0, 2, 1, 3).contiguous()
+    x = x.view(n, int(h * scale), int(w * scale), int(c / (scale * scale)))
+    return x if ps_version == "v1" else x.permute(0, 2, 1, 3).contiguous()
+
+
+class TinyVision(nn.Module):
+    def __init__(self, image_size: int, patch: int, hidden: int) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, hidden, patch, stride=patch)
+        self.pos = nn.Parameter(torch.randn(1, (image_size // patch) ** 2, hidden) * 0.02)
+        self.layer = nn.TransformerEncoderLayer(hidden, nhead=4, dim_feedforward=2 * hidden, batch_first=True)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [N, 3, S, S] -> [N, P, Cv]
+        x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)
+        return self.layer(x + self.pos)
+
+
+class TinyMaskDecoder(nn.Module):
+    """Stands in for SAM2: image features [D, h, w] dotted with each [SEG] embedding -> mask logits."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, dim, 3, padding=1), nn.ReLU(), nn.Conv2d(dim, dim, 3, padding=1))
+
+    def forward(self, image: torch.Tensor, seg_embeddings: torch.Tensor) -> torch.Tensor:
+        """image [3, H, W] normalised, seg_embeddings [n, D] -> mask logits [n, H, W]."""
+        feats = self.features(image.unsqueeze(0))[0]  # [D, H, W]
+        return torch.einsum("nd,dhw->nhw", seg_embeddings, feats) / math.sqrt(feats.shape[0])
+
+
+class TinySa2VAModel(PreTrainedModel):
+    config_class = TinySa2VAConfig
+    base_model_prefix = "sa2va"
+    main_input_name = "input_ids"
+    _no_split_modules = []
+
+    def __init__(self, config: TinySa2VAConfig) -> None:
+        super().__init__(config)
+        c_v, c = config.vision_hidden, config.llm_config.hidden_size
+        ratio_in = int(c_v / config.downsample_ratio ** 2)
+        self.vision_model = TinyVision(config.force_image_size, config.patch_size, c_v)
+        self.mlp1 = nn.Sequential(nn.LayerNorm(ratio_in), nn.Linear(ratio_in, c), nn.GELU(), nn.Linear(c, c))
+        self.language_model = Qwen2ForCausalLM(config.llm_config)
+        self.text_hidden_fcs = nn.Sequential(nn.Linear(c, c), nn.ReLU(), nn.Linear(c, config.mask_dim))
+        self.grounding_encoder = TinyMaskDecoder(config.mask_dim)
+        self.img_context_token_id: int | None = None
+        self.seg_token_idx: int | None = None
+        self.post_init()
+
+    @property
+    def num_image_token(self) -> int:
+        return self.config.num_image_token
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def preparing_for_generation(self, tokenizer) -> None:
+        """As upstream: the special ids come from the tokenizer by string."""
+        self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+        self.seg_token_idx = tokenizer.convert_tokens_to_ids(SEG)
+
+    # ---------------------------------------------------------------- features
+    def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] -> [N, num_image_token, C]."""
+        x = self.vision_model(pixel_values)
+        n, p, cv = x.shape
+        side = int(math.isqrt(p))
+        x = pixel_shuffle(x.view(n, side, side, cv), self.config.downsample_ratio, self.config.ps_version)
+        return self.mlp1(x.reshape(n, -1, x.shape[-1]))
+
+    def build_inputs_embeds(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                            prompt_masks: list[torch.Tensor] | None = None,
+                            vp_overall_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Replace the ``<IMG_CONTEXT>`` embeddings, in order: every tile's features, then for each region
+        the features of the region tile's grid cells where the region mask is set (row-major)."""
+        if self.img_context_token_id is None:
+            raise RuntimeError("call preparing_for_generation(tokenizer) first: the <IMG_CONTEXT> id is unknown")
+        embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            return embeds
+        vit = self.extract_feature(pixel_values.to(embeds.dtype))  # [tiles, T, C]
+        feats = [vit.reshape(-1, vit.shape[-1])]
+        if prompt_masks is not None and vp_overall_mask is not None:
+            vp_tiles = vit[vp_overall_mask.bool()]  # one region tile per sample, in sample order
+            for tile, masks in zip(vp_tiles, prompt_masks, strict=True):
+                for m in masks:  # [grid, grid]
+                    feats.append(tile[m.reshape(-1).bool()])
+        feats = torch.cat(feats)
+        slots = input_ids == self.img_context_token_id
+        n_slots = int(slots.sum())
+        if n_slots != feats.shape[0]:
+            raise ValueError(f"{n_slots} <IMG_CONTEXT> tokens but {feats.shape[0]} visual features "
+                             f"({vit.shape[0]} tiles x {vit.shape[1]} + region cells)")
+        return embeds.masked_scatter(slots.unsqueeze(-1), feats.to(embeds.dtype))
+
+    # ---------------------------------------------------------------- LM calls
+    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, prompt_masks=None,
+                vp_overall_mask=None, **kwargs):
+        embeds = self.build_inputs_embeds(input_ids, pixel_values, prompt_masks, vp_overall_mask)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, generation_config=None,
+                 prompt_masks=None, vp_overall_mask=None, **kwargs):
+        embeds = self.build_inputs_embeds(input_ids, pixel_values, prompt_masks, vp_overall_mask)
+        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                            generation_config=generation_config, **kwargs)
+
+    def segment(self, seg_hidden: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Last-layer hidden states at [SEG] positions [n, C] + the normalised whole image [3, H, W]
+        -> mask logits [n, H, W]."""
+        return self.grounding_encoder(image.to(seg_hidden.dtype), self.text_hidden_fcs(seg_hidden))
+
+
+def normalize_image(image: np.ndarray, size: int | None = None) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float [3, size, size] (bicubic) with ImageNet mean/std, as Sa2VA's tiles."""
+    from PIL import Image
+
+    im = Image.fromarray(image)
+    if size is not None:
+        im = im.resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return (x - mean) / std
+
+
+AutoConfig.register(TinySa2VAConfig.model_type, TinySa2VAConfig)
+AutoModel.register(TinySa2VAConfig, TinySa2VAModel)
+
+
+def make_tiny_sa2va(out_dir: str, seed: int = 0, image_size: int = 32) -> str:
+    """Write the tiny Sa2VA model, its tokenizer and generation config to ``out_dir``; return the path."""
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(WORDS + ["user", "assistant", "There", "are", "part", "regions", "picture",
+                                        "region1", "Please", "segment", "Describe"], extra_special=SA2VA_SPECIAL)
+    llm = tiny_qwen2_config(len(tokenizer))
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    llm.eos_token_id = eos
+    config = TinySa2VAConfig(llm_config=llm, force_image_size=image_size)
+    model = TinySa2VAModel(config)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    # a non-generative PreTrainedModel does not save one itself; Sa2VA checkpoints ship generation_config.json
+    GenerationConfig(eos_token_id=eos, pad_token_id=0, do_sample=True, max_new_tokens=16).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
