@@ -26,31 +26,30 @@ def _tokens(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def _against_references(completions, references, score) -> list[float | None]:
+    """score(completion_text, reference) per pair; None where there is no reference (TRL's 'no opinion')."""
+    if references is None:
+        return [None] * len(completions)
+    return [None if ref is None else score(_text(c), ref) for c, ref in zip(completions, references, strict=True)]
+
+
+def _f1(text: str, ref: str) -> float:
+    pred, gold = Counter(_tokens(text)), Counter(_tokens(ref))
+    common = sum((pred & gold).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / sum(pred.values()), common / sum(gold.values())
+    return 2 * precision * recall / (precision + recall)
+
+
 def token_f1(completions, solution=None, **kwargs) -> list[float | None]:
     """F1 of the bag of lower-cased words of the completion against ``solution``; None without a solution."""
-    if solution is None:
-        return [None] * len(completions)
-    out: list[float | None] = []
-    for completion, ref in zip(completions, solution, strict=True):
-        if ref is None:
-            out.append(None)
-            continue
-        pred, gold = Counter(_tokens(_text(completion))), Counter(_tokens(ref))
-        common = sum((pred & gold).values())
-        if common == 0:
-            out.append(0.0)
-            continue
-        precision, recall = common / sum(pred.values()), common / sum(gold.values())
-        out.append(2 * precision * recall / (precision + recall))
-    return out
+    return _against_references(completions, solution, _f1)
 
 
 def exact_match(completions, solution=None, **kwargs) -> list[float | None]:
     """1.0 when the completion's words equal the solution's words, else 0.0; None without a solution."""
-    if solution is None:
-        return [None] * len(completions)
-    return [None if ref is None else float(_tokens(_text(c)) == _tokens(ref))
-            for c, ref in zip(completions, solution, strict=True)]
+    return _against_references(completions, solution, lambda text, ref: float(_tokens(text) == _tokens(ref)))
 
 
 class _NoWordNet:
@@ -83,18 +82,14 @@ def caption_meteor(completions, caption=None, **kwargs) -> list[float | None]:
     global _WORDNET
     from nltk.translate.meteor_score import meteor_score
 
-    if caption is None:
-        return [None] * len(completions)
     if _WORDNET is None:
         _WORDNET = _wordnet()
-    out: list[float | None] = []
-    for completion, ref in zip(completions, caption, strict=True):
-        if ref is None:
-            out.append(None)
-            continue
-        hyp = _tokens(_text(completion))
-        out.append(float(meteor_score([_tokens(ref)], hyp, wordnet=_WORDNET)) if hyp else 0.0)
-    return out
+
+    def score(text: str, ref: str) -> float:
+        hyp = _tokens(text)
+        return float(meteor_score([_tokens(ref)], hyp, wordnet=_WORDNET)) if hyp else 0.0
+
+    return _against_references(completions, caption, score)
 
 
 def mask_iou(completions, pred_masks=None, gt_mask=None, **kwargs) -> list[float | None]:
