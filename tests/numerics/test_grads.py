@@ -140,6 +140,17 @@ def test_stats_and_state_dict_round_trip():
     assert other.stats == guard.stats
 
 
+def test_state_dict_is_json_safe_before_any_finite_step():
+    import json
+
+    guard = GradGuard()
+    state = json.loads(json.dumps(guard.state_dict(), allow_nan=False))
+    assert state["stats"]["norm_min"] is None
+    other = GradGuard()
+    other.load_state_dict(state)
+    assert other.stats == guard.stats and other.stats.norm_min == math.inf
+
+
 def test_no_grads_is_finite():
     assert GradGuard().check(make_model()).finite
 

@@ -28,6 +28,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from sa2va_rl.numerics._ratelimit import PowerOfTwoLimiter
+
 logger = logging.getLogger(__name__)
 
 PROMPT_MARKER = re.compile(r"<Prompt\d+>")
@@ -179,6 +181,7 @@ class GARReader:
             raise ValueError(f"bad_rows={self.bad_rows!r}: use 'skip' or 'error'")
         self._files = find_files(self.data_dir)
         self._tables: dict[str, pa.Table | list[dict]] = {}
+        self._warn_limiter = PowerOfTwoLimiter()
         self._index: list[tuple[str, int]] = []
         for path in self._files:
             n = len(self._rows(path))
@@ -207,8 +210,9 @@ class GARReader:
             if self.bad_rows == "error":
                 raise
             self.bad_counts[(os.path.relpath(e.path, self.data_dir), e.field)] += 1
-            if sum(self.bad_counts.values()) & (sum(self.bad_counts.values()) - 1) == 0:
-                logger.warning("skipping bad GAR row (%s); %d skipped so far", e, sum(self.bad_counts.values()))
+            if self._warn_limiter():
+                logger.warning("skipping bad GAR row (%s); %d skipped so far (logged on the 1st, 2nd, 4th... "
+                               "skip)", e, self._warn_limiter.events)
             return None
 
     def scan(self) -> tuple[int, int]:

@@ -143,10 +143,15 @@ class GradGuard:
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
-        return {"stats": asdict(self.stats), "limiter": self._limiter.state_dict()}
+        """JSON-safe: ``norm_min`` is None until a finite step has been seen (inf is not JSON)."""
+        stats = asdict(self.stats)
+        stats["norm_min"] = None if math.isinf(stats["norm_min"]) else stats["norm_min"]
+        return {"stats": stats, "limiter": self._limiter.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.stats = GradStats(**state["stats"])
+        stats = dict(state["stats"])
+        stats["norm_min"] = math.inf if stats["norm_min"] is None else stats["norm_min"]
+        self.stats = GradStats(**stats)
         self._limiter.load_state_dict(state["limiter"])
 
     # ------------------------------------------------------------- internals

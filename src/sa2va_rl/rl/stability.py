@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -125,9 +124,7 @@ class StabilityCallback(TrainerCallback):
 
     def report(self, model: torch.nn.Module | None) -> dict:
         out = asdict(self.counters)
-        out["grad_guard"] = asdict(self.grad_guard.stats)
-        out["grad_guard"]["norm_min"] = None if math.isinf(out["grad_guard"]["norm_min"]) else \
-            out["grad_guard"]["norm_min"]
+        out["grad_guard"] = self.grad_guard.state_dict()["stats"]
         out["logits_guard"] = self.logits_guard.stats.as_dict() if self.logits_guard is not None else None
         out["final_weights_finite"] = weights_finite(model) if model is not None else None
         return out
@@ -147,17 +144,12 @@ class StabilityCallback(TrainerCallback):
 
     def load_state_dict(self, state: dict) -> None:
         self.counters = StabilityCounters(**state["counters"])
-        gg = state["grad_guard"]
-        gg["stats"]["norm_min"] = math.inf if gg["stats"]["norm_min"] is None else gg["stats"]["norm_min"]
-        self.grad_guard.load_state_dict(gg)
+        self.grad_guard.load_state_dict(state["grad_guard"])
         if self.logits_guard is not None and state.get("logits_guard") is not None:
             self.logits_guard.load_state_dict(state["logits_guard"])
 
     def save(self, checkpoint_dir: str) -> None:
-        state = self.state_dict()
-        state["grad_guard"]["stats"]["norm_min"] = None if math.isinf(state["grad_guard"]["stats"]["norm_min"]) \
-            else state["grad_guard"]["stats"]["norm_min"]
-        write_json_atomic(os.path.join(checkpoint_dir, STATE_FILE), state)
+        write_json_atomic(os.path.join(checkpoint_dir, STATE_FILE), self.state_dict())
 
     def load(self, checkpoint_dir: str) -> bool:
         path = os.path.join(checkpoint_dir, STATE_FILE)
