@@ -10,75 +10,142 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger("sa2va_rl")
 
-EXIT_OK, EXIT_USAGE, EXIT_DATA, EXIT_NONFINITE = 0, 2, 3, 4
-
-NOT_YET = {
-    "demo": "`sa2va-rl demo` (a short GRPO run on the tiny Sa2VA model and synthetic GAR data) is not yet "
-            "available: it arrives with the Sa2VA policy and GAR data (issue C). Meanwhile: "
-            "`sa2va-rl make-tiny --kind causal M && sa2va-rl make-data --kind prompts D && "
-            "sa2va-rl train --model_path M --data_dir D --max_steps 3 --output_dir O`.",
-}
+EXIT_OK, EXIT_USAGE, EXIT_DATA, EXIT_NONFINITE, EXIT_REWARD = 0, 2, 3, 4, 5
 
 
 @dataclass
 class TrainArgs:
-    """What the run trains on; everything else is a Sa2VAGRPOConfig field."""
+    """What the run trains on; everything else is a Sa2VAGRPOConfig or Sa2VAModelArgs field."""
 
-    model_path: str = field(default=None, metadata={"help": "Local directory of the model (from_pretrained)."})
-    data_dir: str = field(default=None, metadata={"help": "Data directory (causal LM: DIR/train.jsonl)."})
-    reward: str = field(default="token_f1", metadata={"help": "Built-in reward: token_f1 or exact_match."})
+    model_path: str = field(default=None, metadata={"help": "Local directory of the model (from_pretrained): a "
+                                                          "Sa2VA checkpoint, or any causal LM."})
+    data_dir: str = field(default=None, metadata={"help": "Sa2VA: a GAR directory (*.arrow, *.parquet or *.jsonl). "
+                                                        "Causal LM: DIR/train.jsonl."})
+    task: str = field(default="both", metadata={"help": "Sa2VA: mask2caption, caption2mask or both."})
+    bad_rows: str = field(default="skip", metadata={"help": "Bad GAR rows: 'skip' (counted, reported in "
+                                                            "stability.json) or 'error' (stop, naming file and row)."})
+    reward: str = field(default="token_f1", metadata={"help": "Causal LM only: token_f1 or exact_match."})
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"sa2va-rl train: {message}", file=sys.stderr)
+    return code
 
 
 def _train(argv: list[str]) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import TrlParser
 
-    from sa2va_rl.data.prompts import DataError, load_prompt_dataset
+    from sa2va_rl.models.sa2va import Sa2VAModelArgs, is_sa2va_checkpoint
     from sa2va_rl.rl.config import Sa2VAGRPOConfig
-    from sa2va_rl.rl.rewards import REWARDS
-    from sa2va_rl.rl.stability import NonFiniteTrainingError
-    from sa2va_rl.rl.trainer import Sa2VAGRPOTrainer
 
-    parser = TrlParser((TrainArgs, Sa2VAGRPOConfig), prog="sa2va-rl train",
+    parser = TrlParser((TrainArgs, Sa2VAModelArgs, Sa2VAGRPOConfig), prog="sa2va-rl train",
                        description="GRPO with guarded sampling and steps. Flags after --config FILE.yaml override it.")
     try:
-        script, config = parser.parse_args_and_config(args=argv)
+        script, margs, config = parser.parse_args_and_config(args=argv)
     except ValueError as e:  # config validation: the message says how to fix
-        print(f"sa2va-rl train: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(EXIT_USAGE, str(e))
     if not script.model_path or not script.data_dir:
-        print("sa2va-rl train: --model_path and --data_dir are required", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(EXIT_USAGE, "--model_path and --data_dir are required")
     if not os.path.isfile(os.path.join(script.model_path, "config.json")):
-        print(f"sa2va-rl train: --model_path {script.model_path!r} has no config.json; pass a directory saved "
-              "with save_pretrained (`sa2va-rl make-tiny --kind causal DIR` writes one)", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(EXIT_USAGE, f"--model_path {script.model_path!r} has no config.json; pass a directory saved "
+                                 "with save_pretrained (`sa2va-rl make-tiny --kind sa2va DIR` writes one)")
+    if script.bad_rows not in ("skip", "error"):
+        return _fail(EXIT_USAGE, f"--bad_rows {script.bad_rows!r}: use skip or error")
+    run = _build_sa2va_run if is_sa2va_checkpoint(script.model_path) else _build_causal_run
+    built = run(script, margs, config)
+    if isinstance(built, int):
+        return built
+    trainer, save = built
+    return _run_training(trainer, config, save)
+
+
+def _build_causal_run(script, margs, config):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sa2va_rl.data.prompts import DataError, load_prompt_dataset
+    from sa2va_rl.rl.rewards import REWARDS
+    from sa2va_rl.rl.trainer import Sa2VAGRPOTrainer
+
     if script.reward not in REWARDS:
-        print(f"sa2va-rl train: --reward {script.reward!r} is not one of {sorted(REWARDS)}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(EXIT_USAGE, f"--reward {script.reward!r} is not one of {sorted(REWARDS)}")
     try:
         dataset = load_prompt_dataset(script.data_dir)
     except DataError as e:
-        print(f"sa2va-rl train: {e}", file=sys.stderr)
-        return EXIT_DATA
-
+        return _fail(EXIT_DATA, str(e))
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(script.model_path, trust_remote_code=config.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(script.model_path, dtype=dtype,
                                                  trust_remote_code=config.trust_remote_code)
     trainer = Sa2VAGRPOTrainer(model=model, reward_funcs=[REWARDS[script.reward]], args=config,
                                train_dataset=dataset, processing_class=tokenizer)
-    logger.info("training %s on %d prompts from %s: %d prompts x %d generations per device step, lr %g, bf16 %s",
-                script.model_path, len(dataset), script.data_dir,
+    logger.info("training causal LM %s on %d prompts from %s", script.model_path, len(dataset), script.data_dir)
+    return trainer, lambda: trainer.save_model(config.output_dir)
+
+
+def _build_sa2va_run(script, margs, config):
+    import torch
+
+    from sa2va_rl.data.gar import GARReader
+    from sa2va_rl.models.sa2va import Sa2VAPolicy, load_sa2va, prepare_for_training, save_sa2va
+    from sa2va_rl.rl.tasks import GARTaskDataset, task_list, task_rewards
+    from sa2va_rl.rl.trainer import Sa2VAGRPOTrainer
+
+    try:
+        tasks = task_list(script.task)
+    except ValueError as e:
+        return _fail(EXIT_USAGE, f"--task: {e}")
+    try:
+        reader = GARReader(script.data_dir, bad_rows=script.bad_rows)
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(EXIT_DATA, str(e))
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    try:
+        model, tokenizer = load_sa2va(script.model_path, dtype, trust_remote_code=config.trust_remote_code)
+    except ValueError as e:
+        return _fail(EXIT_USAGE, str(e))
+    prepare_for_training(model, margs)
+    policy = Sa2VAPolicy(model, tokenizer, max_tiles=margs.max_tiles)
+    funcs, weights = task_rewards(tasks)
+    if config.reward_weights is None:
+        config.reward_weights = weights
+    elif len(config.reward_weights) != len(funcs):
+        return _fail(EXIT_USAGE, f"--reward_weights has {len(config.reward_weights)} values; task {script.task!r} "
+                                 f"has {len(funcs)} rewards: {[f.__name__ for f in funcs]}")
+    dataset = GARTaskDataset(reader, policy, tasks)
+    trainer = Sa2VAGRPOTrainer(model=model, reward_funcs=funcs, args=config, train_dataset=dataset.to_dataset(),
+                               processing_class=tokenizer, policy=policy)
+    trainer.stability.extras["bad_rows"] = lambda: {f"{f}:{fld}": n for (f, fld), n in reader.bad_counts.items()}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("training Sa2VA %s (%s trainable parameters, LoRA r=%d) on %d GAR samples x tasks %s from %s",
+                script.model_path, f"{trainable:,}", margs.lora_r, len(reader), tasks, script.data_dir)
+
+    def save() -> None:
+        if config.should_save:
+            save_sa2va(trainer.accelerator.unwrap_model(trainer.model), tokenizer, config.output_dir)
+        if reader.bad_counts:
+            logger.warning("bad GAR rows skipped: %s", reader.bad_report())
+
+    return trainer, save
+
+
+def _run_training(trainer, config, save) -> int:
+    from sa2va_rl.data.gar import BadRow
+    from sa2va_rl.rl.stability import NonFiniteTrainingError
+    from sa2va_rl.rl.trainer import RewardError
+
+    logger.info("%d prompts x %d generations per device step, lr %g, bf16 %s",
                 config.per_device_train_batch_size // config.num_generations, config.num_generations,
                 config.learning_rate, config.bf16)
     try:
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     except NonFiniteTrainingError as e:
-        print(f"sa2va-rl train: stopped: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
-    trainer.save_model(config.output_dir)
+        return _fail(EXIT_NONFINITE, f"stopped: {e}")
+    except BadRow as e:
+        return _fail(EXIT_DATA, f"bad data row (pass --bad_rows skip to count and skip such rows): {e}")
+    except RewardError as e:
+        return _fail(EXIT_REWARD, str(e))
+    save()
     print(trainer.stability.summary_line(trainer.state.global_step))
     print(f"model and stability.json written to {config.output_dir}")
     return EXIT_OK
@@ -109,12 +176,10 @@ def _make_data(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _not_yet(name: str):
-    def run(_args: argparse.Namespace) -> int:
-        print(NOT_YET[name], file=sys.stderr)
-        return EXIT_USAGE
+def _demo(args: argparse.Namespace) -> int:
+    from sa2va_rl.demo import run_demo
 
-    return run
+    return run_demo(out_dir=args.out_dir, steps=args.steps, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,8 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("out_dir")
     data.set_defaults(func=_make_data)
-    demo = sub.add_parser("demo", help="a short GRPO run on the built-in tiny Sa2VA model and synthetic GAR data")
-    demo.set_defaults(func=_not_yet("demo"))
+    demo = sub.add_parser("demo", help="a short GRPO run on the built-in tiny Sa2VA model and synthetic GAR data; "
+                                       "writes samples.png and curves.png")
+    demo.add_argument("--out_dir", default="sa2va-rl-demo", help="where the model, data, logs and PNGs go")
+    demo.add_argument("--steps", type=int, default=40, help="GRPO steps")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
     return parser
 
 

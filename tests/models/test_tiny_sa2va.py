@@ -4,8 +4,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer, GenerationConfig
 
 from sa2va_rl.models.policy import new_tokens
-from sa2va_rl.models.tiny_sa2va import (IMG_CONTEXT, IMG_END, IMG_START, VP_END, VP_START, TinySa2VAModel,
-                                        make_tiny_sa2va, normalize_image)
+from sa2va_rl.models.sa2va_inputs import IMG_CONTEXT, IMG_END, IMG_START, VP_END, VP_START
+from sa2va_rl.models.tiny_sa2va import TinySa2VAModel, make_tiny_sa2va
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +58,25 @@ def test_image_and_region_features_fill_their_slots(tiny):
     torch.testing.assert_close(embeds[0, slots[16:]], vit[[5, 6, 9, 10]])  # row-major cells of the 4x4 grid
     with pytest.raises(ValueError, match="20 <IMG_CONTEXT> tokens but 16 visual features"):
         model.build_inputs_embeds(ids, pv)
+    with pytest.raises(ValueError, match="last tile"):
+        model.build_inputs_embeds(ids, torch.randn(2, 3, 32, 32), masks, torch.tensor([True, False]))
 
 
-def test_segment_masks_at_image_size(tiny):
-    _, model, _ = tiny
-    image = normalize_image(np.full((40, 48, 3), 120, np.uint8))
-    assert image.shape == (3, 40, 48) and abs(image.mean().item()) < 2
-    logits = model.segment(torch.randn(2, model.config.llm_config.hidden_size), image)
-    assert logits.shape == (2, 40, 48) and torch.isfinite(logits).all()
+def test_predict_forward_contract(tiny):
+    _, model, tok = tiny
+    image = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    region = np.zeros((40, 56), bool)
+    region[5:20, 10:30] = True
+    out = model.predict_forward(image=image, text="<image>\nPlease segment it.", tokenizer=tok,
+                                mask_prompts=[region], max_new_tokens=6)
+    assert set(out) == {"prediction", "prediction_masks"} and isinstance(out["prediction"], str)
+    # force a [SEG]: the masks come back one per [SEG], at the image's size
+    head = model.language_model.lm_head
+    hook = head.register_forward_hook(lambda m, a, o: o.index_fill(-1, torch.tensor([model.seg_token_idx]), 1e4))
+    try:
+        out = model.predict_forward(image=image, text="<image>\nPlease segment it.", tokenizer=tok, max_new_tokens=3)
+    finally:
+        hook.remove()
+    assert out["prediction"].count("[SEG]") == 3
+    assert len(out["prediction_masks"]) == 3 and out["prediction_masks"][0].shape == (1, 40, 56)
+    assert out["prediction_masks"][0].dtype == bool

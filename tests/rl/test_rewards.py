@@ -19,10 +19,10 @@ def test_mask_iou_hand_checked():
     a[:2] = True  # 8 pixels
     b = np.zeros((4, 4), bool)
     b[1:3] = True  # 8 pixels, 4 shared -> 4 / 12
-    assert mask_iou(["", "", "", ""], pred_masks=[a, b, None, np.zeros((4, 4), bool)],
+    assert mask_iou(["", "", "", ""], pred_mask=[a, b, None, np.zeros((4, 4), bool)],
                     gt_mask=[a, a, a, np.zeros((4, 4), bool)]) == [1.0, pytest.approx(1 / 3), 0.0, 0.0]
     with pytest.raises(ValueError, match="differ in size"):
-        mask_iou([""], pred_masks=[np.zeros((2, 2), bool)], gt_mask=[a])
+        mask_iou([""], pred_mask=[np.zeros((2, 2), bool)], gt_mask=[a])
 
 
 def test_format_and_overlap_rewards():

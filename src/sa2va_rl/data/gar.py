@@ -182,6 +182,7 @@ class GARReader:
         self._files = find_files(self.data_dir)
         self._tables: dict[str, pa.Table | list[dict]] = {}
         self._warn_limiter = PowerOfTwoLimiter()
+        self._known_bad: set[int] = set()  # counted once, however often they are read
         self._index: list[tuple[str, int]] = []
         for path in self._files:
             n = len(self._rows(path))
@@ -203,17 +204,30 @@ class GARReader:
 
     def get(self, i: int) -> GARSample | None:
         """The decoded row, or None (counted) when it is bad and bad_rows='skip'."""
+        if i in self._known_bad:
+            return None
         path, index, row = self.raw(i)
         try:
             return decode_row(row, path, index)
         except BadRow as e:
             if self.bad_rows == "error":
                 raise
+            self._known_bad.add(i)
             self.bad_counts[(os.path.relpath(e.path, self.data_dir), e.field)] += 1
             if self._warn_limiter():
                 logger.warning("skipping bad GAR row (%s); %d skipped so far (logged on the 1st, 2nd, 4th... "
                                "skip)", e, self._warn_limiter.events)
             return None
+
+    def get_good(self, i: int) -> tuple[int, GARSample]:
+        """Row ``i`` or, if it is bad (skipped), the next good row after it (wrapping): (index, sample).
+        Deterministic, so the G reads of a GRPO group agree."""
+        for k in range(len(self)):
+            j = (i + k) % len(self)
+            sample = self.get(j)
+            if sample is not None:
+                return j, sample
+        raise ValueError(f"{self.data_dir}: every one of the {len(self)} rows is bad: {self.bad_report()}")
 
     def scan(self) -> tuple[int, int]:
         """Decode every row once: (good, bad). The bad ones are in ``bad_counts``."""

@@ -40,12 +40,16 @@ class Generation:
 
 
 class Policy(Protocol):
+    """``contexts``: one opaque object per row from the dataset's ``visual`` column (Sa2VA: the sample's
+    tiles and region cells), or None for text-only policies."""
+
     def generate(self, model: torch.nn.Module, prompt_ids: list[list[int]], generation_config: GenerationConfig,
-                 logits_guard: LogitsGuard | None) -> Generation: ...
+                 logits_guard: LogitsGuard | None, contexts: list | None = None) -> Generation: ...
 
     def logprobs(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                  completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float = 1.0,
-                 drop_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+                 drop_mask: torch.Tensor | None = None, contexts: list | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class StepCounter(LogitsProcessor):
@@ -157,7 +161,7 @@ class CausalLMPolicy:
         self.pad_token_id = pad_token_id
         self.generate_from_embeds = generate_from_embeds
 
-    def generate(self, model, prompt_ids, generation_config, logits_guard) -> Generation:
+    def generate(self, model, prompt_ids, generation_config, logits_guard, contexts=None) -> Generation:
         device = next(model.parameters()).device
         eos = eos_set(generation_config)
         completions: list[list[int]] = []
@@ -187,7 +191,7 @@ class CausalLMPolicy:
             repaired.append([bool(f) for f in flag[:n]])
 
     def logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
-                 drop_mask=None):
+                 drop_mask=None, contexts=None):
         def forward(ids, att, keep):
             return model(input_ids=ids, attention_mask=att, logits_to_keep=keep, use_cache=False).logits
 

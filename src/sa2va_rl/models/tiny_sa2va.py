@@ -21,18 +21,17 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import (AutoConfig, AutoModel, GenerationConfig, PretrainedConfig, PreTrainedModel, Qwen2Config,
                           Qwen2ForCausalLM)
 
+from sa2va_rl.models.sa2va_inputs import (IMG_CONTEXT, IMG_END, IMG_START, SEG, VP_END, VP_START, VisualInputs,
+                                          build_prompt, decode_masks, pixel_values_for, region_cells,
+                                          splice_features, template, visual_features)
 from sa2va_rl.models.tiny import WORDS, tiny_qwen2_config, word_tokenizer
 
-IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
-SEG, VP_START, VP_END = "[SEG]", "<vp>", "</vp>"
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 SA2VA_SPECIAL = [IMG_START, IMG_END, IMG_CONTEXT, SEG, "<p>", "</p>", VP_START, VP_END] + CHAT_TOKENS
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class TinySa2VAConfig(PretrainedConfig):
@@ -41,7 +40,7 @@ class TinySa2VAConfig(PretrainedConfig):
 
     def __init__(self, llm_config=None, force_image_size: int = 32, patch_size: int = 4, vision_hidden: int = 32,
                  downsample_ratio: float = 0.5, ps_version: str = "v2", template: str = "qwen_chat",
-                 mask_dim: int = 16, **kwargs) -> None:
+                 mask_dim: int = 16, max_dynamic_patch: int = 4, use_thumbnail: bool = True, **kwargs) -> None:
         if isinstance(llm_config, dict):
             llm_config = Qwen2Config(**llm_config)
         self.llm_config = llm_config if llm_config is not None else Qwen2Config()
@@ -52,6 +51,8 @@ class TinySa2VAConfig(PretrainedConfig):
         self.ps_version = ps_version
         self.template = template
         self.mask_dim = mask_dim
+        self.max_dynamic_patch = max_dynamic_patch
+        self.use_thumbnail = use_thumbnail
         super().__init__(**kwargs)
 
     @property
@@ -80,16 +81,21 @@ class TinyVision(nn.Module):
 
 
 class TinyMaskDecoder(nn.Module):
-    """Stands in for SAM2: image features [D, h, w] dotted with each [SEG] embedding -> mask logits."""
+    """Stands in for Sa2VA's SAM2 wrapper, with its two calls:
+    ``get_sam2_embeddings(g_pixel_values [F, 3, S, S])`` and
+    ``language_embd_inference(states, [emb [n, D]] * F) -> mask logits [F, n, S, S]``."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, image_size: int) -> None:
         super().__init__()
+        self.image_size = image_size  # the decoder's input size (1024 for SAM2)
         self.features = nn.Sequential(nn.Conv2d(3, dim, 3, padding=1), nn.ReLU(), nn.Conv2d(dim, dim, 3, padding=1))
 
-    def forward(self, image: torch.Tensor, seg_embeddings: torch.Tensor) -> torch.Tensor:
-        """image [3, H, W] normalised, seg_embeddings [n, D] -> mask logits [n, H, W]."""
-        feats = self.features(image.unsqueeze(0))[0]  # [D, H, W]
-        return torch.einsum("nd,dhw->nhw", seg_embeddings, feats) / math.sqrt(feats.shape[0])
+    def get_sam2_embeddings(self, g_pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.features(g_pixel_values)  # [F, D, S, S]
+
+    def language_embd_inference(self, states: torch.Tensor, language_embd: list[torch.Tensor]) -> torch.Tensor:
+        emb = torch.stack(list(language_embd)).to(states.dtype)  # [F, n, D]
+        return torch.einsum("fnd,fdhw->fnhw", emb, states) / math.sqrt(states.shape[1])
 
 
 class TinySa2VAModel(PreTrainedModel):
@@ -97,6 +103,7 @@ class TinySa2VAModel(PreTrainedModel):
     base_model_prefix = "sa2va"
     main_input_name = "input_ids"
     _no_split_modules = []
+    supports_gradient_checkpointing = True  # the Qwen2 layers inside checkpoint themselves
 
     def __init__(self, config: TinySa2VAConfig) -> None:
         super().__init__(config)
@@ -106,7 +113,7 @@ class TinySa2VAModel(PreTrainedModel):
         self.mlp1 = nn.Sequential(nn.LayerNorm(ratio_in), nn.Linear(ratio_in, c), nn.GELU(), nn.Linear(c, c))
         self.language_model = Qwen2ForCausalLM(config.llm_config)
         self.text_hidden_fcs = nn.Sequential(nn.Linear(c, c), nn.ReLU(), nn.Linear(c, config.mask_dim))
-        self.grounding_encoder = TinyMaskDecoder(config.mask_dim)
+        self.grounding_encoder = TinyMaskDecoder(config.mask_dim, config.force_image_size)
         self.img_context_token_id: int | None = None
         self.seg_token_idx: int | None = None
         self.post_init()
@@ -135,27 +142,22 @@ class TinySa2VAModel(PreTrainedModel):
     def build_inputs_embeds(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                             prompt_masks: list[torch.Tensor] | None = None,
                             vp_overall_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Replace the ``<IMG_CONTEXT>`` embeddings, in order: every tile's features, then for each region
-        the features of the region tile's grid cells where the region mask is set (row-major)."""
+        """Upstream's calling convention (one sample): the ``<IMG_CONTEXT>`` embeddings of every row of
+        ``input_ids`` are replaced by every tile's features, then the region cells of the flagged tile."""
         if self.img_context_token_id is None:
             raise RuntimeError("call preparing_for_generation(tokenizer) first: the <IMG_CONTEXT> id is unknown")
         embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is None:
             return embeds
-        vit = self.extract_feature(pixel_values.to(embeds.dtype))  # [tiles, T, C]
-        feats = [vit.reshape(-1, vit.shape[-1])]
         if prompt_masks is not None and vp_overall_mask is not None:
-            vp_tiles = vit[vp_overall_mask.bool()]  # one region tile per sample, in sample order
-            for tile, masks in zip(vp_tiles, prompt_masks, strict=True):
-                for m in masks:  # [grid, grid]
-                    feats.append(tile[m.reshape(-1).bool()])
-        feats = torch.cat(feats)
-        slots = input_ids == self.img_context_token_id
-        n_slots = int(slots.sum())
-        if n_slots != feats.shape[0]:
-            raise ValueError(f"{n_slots} <IMG_CONTEXT> tokens but {feats.shape[0]} visual features "
-                             f"({vit.shape[0]} tiles x {vit.shape[1]} + region cells)")
-        return embeds.masked_scatter(slots.unsqueeze(-1), feats.to(embeds.dtype))
+            flagged = vp_overall_mask.bool().nonzero().flatten().tolist()
+            if flagged != [pixel_values.shape[0] - 1]:
+                raise ValueError(f"vp_overall_mask flags tiles {flagged}; Sa2VA puts region prompts on the last "
+                                 f"tile ({pixel_values.shape[0] - 1})")
+        regions = torch.cat(list(prompt_masks)).bool() if prompt_masks else None
+        visual = VisualInputs(pixel_values, regions, image=None, key="")
+        feats = visual_features(self, visual, embeds.dtype, embeds.device)
+        return splice_features(embeds, input_ids, self.img_context_token_id, [feats] * input_ids.shape[0])
 
     # ---------------------------------------------------------------- LM calls
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, prompt_masks=None,
@@ -170,22 +172,43 @@ class TinySa2VAModel(PreTrainedModel):
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask,
                                             generation_config=generation_config, **kwargs)
 
-    def segment(self, seg_hidden: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Last-layer hidden states at [SEG] positions [n, C] + the normalised whole image [3, H, W]
-        -> mask logits [n, H, W]."""
-        return self.grounding_encoder(image.to(seg_hidden.dtype), self.text_hidden_fcs(seg_hidden))
-
-
-def normalize_image(image: np.ndarray, size: int | None = None) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float [3, size, size] (bicubic) with ImageNet mean/std, as Sa2VA's tiles."""
-    from PIL import Image
-
-    im = Image.fromarray(image)
-    if size is not None:
-        im = im.resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    return (x - mean) / std
+    @torch.no_grad()
+    def predict_forward(self, image=None, text: str = "", tokenizer=None, mask_prompts=None, **kwargs) -> dict:
+        """Upstream's inference entry point: ``{"prediction": text, "prediction_masks": [bool [1, H, W], ...]}``,
+        one mask per ``[SEG]``. Greedy decoding; ``mask_prompts``: bool [n, H, W] regions (optional)."""
+        if tokenizer is None:
+            raise ValueError("predict_forward needs the tokenizer")
+        self.preparing_for_generation(tokenizer)
+        image = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
+        cfg = self.config
+        pv = pixel_values_for(image, cfg.force_image_size, cfg.max_dynamic_patch, cfg.use_thumbnail)
+        grid = int(math.isqrt(cfg.num_image_token))
+        regions = None if mask_prompts is None else torch.stack([region_cells(np.asarray(m), grid)
+                                                                 for m in mask_prompts])
+        question = text.replace("<image>", "").strip()
+        prompt = build_prompt(question, pv.shape[0], cfg.num_image_token, cfg.template,
+                              None if regions is None else regions.flatten(1).sum(1).tolist())
+        ids = torch.tensor([tokenizer(prompt).input_ids], device=self.device)
+        visual = VisualInputs(pv, regions, image, key="predict")
+        embeds = splice_features(self.get_input_embeddings()(ids), ids, self.img_context_token_id,
+                                 [visual_features(self, visual, self.dtype, self.device)])
+        _instruction, stops = template(cfg.template)
+        eos = [i for i in tokenizer.convert_tokens_to_ids(list(stops)) if i is not None and i != tokenizer.unk_token_id]
+        gc = GenerationConfig(do_sample=False, max_new_tokens=kwargs.get("max_new_tokens", 64), eos_token_id=eos,
+                              pad_token_id=tokenizer.pad_token_id)
+        new = self.language_model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
+                                           generation_config=gc)[0]
+        full = torch.cat([ids[0], new])
+        seg_pos = (full == self.seg_token_idx).nonzero().flatten()
+        seg_pos = seg_pos[seg_pos >= ids.shape[1]]
+        masks = []
+        if len(seg_pos):
+            embeds_full = splice_features(self.get_input_embeddings()(full[None]), full[None],
+                                          self.img_context_token_id,
+                                          [visual_features(self, visual, self.dtype, self.device)])
+            hidden = self.language_model.model(inputs_embeds=embeds_full).last_hidden_state[0, seg_pos]
+            masks = [m[None].cpu().numpy() for m in decode_masks(self, hidden, image)]
+        return {"prediction": tokenizer.decode(new, skip_special_tokens=False), "prediction_masks": masks}
 
 
 AutoConfig.register(TinySa2VAConfig.model_type, TinySa2VAConfig)
@@ -193,11 +216,17 @@ AutoModel.register(TinySa2VAConfig, TinySa2VAModel)
 
 
 def make_tiny_sa2va(out_dir: str, seed: int = 0, image_size: int = 32) -> str:
-    """Write the tiny Sa2VA model, its tokenizer and generation config to ``out_dir``; return the path."""
+    """Write the tiny Sa2VA model, its tokenizer and generation config to ``out_dir``; return the path.
+
+    The LM's vocabulary is padded past ``len(tokenizer)`` (to a multiple of 64), like Sa2VA-4B's 151936-row
+    head over a 151679-token tokenizer, so the padded-row mask is exercised.
+    """
     torch.manual_seed(seed)
     tokenizer = word_tokenizer(WORDS + ["user", "assistant", "There", "are", "part", "regions", "picture",
-                                        "region1", "Please", "segment", "Describe"], extra_special=SA2VA_SPECIAL)
-    llm = tiny_qwen2_config(len(tokenizer))
+                                        "region1", "Please", "segment", "Describe", "Sure"],
+                               extra_special=SA2VA_SPECIAL)
+    tokenizer.eos_token = "<|im_end|>"  # the chat turn's end, as Qwen instruct tokenizers declare it
+    llm = tiny_qwen2_config(-(-len(tokenizer) // 64) * 64)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     llm.eos_token_id = eos
     config = TinySa2VAConfig(llm_config=llm, force_image_size=image_size)

@@ -34,7 +34,8 @@ class Sa2VAGRPOConfig(GRPOConfig):
         metadata={"help": "bf16 mixed precision. Default: on when the GPU supports bf16, else fp32 (never fp16)."},
     )
     cast_lm_head_to_fp32: bool = field(
-        default=True, metadata={"help": "Run the LM head in fp32 so logprobs are not computed from bf16 logits."}
+        default=True, metadata={"help": "Run the LM head in fp32 so logprobs are not computed from bf16 logits "
+                                        "(the Sa2VA policy always does)."}
     )
     logging_steps: float = field(default=1, metadata={"help": "Log metrics every N optimizer steps."})
 
@@ -77,6 +78,11 @@ class Sa2VAGRPOConfig(GRPOConfig):
     log_ratio_clamp: float = field(
         default=20.0, metadata={"help": "Clamp |log pi/pi_old| and |log pi_ref/pi| before exp()."}
     )
+    reward_errors: str = field(
+        default="raise",
+        metadata={"help": "A reward function that raises: 'raise' (stop, naming the function and the sample) or "
+                          "'skip' (that sample gets no opinion from that function, counted as reward_errors)."},
+    )
 
     def __post_init__(self) -> None:
         if self.batch_size is not None:
@@ -93,6 +99,8 @@ class Sa2VAGRPOConfig(GRPOConfig):
             )
         if self.on_persistent_nonfinite not in ("halt", "rollback"):
             problems.append(f"on_persistent_nonfinite={self.on_persistent_nonfinite!r}: use 'halt' or 'rollback'")
+        if self.reward_errors not in ("raise", "skip"):
+            problems.append(f"reward_errors={self.reward_errors!r}: use 'raise' or 'skip'")
         if self.max_consecutive_skips < 1:
             problems.append(f"max_consecutive_skips={self.max_consecutive_skips}: use 1 or more")
         if not (math.isfinite(self.max_abs_logit) and self.max_abs_logit > 0):

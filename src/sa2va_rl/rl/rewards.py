@@ -92,15 +92,18 @@ def caption_meteor(completions, caption=None, **kwargs) -> list[float | None]:
     return _against_references(completions, caption, score)
 
 
-def mask_iou(completions, pred_masks=None, gt_mask=None, **kwargs) -> list[float | None]:
-    """IoU of the predicted and reference bool masks; 0 when the union is empty or no mask was predicted
-    (a completion without [SEG]); None when there is no reference."""
+def mask_iou(completions, pred_mask=None, gt_mask=None, **kwargs) -> list[float | None]:
+    """IoU of the predicted (``pred_mask``: the trainer's mask of each completion's first [SEG]) and reference
+    bool masks; 0 when the union is empty or no mask was predicted (a completion without [SEG]); None when
+    there is no reference."""
     import numpy as np
 
-    if gt_mask is None or pred_masks is None:
+    if gt_mask is None:
         return [None] * len(completions)
+    if pred_mask is None:
+        pred_mask = [None] * len(completions)
     out: list[float | None] = []
-    for pred, gt in zip(pred_masks, gt_mask, strict=True):
+    for pred, gt in zip(pred_mask, gt_mask, strict=True):
         if gt is None:
             out.append(None)
             continue

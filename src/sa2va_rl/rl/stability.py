@@ -33,6 +33,8 @@ class StabilityCounters:
     empty_completions: int = 0
     nonfinite_losses: int = 0
     nonfinite_metric_values: int = 0
+    reward_errors: int = 0  # samples a reward function raised on (reward_errors='skip')
+    nonfinite_rewards: int = 0  # NaN/inf reward values, turned into 'no opinion'
     first_nonfinite: dict | None = None  # {"step", "kind", "params"} of the first non-finite gradient step
     events: list = field(default_factory=list)  # the last few non-finite steps, newest last
 
@@ -73,6 +75,7 @@ class StabilityCallback(TrainerCallback):
         self.logits_guard = logits_guard
         self.grad_guard = grad_guard or GradGuard()
         self.counters = StabilityCounters()
+        self.extras: dict = {}  # name -> callable returning JSON-able data for the report (e.g. bad data rows)
 
     # ---------------------------------------------------------------- feeding
     def record_generation(self, repaired_rows: int, dropped_tokens: int, empty: int) -> None:
@@ -106,6 +109,8 @@ class StabilityCallback(TrainerCallback):
             "stability/empty_completions": c.empty_completions,
             "stability/nonfinite_losses": c.nonfinite_losses,
             "stability/nonfinite_metric_values": c.nonfinite_metric_values,
+            "stability/reward_errors": c.reward_errors,
+            "stability/nonfinite_rewards": c.nonfinite_rewards,
             "stability/grad_norm_mean": g.norm_mean,
             "stability/grad_norm_max": g.norm_max,
         }
@@ -127,6 +132,8 @@ class StabilityCallback(TrainerCallback):
         out["grad_guard"] = self.grad_guard.state_dict()["stats"]
         out["logits_guard"] = self.logits_guard.stats.as_dict() if self.logits_guard is not None else None
         out["final_weights_finite"] = weights_finite(model) if model is not None else None
+        for name, get in self.extras.items():
+            out[name] = get()
         return out
 
     def write_report(self, output_dir: str, model: torch.nn.Module | None) -> dict:

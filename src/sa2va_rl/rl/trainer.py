@@ -13,10 +13,19 @@ TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The o
 * ``_clip_grad_norm``: GradGuard before clipping; non-finite steps skipped with the optimizer untouched.
 * ``log``, ``training_step``: stability metrics, non-finite losses and metric values counted, not hidden.
 * ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: the stability state travels with checkpoints.
+* ``_calculate_rewards``: for policies that segment (Sa2VA), each completion's ``[SEG]`` mask is added to its row
+  as ``pred_mask`` before the reward functions run. Every plain reward function is wrapped: NaN/inf become
+  "no opinion" (counted); an exception stops the run naming the function and the sample, or, with
+  ``reward_errors='skip'``, costs only the samples it raised on (counted).
+
+Rows may carry a ``visual`` column (Sa2VA: tiles and region cells). The trainer hands it to the Policy for
+generation and scoring and keeps it aligned with the completions through TRL's shuffle and split.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import os
@@ -29,6 +38,7 @@ from trl.trainer.utils import nanstd
 
 from sa2va_rl.models.policy import CausalLMPolicy, Policy
 from sa2va_rl.numerics import GradGuard, LogitsGuard
+from sa2va_rl.numerics._ratelimit import PowerOfTwoLimiter
 from sa2va_rl.rl.config import Sa2VAGRPOConfig
 from sa2va_rl.rl.stability import NonFiniteTrainingError, StabilityCallback
 
@@ -59,6 +69,65 @@ def group_advantages(rewards_per_func: torch.Tensor, weights: torch.Tensor, num_
     return torch.nan_to_num(adv.view(-1), nan=0.0)
 
 
+class RewardError(RuntimeError):
+    """A reward function raised (reward_errors='raise'); the message names the function and the sample."""
+
+
+def _sample_name(kwargs: dict, i: int) -> str:
+    for key in ("source", "prompts"):
+        vals = kwargs.get(key)
+        if isinstance(vals, list) and i < len(vals):
+            return f"{key}={str(vals[i])[-120:]!r}"
+    return f"index {i}"
+
+
+def guarded_reward(fn, errors: str, counters_of):
+    """``fn`` with TRL's signature, made safe: NaN/inf -> None (counted). If ``fn`` raises on the batch, it is
+    re-run one sample at a time to find the samples it raises on; 'raise' stops there with their name, 'skip'
+    gives those samples None (counted). ``counters_of()`` returns the live StabilityCounters."""
+    limiter = PowerOfTwoLimiter()
+    name = getattr(fn, "__name__", type(fn).__name__)
+
+    def one(i: int, completions, kwargs):
+        sub = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == len(completions) else v)
+               for k, v in kwargs.items()}
+        return fn(completions[i:i + 1], **sub)[0]
+
+    @functools.wraps(fn)
+    def wrapped(completions, **kwargs):
+        try:
+            values = list(fn(completions, **kwargs))
+        except Exception as batch_error:  # find the samples it raises on
+            values = []
+            for i in range(len(completions)):
+                try:
+                    values.append(one(i, completions, kwargs))
+                except Exception as e:
+                    if errors == "raise":
+                        raise RewardError(
+                            f"reward function {name!r} raised {type(e).__name__}: {e} on sample "
+                            f"{_sample_name(kwargs, i)} with completion {str(completions[i])[:200]!r}. Fix the "
+                            "reward or the data, or pass --reward_errors skip to give such samples no opinion."
+                        ) from e
+                    counters_of().reward_errors += 1
+                    if limiter():
+                        logger.warning("reward %r raised %s: %s on sample %s; it gets no opinion "
+                                       "(%d such samples so far)", name, type(e).__name__, e,
+                                       _sample_name(kwargs, i), counters_of().reward_errors)
+                    values.append(None)
+            if len(values) == len(completions) and all(v is None for v in values):
+                logger.debug("reward %r failed on the whole batch: %s", name, batch_error)
+        clean = []
+        for v in values:
+            if v is not None and not math.isfinite(float(v)):
+                counters_of().nonfinite_rewards += 1
+                v = None
+            clean.append(None if v is None else float(v))
+        return clean
+
+    return wrapped
+
+
 def _straight_through_clamp(x: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | None) -> torch.Tensor:
     """Value clamped into [lo, hi], gradient of x unchanged. Bit-identical to x where no bound bites."""
     y = x
@@ -79,7 +148,17 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         if args.use_vllm or args.use_transformers_continuous_batching:
             raise ValueError("Sa2VAGRPOTrainer generates through its Policy with the LogitsGuard; "
                              "use_vllm and use_transformers_continuous_batching are not supported")
-        super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        funcs = [guarded_reward(f, args.reward_errors, lambda: self.stability.counters)
+                 if callable(f) and not isinstance(f, (str, torch.nn.Module)) and not inspect.iscoroutinefunction(f)
+                 else f for f in funcs]
+        # TRL's fp32 LM head patches model.lm_head; a Sa2VA model has none (its policy runs the head in fp32)
+        cast_head = args.cast_lm_head_to_fp32
+        args.cast_lm_head_to_fp32 = cast_head and hasattr(model, "lm_head")
+        try:
+            super().__init__(model=model, reward_funcs=funcs, args=args, **kwargs)
+        finally:
+            args.cast_lm_head_to_fp32 = cast_head
         self.policy = policy or CausalLMPolicy(pad_token_id=self._tokenizer.pad_token_id)
         self.logits_guard = (LogitsGuard(eos_token_id=self.generation_config.eos_token_id,
                                          max_abs_logit=args.max_abs_logit) if args.logits_guard else None)
@@ -90,6 +169,8 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self._drop_mask: torch.Tensor | None = None  # [B, K] for the logprob calls in flight
         self._loss_refs: dict | None = None  # old/ref logps while _compute_loss runs
         self._last_rewards_per_func: torch.Tensor | None = None
+        self._contexts: list | None = None  # per-row Policy contexts (the dataset's `visual` column) in flight
+        self._last_prompt_ids: list[list[int]] | None = None
         self._nonfinite_losses = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
 
     # ------------------------------------------------------------------ generation
@@ -104,7 +185,11 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
-            gen = self.policy.generate(unwrapped_model, prompt_ids, self.generation_config, self.logits_guard)
+            # contexts only when the rows carry them: a text-only Policy need not take the argument
+            extra = {} if self._contexts is None else {"contexts": self._contexts}
+            gen = self.policy.generate(unwrapped_model, prompt_ids, self.generation_config, self.logits_guard,
+                                       **extra)
+        self._last_prompt_ids = prompt_ids
         completions, drop = gen.completion_ids, [list(r) for r in gen.repaired]
         repaired_rows = sum(any(r) for r in gen.repaired)
         if not self.args.drop_repaired_tokens:
@@ -138,10 +223,15 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         return mask.to(self.accelerator.device)
 
     def _generate_and_score_completions(self, inputs):
+        contexts = [x.get("visual") for x in inputs]
+        self._contexts = contexts if any(c is not None for c in contexts) else None
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
-            self._drop_mask = None
+            self._drop_mask, self._last_prompt_ids = None, None
+            self._contexts, contexts = None, self._contexts
+        if contexts is not None:  # a list: TRL's shuffle and split keep it aligned with the completions
+            output["visual"] = contexts
         if self.multi_objective_aggregation == "sum_then_normalize" and self._last_rewards_per_func is not None:
             mode = "train" if self.model.training else "eval"
             g = self.num_generations if mode == "train" else self.num_generations_eval
@@ -153,9 +243,24 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         return output
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        if hasattr(self.policy, "segment") and any(x.get("gt_mask") is not None for x in inputs):
+            inputs = self._add_pred_masks(inputs, completion_ids_list)
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._last_rewards_per_func = rewards_per_func
         return rewards_per_func
+
+    def _add_pred_masks(self, inputs, completion_ids_list):
+        """Rows with a reference mask get ``pred_mask``: the mask of their completion's first [SEG], or None."""
+        rows = [i for i, x in enumerate(inputs) if x.get("gt_mask") is not None]
+        model = self.accelerator.unwrap_model(self.model)
+        masks = self.policy.segment(model, [self._last_prompt_ids[i] for i in rows],
+                                    [completion_ids_list[i] for i in rows], [self._contexts[i] for i in rows])
+        out = [{**x, "pred_mask": None} for x in inputs]
+        for i, m in zip(rows, masks, strict=True):
+            out[i]["pred_mask"] = m
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["seg/no_seg_frac"].append(sum(m is None for m in masks) / len(masks))
+        return out
 
     # ------------------------------------------------------------------ scoring
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
@@ -174,6 +279,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                     model, input_ids[s:e, :P], attention_mask[s:e, :P], input_ids[s:e, P:],
                     attention_mask[s:e, P:], temperature=self.temperature,
                     drop_mask=None if drop is None else drop[s:e],
+                    **({} if self._contexts is None else {"contexts": self._contexts[s:e]}),
                 )
             logps.append(lp)
             ents.append(ent)
@@ -188,12 +294,13 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         self._drop_mask = (inputs["tool_mask"] == 0) if "tool_mask" in inputs else None
+        self._contexts = inputs.get("visual")
         self._loss_refs = {k: inputs[k].float() for k in ("old_per_token_logps", "ref_per_token_logps")
                            if inputs.get(k) is not None}
         try:
             return super()._compute_loss(model, inputs)
         finally:
-            self._drop_mask, self._loss_refs = None, None
+            self._drop_mask, self._loss_refs, self._contexts = None, None, None
 
     def training_step(self, model, inputs, num_items_in_batch):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -236,8 +343,10 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ logging and checkpoints
     def log(self, logs, start_time=None):
         mode = "train" if self.model.training else "eval"
-        nonfinite = sum(1 for vals in self._metrics[mode].values() for v in vals
-                        if isinstance(v, float) and not math.isfinite(v))
+        # rewards/<f>/mean is NaN by construction when f had no opinion on the whole batch (None everywhere);
+        # non-finite reward values themselves are counted by the reward wrapper
+        nonfinite = sum(1 for key, vals in self._metrics[mode].items() if not key.startswith("rewards/")
+                        for v in vals if isinstance(v, float) and not math.isfinite(v))
         self.stability.counters.nonfinite_metric_values += nonfinite
         self.stability.counters.nonfinite_losses = int(self._nonfinite_losses)  # one sync per log
         if mode == "train":

@@ -1,0 +1,245 @@
+"""``sa2va-rl demo``: a short GRPO run on the tiny Sa2VA model and synthetic GAR data, end to end.
+
+It goes through the same code as ``sa2va-rl train`` on a real checkpoint (load_sa2va, Sa2VAPolicy,
+GARTaskDataset, Sa2VAGRPOTrainer, save_sa2va), with settings sized for a laptop CPU: the tiny LLM trains fully
+(no LoRA) at a high learning rate, so the rewards move within a few dozen steps. It writes
+
+* ``samples.png``: a few held-out samples: image, reference mask, predicted mask, reference and predicted caption;
+* ``curves.png``: mean reward (overall and per reward function) and gradient norm per step;
+* ``run/stability.json`` and the trained model in ``run/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+logger = logging.getLogger(__name__)
+
+SERIES_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+
+
+def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = 40, seed: int = 0, warm_start_steps: int = 60,
+             learning_rate: float = 1e-3) -> int:
+    from sa2va_rl.data.gar import GARReader
+    from sa2va_rl.data.synthetic import make_gar_data
+    from sa2va_rl.models.sa2va import Sa2VAModelArgs, Sa2VAPolicy, load_sa2va, prepare_for_training, save_sa2va
+    from sa2va_rl.models.tiny_sa2va import make_tiny_sa2va
+    from sa2va_rl.rl.config import Sa2VAGRPOConfig
+    from sa2va_rl.rl.tasks import GARTaskDataset, task_list, task_rewards
+    from sa2va_rl.rl.trainer import Sa2VAGRPOTrainer
+
+    os.makedirs(out_dir, exist_ok=True)
+    model_dir = make_tiny_sa2va(os.path.join(out_dir, "tiny-sa2va"), seed=seed)
+    data_dir = make_gar_data(os.path.join(out_dir, "gar-train"), n=96, seed=seed)
+    held_out = make_gar_data(os.path.join(out_dir, "gar-heldout"), n=4, seed=seed + 1000, shards=1)
+    run_dir = os.path.join(out_dir, "run")
+    logger.info("demo: tiny Sa2VA in %s, synthetic GAR in %s, run in %s", model_dir, data_dir, run_dir)
+
+    model, tokenizer = load_sa2va(model_dir)
+    prepare_for_training(model, Sa2VAModelArgs(lora_r=0))
+    policy = Sa2VAPolicy(model, tokenizer)
+    tasks = task_list("both")
+    funcs, weights = task_rewards(tasks)
+    reader = GARReader(data_dir)
+    config = Sa2VAGRPOConfig(
+        output_dir=run_dir, max_steps=steps, batch_size=4, num_generations=8, learning_rate=learning_rate,
+        warmup_steps=2, max_completion_length=12, reward_weights=weights, logging_steps=1, save_strategy="no",
+        report_to=["tensorboard"], seed=seed, stability_summary_steps=10, disable_tqdm=False,
+    )
+    rows = GARTaskDataset(reader, policy, tasks)
+    if warm_start_steps:
+        loss0, loss1 = warm_start(model, tokenizer, policy, rows, warm_start_steps, seed)
+        logger.info("warm start (supervised, %d steps): loss %.3f -> %.3f", warm_start_steps, loss0, loss1)
+    trainer = Sa2VAGRPOTrainer(model=model, reward_funcs=funcs, args=config, processing_class=tokenizer,
+                               train_dataset=rows.to_dataset(), policy=policy)
+    trainer.train()
+    save_sa2va(model, tokenizer, run_dir)
+
+    history = [h for h in trainer.state.log_history if "reward" in h]
+    rewards = [h["reward"] for h in history]
+    k = max(1, min(5, len(rewards) // 4))
+    first, last = float(np.mean(rewards[:k])), float(np.mean(rewards[-k:]))
+    curves = plot_curves(history, os.path.join(out_dir, "curves.png"))
+    samples = plot_samples(model, tokenizer, GARReader(held_out), os.path.join(out_dir, "samples.png"))
+    print(f"mean reward: first {k} steps {first:.3f} -> last {k} steps {last:.3f}")
+    print(trainer.stability.summary_line(trainer.state.global_step))
+    print(f"wrote {samples}, {curves}, {os.path.join(run_dir, 'stability.json')} and the trained model in {run_dir}")
+    return 0
+
+
+def warm_start(model, tokenizer, policy, rows, steps: int, seed: int, batch: int = 8, lr: float = 3e-3):
+    """A short supervised warm start, as Sa2VA is SFT-trained before RL: teacher-forced answers (the caption for
+    mask2caption, ``Sure, [SEG].`` for caption2mask) plus a BCE mask loss through the [SEG] hidden state, so the
+    random tiny model writes words and its masks mean something. Returns (first loss, last loss)."""
+    import torch
+    import torch.nn.functional as F
+
+    from sa2va_rl.models.sa2va import lm_parts
+    from sa2va_rl.models.sa2va_inputs import normalize_image
+
+    _lm, backbone, head = lm_parts(model)
+    decoder = [model.text_hidden_fcs, model.grounding_encoder]
+    for m in decoder:
+        m.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        items = [rows[int(i)] for i in torch.randint(len(rows), (batch,), generator=gen)]
+        seqs, starts = [], []
+        for it in items:
+            answer = it["caption"] if it["task"] == "mask2caption" else "Sure, [SEG]."
+            p = tokenizer(it["prompt"]).input_ids
+            seqs.append(p + tokenizer(answer, add_special_tokens=False).input_ids + [end])
+            starts.append(len(p))
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [policy.pad_token_id] * (width - len(s)) for s in seqs])
+        att = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        hidden = backbone(inputs_embeds=policy.embed(model, ids, [it["visual"] for it in items]),
+                          attention_mask=att).last_hidden_state
+        logits = head(hidden[:, :-1]).float()
+        labels = ids[:, 1:].clone()
+        for b, (s, st) in enumerate(zip(seqs, starts)):
+            labels[b, : st - 1] = -100
+            labels[b, len(s) - 1:] = -100
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        for b, it in enumerate(items):  # mask loss at the [SEG] of caption2mask answers
+            if it["gt_mask"] is None:
+                continue
+            pos = seqs[b].index(policy.seg_id, starts[b])
+            enc = model.grounding_encoder
+            g = normalize_image(it["visual"].image, enc.image_size)[None]
+            pred = enc.language_embd_inference(enc.get_sam2_embeddings(g), [model.text_hidden_fcs(hidden[b, pos])[None]])
+            target = F.interpolate(torch.from_numpy(it["gt_mask"]).float()[None, None], size=pred.shape[-2:])
+            loss = loss + F.binary_cross_entropy_with_logits(pred[:, :1], target) / batch
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    for m in decoder:
+        m.requires_grad_(False)
+    k = max(1, steps // 10)
+    return float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def _font(size: int = 12):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _panel(draw: ImageDraw.ImageDraw, box, title: str, series: dict[str, list[tuple[float, float]]]) -> None:
+    x0, y0, x1, y1 = box
+    font = _font(12)
+    draw.text((x0, y0 - 18), title, fill="black", font=font)
+    draw.rectangle(box, outline="black")
+    points = [p for pts in series.values() for p in pts]
+    if not points:
+        draw.text((x0 + 10, y0 + 10), "no data", fill="gray", font=font)
+        return
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    xmin, xmax = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    ymin, ymax = min(ys), max(ys)
+    if ymax - ymin < 1e-9:
+        ymin, ymax = ymin - 0.5, ymax + 0.5
+    pad = 0.05 * (ymax - ymin)
+    ymin, ymax = ymin - pad, ymax + pad
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return x0 + (x - xmin) / (xmax - xmin) * (x1 - x0), y1 - (y - ymin) / (ymax - ymin) * (y1 - y0)
+
+    for frac in (0.0, 0.5, 1.0):  # y grid and labels
+        y = ymin + frac * (ymax - ymin)
+        _, py = at(xmin, y)
+        draw.line([(x0, py), (x1, py)], fill=(225, 225, 225))
+        draw.text((x0 - 44, py - 6), f"{y:.3g}", fill="black", font=font)
+    for x in (xmin, (xmin + xmax) / 2, xmax):
+        px, _ = at(x, ymin)
+        draw.text((px - 8, y1 + 4), f"{x:.0f}", fill="black", font=font)
+    draw.text(((x0 + x1) / 2 - 12, y1 + 18), "step", fill="black", font=font)
+    for i, (name, pts) in enumerate(series.items()):
+        color = SERIES_COLORS[i % len(SERIES_COLORS)]
+        xy = [at(x, y) for x, y in pts]
+        if len(xy) > 1:
+            draw.line(xy, fill=color, width=2)
+        for px, py in xy:
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
+        draw.text((x1 + 10, y0 + 16 * i), name, fill=color, font=font)
+
+
+def plot_curves(history: list[dict], path: str) -> str:
+    """Mean reward (total and per function) and gradient norm per step, from the trainer's log history."""
+    def series(key: str) -> list[tuple[float, float]]:
+        return [(h["step"], float(h[key])) for h in history
+                if h.get(key) is not None and np.isfinite(float(h[key]))]
+
+    reward_keys = ["reward"] + sorted(k for h in history for k in h
+                                      if k.startswith("rewards/") and k.endswith("/mean"))
+    reward_series = {k.replace("rewards/", "").replace("/mean", ""): series(k) for k in dict.fromkeys(reward_keys)}
+    img = Image.new("RGB", (900, 560), "white")
+    draw = ImageDraw.Draw(img)
+    _panel(draw, (70, 40, 680, 250), "mean reward per step (GRPO on the tiny Sa2VA)", reward_series)
+    _panel(draw, (70, 320, 680, 520), "gradient norm per step (before clipping)", {"grad_norm": series("grad_norm")})
+    img.save(path)
+    return path
+
+
+def _mask_view(image: np.ndarray, mask: np.ndarray) -> Image.Image:
+    """The mask in white over a darkened image: readable whatever the shape's colour."""
+    out = image.astype(np.float32) * 0.3
+    out[mask] = 255.0
+    return Image.fromarray(out.astype(np.uint8))
+
+
+def plot_samples(model, tokenizer, reader, path: str, scale: int = 3) -> str:
+    """Per held-out sample: the image, the reference mask, the mask the model predicts from the reference
+    caption (caption2mask), and the caption it writes for the reference mask (mask2caption)."""
+    from sa2va_rl.rl.tasks import DEFAULT_QUESTION, caption2mask_question
+
+    model.eval()
+    rows = []
+    for i in range(len(reader)):
+        s = reader.get(i)
+        if s is None:
+            continue
+        caption = model.predict_forward(image=s.image, text="<image>\n" + (s.question or DEFAULT_QUESTION),
+                                        tokenizer=tokenizer, mask_prompts=[s.mask])["prediction"]
+        seg = model.predict_forward(image=s.image, text="<image>\n" + caption2mask_question(s.caption),
+                                    tokenizer=tokenizer)
+        pred = seg["prediction_masks"][0][0] if seg["prediction_masks"] else None
+        rows.append((s, pred, caption))
+    h, w = rows[0][0].image.shape[:2] if rows else (64, 64)
+    cw, ch = w * scale, h * scale
+    img = Image.new("RGB", (3 * (cw + 10) + 420, len(rows) * (ch + 20) + 30), "white")
+    draw = ImageDraw.Draw(img)
+    font = _font(12)
+    for j, title in enumerate(["image", "reference mask", "predicted mask ([SEG])"]):
+        draw.text((10 + j * (cw + 10), 8), title, fill="black", font=font)
+    draw.text((10 + 3 * (cw + 10), 8), "captions: reference / model", fill="black", font=font)
+    for r, (s, pred, caption) in enumerate(rows):
+        y = 28 + r * (ch + 20)
+        tiles = [Image.fromarray(s.image), _mask_view(s.image, s.mask),
+                 _mask_view(s.image, pred) if pred is not None else _no_mask(s.image)]
+        for j, tile in enumerate(tiles):
+            img.paste(tile.resize((cw, ch), Image.NEAREST), (10 + j * (cw + 10), y))
+        text = caption.replace("<|im_end|>", "").strip() or "(empty)"
+        draw.text((10 + 3 * (cw + 10), y + 10), f"ref:   {s.caption}", fill=(0, 120, 0), font=font)
+        text = text if len(text) <= 60 else text[:57] + "..."
+        draw.text((10 + 3 * (cw + 10), y + 30), f"model: {text}", fill=(160, 0, 160), font=font)
+    img.save(path)
+    return path
+
+
+def _no_mask(image: np.ndarray) -> Image.Image:
+    tile = Image.fromarray((image * 0.4).astype(np.uint8))
+    ImageDraw.Draw(tile).text((4, 4), "no [SEG]", fill="white", font=_font(10))
+    return tile

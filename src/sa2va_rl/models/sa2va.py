@@ -1,0 +1,312 @@
+"""Sa2VAPolicy: a Sa2VA checkpoint (real or tiny) as a GRPO policy.
+
+One code path serves both: it uses only what a Sa2VA checkpoint exposes (``extract_feature``, ``language_model``,
+``text_hidden_fcs``, ``grounding_encoder.get_sam2_embeddings`` / ``language_embd_inference``) and builds the
+``inputs_embeds`` itself (models/sa2va_inputs.py), as upstream's ``generate`` does, but with a count check.
+
+* ``generate``: one group at a time (G identical prompts share one image), from ``inputs_embeds``, so the
+  output holds the new tokens only (``new_tokens`` checks it). The vocabulary's padded rows (ids >=
+  len(tokenizer)) are masked with -inf before the LogitsGuard sees the row; stop words that are not single
+  tokens (phi3_chat's ``<|end|>`` on a Qwen vocabulary) stop generation and cut the completion.
+* ``logprobs``: one forward over [prompt, completion, right padding]; the LM head runs in fp32 outside autocast
+  and the padded rows are masked there too, so the scored policy is the sampled one.
+* ``segment``: last-layer hidden state at each ``[SEG]`` of a completion -> ``text_hidden_fcs`` -> the grounding
+  decoder -> a bool mask at image size. A completion without ``[SEG]`` gets no mask (its IoU reward is 0).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from sa2va_rl.models.policy import (Generation, StepCounter, cut_after_eos, eos_set, new_tokens,
+                                    right_aligned_logprobs)
+from sa2va_rl.models.sa2va_inputs import (IMG_CONTEXT, IMG_END, IMG_START, SEG, VP_END, VP_START, VisualInputs, build_prompt, decode_masks,
+                                          pixel_values_for, region_cells, splice_features, template,
+                                          visual_features)
+from sa2va_rl.numerics import LogitsGuard
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclass
+class Sa2VAModelArgs:
+    """How a Sa2VA checkpoint is loaded and what of it trains."""
+
+    lora_r: int = field(default=128, metadata={"help": "LoRA rank on the LLM (the original script's 128); 0 trains "
+                                                       "the LLM fully."})
+    lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default=LORA_TARGETS, metadata={"help": "Comma-separated LLM module names."})
+    train_vision: bool = field(default=False, metadata={"help": "Train the vision tower and mlp1 (frozen by "
+                                                                "default)."})
+    train_mask_decoder: bool = field(default=False, metadata={"help": "Train text_hidden_fcs and the grounding "
+                                                                      "(SAM2) decoder (frozen by default)."})
+    max_tiles: int | None = field(default=None, metadata={"help": "Most 448-px tiles per image (default: the "
+                                                                  "checkpoint's max_dynamic_patch, else 12)."})
+
+    def __post_init__(self) -> None:
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r={self.lora_r}: use 0 (full fine-tuning of the LLM) or a positive rank")
+        if self.max_tiles is not None and self.max_tiles < 1:
+            raise ValueError(f"max_tiles={self.max_tiles}: use 1 or more")
+
+
+def is_sa2va_checkpoint(path: str) -> bool:
+    """A Sa2VA checkpoint (ours or upstream's) rather than a plain causal LM, judged by its config.json."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    names = [cfg.get("model_type", "")] + list(cfg.get("architectures") or [])
+    return any("sa2va" in str(n).lower() for n in names)
+
+
+def load_sa2va(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(model, tokenizer) from a local Sa2VA checkpoint. Ours loads without remote code (registered
+    model_type ``sa2va_tiny``); upstream's ships its modeling code, so it needs ``trust_remote_code=True``."""
+    from transformers import AutoModel, AutoTokenizer
+
+    import sa2va_rl.models.tiny_sa2va  # noqa: F401  (registers sa2va_tiny with the Auto classes)
+
+    with open(os.path.join(path, "config.json")) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type != "sa2va_tiny" and not trust_remote_code:
+        raise ValueError(f"{path}: model_type {model_type!r} ships its modeling code with the checkpoint; loading "
+                         "it runs that code. Pass --trust_remote_code if you trust this checkpoint.")
+    model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    # upstream's preparing_for_generation also casts the whole model to bf16; only the ids are needed here
+    model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+    model.seg_token_idx = tokenizer.convert_tokens_to_ids(SEG)
+    if os.path.exists(os.path.join(path, "generation_config.json")):
+        gc = GenerationConfig.from_pretrained(path)
+    else:
+        gc = copy.deepcopy(getattr(model.language_model, "generation_config", None) or GenerationConfig())
+    _instruction, stops = template(getattr(model.config, "template", "qwen_chat"))
+    stop_ids = _single_token_ids(tokenizer, stops)
+    eos = sorted(eos_set(gc) | set(stop_ids))
+    gc.eos_token_id = (eos[0] if len(eos) == 1 else eos) if eos else None
+    model.generation_config = gc  # TRL reads the model's generation config for pad and eos ids
+    return model, tokenizer
+
+
+def _single_token_ids(tokenizer, words) -> list[int]:
+    ids = []
+    for w in words:
+        enc = tokenizer.encode(w, add_special_tokens=False)
+        if len(enc) == 1:
+            ids.append(enc[0])
+    return ids
+
+
+def prepare_for_training(model, args: Sa2VAModelArgs):
+    """Freeze what the args keep frozen and put LoRA on the LLM (peft). Returns the model."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if args.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+        cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                         target_modules=targets, task_type="CAUSAL_LM")
+        model.language_model = get_peft_model(model.language_model, cfg)
+        model.language_model.print_trainable_parameters = lambda: None
+    else:
+        for p in model.language_model.parameters():
+            p.requires_grad_(True)
+    for name in (["vision_model", "mlp1"] if args.train_vision else []) + (
+            ["text_hidden_fcs", "grounding_encoder"] if args.train_mask_decoder else []):
+        for p in getattr(model, name).parameters():
+            p.requires_grad_(True)
+    return model
+
+
+def save_sa2va(model, tokenizer, out_dir: str) -> None:
+    """Save a trained Sa2VA model that ``load_sa2va`` reads back: LoRA adapters go to ``out_dir/lora_adapter``
+    and are merged into the LLM, which is saved in the checkpoint's own layout with tokenizer and generation
+    config. The model is left merged (no adapter) afterwards."""
+    lm = model.language_model
+    if hasattr(lm, "merge_and_unload"):
+        lm.save_pretrained(os.path.join(out_dir, "lora_adapter"))
+        model.language_model = lm.merge_and_unload()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+
+
+def lm_parts(model):
+    """(causal LM, backbone, lm_head) of the model's LLM, looking through a peft wrapper."""
+    lm = model.language_model
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return base, base.model, base.lm_head
+
+
+class BannedTokens(LogitsProcessor):
+    """-inf on the padded vocabulary rows (ids >= limit: no tokens, their weights never trained) and on the
+    image-structure tokens (``<IMG_CONTEXT>``, ``<img>``, ``</img>``, ``<vp>``, ``</vp>``): a sampled one would
+    claim visual features that do not exist. Scoring masks the same ids, so the scored policy is the sampled one."""
+
+    def __init__(self, limit: int, banned: list[int]) -> None:
+        self.limit = limit
+        self.banned = sorted(banned)
+        self._index: torch.Tensor | None = None
+
+    def __call__(self, input_ids, scores):
+        if scores.shape[-1] > self.limit:
+            scores[..., self.limit:] = -math.inf
+        if self.banned:
+            if self._index is None or self._index.device != scores.device:
+                self._index = torch.tensor(self.banned, device=scores.device)
+            scores.index_fill_(-1, self._index, -math.inf)
+        return scores
+
+
+class Sa2VAPolicy:
+    def __init__(self, model, tokenizer, max_tiles: int | None = None) -> None:
+        cfg = model.config
+        self.tokenizer = tokenizer
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.vocab_limit = len(tokenizer)
+        self.context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+        self.seg_id = tokenizer.convert_tokens_to_ids(SEG)
+        structure = [tokenizer.convert_tokens_to_ids(t) for t in (IMG_CONTEXT, IMG_START, IMG_END, VP_START, VP_END)]
+        self.banned = BannedTokens(self.vocab_limit, [i for i in structure
+                                                      if i is not None and i != tokenizer.unk_token_id])
+        self.template = getattr(cfg, "template", "qwen_chat")
+        _instruction, stops = template(self.template)
+        single = set(_single_token_ids(tokenizer, stops))
+        self.stop_strings = [s for s in stops if not set(tokenizer.encode(s, add_special_tokens=False)) <= single]
+        self.tile = int(cfg.force_image_size)
+        self.max_tiles = max_tiles or int(getattr(cfg, "max_dynamic_patch", 12))
+        self.thumbnail = bool(getattr(cfg, "use_thumbnail", True))
+        self.num_image_token = int(model.num_image_token)
+        self.grid = math.isqrt(self.num_image_token)
+
+    # ------------------------------------------------------------------ inputs
+    def encode(self, image: np.ndarray, question: str, regions: list[np.ndarray] | None, key: str
+               ) -> tuple[str, VisualInputs]:
+        """The prompt text and the visual inputs of one sample. ``regions``: bool [H, W] masks or None."""
+        pv = pixel_values_for(image, self.tile, self.max_tiles, self.thumbnail)
+        cells = None if not regions else torch.stack([region_cells(m, self.grid) for m in regions])
+        counts = None if cells is None else cells.flatten(1).sum(1).tolist()
+        prompt = build_prompt(question, pv.shape[0], self.num_image_token, self.template, counts)
+        return prompt, VisualInputs(pv, cells, image, key)
+
+    def embed(self, model, ids: torch.Tensor, contexts: list[VisualInputs]) -> torch.Tensor:
+        """[B, L] ids -> [B, L, C] embeddings with every row's visual features spliced in."""
+        embeds = model.language_model.get_input_embeddings()(ids)
+        frozen = not any(p.requires_grad for p in model.vision_model.parameters()) and \
+            not any(p.requires_grad for p in model.mlp1.parameters())
+        vdtype = next(model.vision_model.parameters()).dtype
+        cache: dict[int, torch.Tensor] = {}  # the G rows of a group share one VisualInputs
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            for ctx in contexts:
+                if id(ctx) not in cache:
+                    cache[id(ctx)] = visual_features(model, ctx, vdtype, ids.device)
+        return splice_features(embeds, ids, self.context_id, [cache[id(c)] for c in contexts])
+
+    @staticmethod
+    def _require(contexts, n: int) -> list[VisualInputs]:
+        if contexts is None or len(contexts) != n:
+            raise ValueError(f"Sa2VAPolicy needs one VisualInputs per row ({n}); got "
+                             f"{None if contexts is None else len(contexts)}. Train on a GARTaskDataset.")
+        return contexts
+
+    # ------------------------------------------------------------------ sampling
+    def generate(self, model, prompt_ids, generation_config, logits_guard: LogitsGuard | None,
+                 contexts=None) -> Generation:
+        contexts = self._require(contexts, len(prompt_ids))
+        device = next(model.parameters()).device
+        lm, _backbone, _head = lm_parts(model)
+        eos = eos_set(generation_config)
+        gc, extra = generation_config, {}
+        if self.stop_strings:
+            gc = copy.deepcopy(generation_config)
+            gc.stop_strings = self.stop_strings
+            extra["tokenizer"] = self.tokenizer
+        completions: list[list[int]] = []
+        repaired: list[list[bool]] = []
+        starts = [0] + [i for i in range(1, len(prompt_ids))
+                        if prompt_ids[i] != prompt_ids[i - 1] or contexts[i].key != contexts[i - 1].key]
+        for start, end in zip(starts, starts[1:] + [len(prompt_ids)]):
+            n = end - start
+            prompt = torch.tensor([prompt_ids[start]] * n, device=device)  # [n, P]
+            embeds = self.embed(model, prompt[:1], [contexts[start]]).expand(n, -1, -1)
+            counter = logits_guard if logits_guard is not None else StepCounter()
+            out = lm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), generation_config=gc,
+                              logits_processor=LogitsProcessorList([self.banned, counter]), **extra)
+            if logits_guard is not None:
+                rec = logits_guard.pop_repaired()
+            else:
+                rec = torch.zeros(n, counter.steps, dtype=torch.bool)
+            new = new_tokens(out, prompt, rec.shape[1]).tolist()
+            flags = rec.tolist()
+            for row, flag, cut in zip(new, flags, cut_after_eos(new, eos), strict=True):
+                cut = min(cut, self._cut_stop_strings(row[:cut]))
+                completions.append(row[:cut])
+                repaired.append([bool(f) for f in flag[:cut]])
+        return Generation(completions, repaired)
+
+    def _cut_stop_strings(self, row: list[int]) -> int:
+        """Length of ``row`` up to and including the token that completes the first stop string."""
+        if not self.stop_strings or not any(s in self.tokenizer.decode(row) for s in self.stop_strings):
+            return len(row)
+        lo, hi = 1, len(row)  # smallest prefix whose text holds a stop string
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if any(s in self.tokenizer.decode(row[:mid]) for s in self.stop_strings):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    # ------------------------------------------------------------------ scoring
+    def _logits(self, model, ids, att, keep, contexts) -> torch.Tensor:
+        """fp32 logits [B, keep, V] of the last ``keep`` positions; banned ids (padded rows, image tokens) -inf."""
+        _lm, backbone, head = lm_parts(model)
+        hidden = backbone(inputs_embeds=self.embed(model, ids, contexts), attention_mask=att,
+                          use_cache=False).last_hidden_state[:, -keep:]
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            logits = F.linear(hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float())
+        return self.banned(None, logits)
+
+    def logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
+                 drop_mask=None, contexts=None):
+        contexts = self._require(contexts, prompt_ids.shape[0])
+        return right_aligned_logprobs(lambda ids, att, keep: self._logits(model, ids, att, keep, contexts),
+                                      prompt_ids, prompt_mask, completion_ids, completion_mask, self.pad_token_id,
+                                      temperature, drop_mask)
+
+    # ------------------------------------------------------------------ masks
+    @torch.no_grad()
+    def segment(self, model, prompt_ids: list[list[int]], completion_ids: list[list[int]], contexts
+                ) -> list[np.ndarray | None]:
+        """The mask of the first ``[SEG]`` of each completion (bool [H, W]), or None without ``[SEG]``."""
+        contexts = self._require(contexts, len(prompt_ids))
+        out: list[np.ndarray | None] = [None] * len(prompt_ids)
+        rows = [i for i, c in enumerate(completion_ids) if self.seg_id in c]
+        if not rows:
+            return out
+        device = next(model.parameters()).device
+        _lm, backbone, _head = lm_parts(model)
+        for i in rows:  # one row at a time: no padding, and few rows carry [SEG] early in training
+            ids = torch.tensor([prompt_ids[i] + completion_ids[i]], device=device)
+            pos = len(prompt_ids[i]) + completion_ids[i].index(self.seg_id)
+            hidden = backbone(inputs_embeds=self.embed(model, ids, [contexts[i]]), use_cache=False
+                              ).last_hidden_state[0, pos:pos + 1]
+            out[i] = decode_masks(model, hidden, contexts[i].image)[0].numpy()
+        return out
