@@ -27,6 +27,21 @@ class TrainArgs:
     reward: str = field(default="token_f1", metadata={"help": "Causal LM only: token_f1 or exact_match."})
 
 
+def _merge_repeated(argv: list[str], flag: str) -> list[str]:
+    """``--inject a --inject b`` -> ``--inject a b`` (the parser keeps only the last occurrence)."""
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == flag:
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest + ([flag, *values] if values else [])
+
+
 def _fail(code: int, message: str) -> int:
     print(f"sa2va-rl train: {message}", file=sys.stderr)
     return code
@@ -38,6 +53,7 @@ def _train(argv: list[str]) -> int:
     from sa2va_rl.models.sa2va import Sa2VAModelArgs, is_sa2va_checkpoint
     from sa2va_rl.rl.config import Sa2VAGRPOConfig
 
+    argv = _merge_repeated(argv, "--inject")
     parser = TrlParser((TrainArgs, Sa2VAModelArgs, Sa2VAGRPOConfig), prog="sa2va-rl train",
                        description="GRPO with guarded sampling and steps. Flags after --config FILE.yaml override it.")
     try:
@@ -137,8 +153,15 @@ def _run_training(trainer, config, save) -> int:
     logger.info("%d prompts x %d generations per device step, lr %g, bf16 %s",
                 config.per_device_train_batch_size // config.num_generations, config.num_generations,
                 config.learning_rate, config.bf16)
+    resume = config.resume_from_checkpoint
+    if resume == "latest":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+        logger.info("--resume_from_checkpoint latest: %s", resume or f"no checkpoint in {config.output_dir}, "
+                                                                      "starting from the beginning")
     try:
-        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+        trainer.train(resume_from_checkpoint=resume)
     except NonFiniteTrainingError as e:
         return _fail(EXIT_NONFINITE, f"stopped: {e}")
     except BadRow as e:

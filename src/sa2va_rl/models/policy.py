@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from sa2va_rl.numerics import LogitsGuard
+from sa2va_rl.numerics.nan_trace import first_nonfinite_module
 
 
 @dataclass
@@ -189,6 +190,11 @@ class CausalLMPolicy:
         for row, flag, n in zip(rows, flags, cut_after_eos(rows, eos), strict=True):
             completions.append(row[:n])
             repaired.append([bool(f) for f in flag[:n]])
+
+    def trace(self, model, prompt_ids: list[list[int]], contexts=None) -> str | None:
+        """Failure path only: re-run the forward of one prompt; the first module whose output is non-finite."""
+        device = next(model.parameters()).device
+        return first_nonfinite_module(model, input_ids=torch.tensor(prompt_ids[:1], device=device), use_cache=False)
 
     def logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
                  drop_mask=None, contexts=None):

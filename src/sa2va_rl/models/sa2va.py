@@ -274,6 +274,27 @@ class Sa2VAPolicy:
                 lo = mid + 1
         return lo
 
+    @torch.no_grad()
+    def trace(self, model, prompt_ids: list[list[int]], contexts=None) -> str | None:
+        """Failure path only: the first module whose output is non-finite in one prompt's forward (visual
+        features first, then the LLM)."""
+        from sa2va_rl.numerics.nan_trace import INPUTS, first_nonfinite_module
+
+        contexts = self._require(contexts, 1)
+        device = next(model.parameters()).device
+        ids = torch.tensor(prompt_ids[:1], device=device)
+        vis = contexts[0].pixel_values.to(device=device, dtype=next(model.vision_model.parameters()).dtype)
+        found = first_nonfinite_module(model.vision_model, vis)
+        if found == INPUTS:
+            return "<pixel_values>"
+        if found is not None:
+            return f"vision_model.{found}".rstrip(".")
+        embeds = self.embed(model, ids, contexts[:1])
+        if not bool(torch.isfinite(embeds).all()):
+            return "mlp1 or the token embeddings (<inputs_embeds>)"
+        found = first_nonfinite_module(model.language_model, inputs_embeds=embeds, use_cache=False)
+        return None if found is None else f"language_model.{found}".rstrip(".")
+
     # ------------------------------------------------------------------ scoring
     def _logits(self, model, ids, att, keep, contexts) -> torch.Tensor:
         """fp32 logits [B, keep, V] of the last ``keep`` positions; banned ids (padded rows, image tokens) -inf."""

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig
 
+from sa2va_rl.rl.faults import Fault
+
 
 def bf16_supported() -> bool:
     """bf16 where the hardware has it: a CUDA device with native bf16. CPU runs stay fp32."""
@@ -65,8 +67,22 @@ class Sa2VAGRPOConfig(GRPOConfig):
     )
     on_persistent_nonfinite: str = field(
         default="halt",
-        metadata={"help": "What to do after max_consecutive_skips: 'halt' (stop with an error), or 'rollback' "
-                          "(restore the last good checkpoint; not implemented yet, it halts as well)."},
+        metadata={"help": "What to do after max_consecutive_skips: 'halt' (stop with an error; the last good "
+                          "checkpoint stays) or 'rollback' (restore model, optimizer, scheduler and RNG from the "
+                          "last good checkpoint and go on; needs --save_steps)."},
+    )
+    max_rollbacks: int = field(
+        default=2, metadata={"help": "With rollback: after this many rollbacks in one run, halt."}
+    )
+    rollback_lr_factor: float = field(
+        default=1.0, metadata={"help": "With rollback: multiply the learning rate by this at each rollback "
+                                       "(e.g. 0.5)."}
+    )
+    inject: list[str] | None = field(
+        default=None,
+        metadata={"help": "Testing: inject faults, KIND[@STEP][:ARG] ... (see sa2va_rl.rl.faults): nan_logits, "
+                          "posinf_logits, huge_logits, empty_completion, nan_grads, inf_grads, nan_weights, "
+                          "reward_raises, reward_nan, reward_none."},
     )
     stability_summary_steps: int = field(
         default=10, metadata={"help": "Log a one-line stability summary every N optimizer steps (0: never)."}
@@ -99,6 +115,15 @@ class Sa2VAGRPOConfig(GRPOConfig):
             )
         if self.on_persistent_nonfinite not in ("halt", "rollback"):
             problems.append(f"on_persistent_nonfinite={self.on_persistent_nonfinite!r}: use 'halt' or 'rollback'")
+        if self.max_rollbacks < 0:
+            problems.append(f"max_rollbacks={self.max_rollbacks}: use 0 or more")
+        if not (0 < self.rollback_lr_factor <= 1):
+            problems.append(f"rollback_lr_factor={self.rollback_lr_factor}: use a factor in (0, 1]")
+        for spec in self.inject or []:
+            try:
+                Fault.parse(spec)
+            except ValueError as e:
+                problems.append(str(e))
         if self.reward_errors not in ("raise", "skip"):
             problems.append(f"reward_errors={self.reward_errors!r}: use 'raise' or 'skip'")
         if self.max_consecutive_skips < 1:

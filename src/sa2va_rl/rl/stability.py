@@ -36,6 +36,9 @@ class StabilityCounters:
     reward_errors: int = 0  # samples a reward function raised on (reward_errors='skip')
     nonfinite_rewards: int = 0  # NaN/inf reward values, turned into 'no opinion'
     first_nonfinite: dict | None = None  # {"step", "kind", "params"} of the first non-finite gradient step
+    first_nonfinite_logits: dict | None = None  # {"step", "rows", "module"}: first repaired logits, traced
+    rollbacks: int = 0
+    unsaved_checkpoints: int = 0  # checkpoints not written because the weights were non-finite
     events: list = field(default_factory=list)  # the last few non-finite steps, newest last
 
 
@@ -95,7 +98,7 @@ class StabilityCallback(TrainerCallback):
                  "num_params": report.num_nonfinite_params}
         if c.first_nonfinite is None:
             c.first_nonfinite = event
-        c.events = (c.events + [event])[-self.MAX_EVENTS:]
+        self.record_event(event)
 
     # --------------------------------------------------------------- reading
     def metrics(self) -> dict[str, float]:
@@ -110,6 +113,7 @@ class StabilityCallback(TrainerCallback):
             "stability/nonfinite_losses": c.nonfinite_losses,
             "stability/nonfinite_metric_values": c.nonfinite_metric_values,
             "stability/reward_errors": c.reward_errors,
+            "stability/rollbacks": c.rollbacks,
             "stability/nonfinite_rewards": c.nonfinite_rewards,
             "stability/grad_norm_mean": g.norm_mean,
             "stability/grad_norm_max": g.norm_max,
@@ -122,7 +126,8 @@ class StabilityCallback(TrainerCallback):
         c, g = self.counters, self.grad_guard.stats
         lg = self.logits_guard.stats if self.logits_guard is not None else None
         rows = f"{lg.rows_repaired}/{lg.rows_seen} logit rows repaired" if lg else "logits guard off"
-        return (f"stability @ step {step}: {c.skipped_steps} skipped of {c.steps} steps "
+        rollbacks = f", {c.rollbacks} rollbacks" if c.rollbacks else ""
+        return (f"stability @ step {step}: {c.skipped_steps} skipped of {c.steps} steps{rollbacks} "
                 f"({c.nonfinite_grad_steps} non-finite grads), {rows}, {c.dropped_tokens} tokens dropped, "
                 f"{c.empty_completions} empty completions, {c.nonfinite_losses} non-finite losses, "
                 f"grad norm mean {g.norm_mean:.4g} max {g.norm_max:.4g}")
@@ -155,8 +160,12 @@ class StabilityCallback(TrainerCallback):
         if self.logits_guard is not None and state.get("logits_guard") is not None:
             self.logits_guard.load_state_dict(state["logits_guard"])
 
-    def save(self, checkpoint_dir: str) -> None:
-        write_json_atomic(os.path.join(checkpoint_dir, STATE_FILE), self.state_dict())
+    def record_event(self, event: dict) -> None:
+        self.counters.events = (self.counters.events + [event])[-self.MAX_EVENTS:]
+
+    def save(self, checkpoint_dir: str, weights_finite: bool = True) -> None:
+        write_json_atomic(os.path.join(checkpoint_dir, STATE_FILE), {**self.state_dict(),
+                                                                      "weights_finite": weights_finite})
 
     def load(self, checkpoint_dir: str) -> bool:
         path = os.path.join(checkpoint_dir, STATE_FILE)

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import math
 import os
+import re
+import shutil
 
 import torch
 from accelerate.utils import DistributedType
@@ -40,7 +43,8 @@ from sa2va_rl.models.policy import CausalLMPolicy, Policy
 from sa2va_rl.numerics import GradGuard, LogitsGuard
 from sa2va_rl.numerics._ratelimit import PowerOfTwoLimiter
 from sa2va_rl.rl.config import Sa2VAGRPOConfig
-from sa2va_rl.rl.stability import NonFiniteTrainingError, StabilityCallback
+from sa2va_rl.rl.faults import FaultInjector
+from sa2va_rl.rl.stability import STATE_FILE, NonFiniteTrainingError, StabilityCallback, weights_finite
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +132,28 @@ def guarded_reward(fn, errors: str, counters_of):
     return wrapped
 
 
+STAGING = ".staging"  # under output_dir: checkpoints being written
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _straight_through_clamp(x: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | None) -> torch.Tensor:
     """Value clamped into [lo, hi], gradient of x unchanged. Bit-identical to x where no bound bites."""
     y = x
@@ -148,10 +174,12 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         if args.use_vllm or args.use_transformers_continuous_batching:
             raise ValueError("Sa2VAGRPOTrainer generates through its Policy with the LogitsGuard; "
                              "use_vllm and use_transformers_continuous_batching are not supported")
+        self.faults = FaultInjector.from_specs(args.inject)
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-        funcs = [guarded_reward(f, args.reward_errors, lambda: self.stability.counters)
+        funcs = [guarded_reward(self.faults.wrap_reward(f, lambda: self.state.global_step + 1) if i == 0 else f,
+                                args.reward_errors, lambda: self.stability.counters)
                  if callable(f) and not isinstance(f, (str, torch.nn.Module)) and not inspect.iscoroutinefunction(f)
-                 else f for f in funcs]
+                 else f for i, f in enumerate(funcs)]
         # TRL's fp32 LM head patches model.lm_head; a Sa2VA model has none (its policy runs the head in fp32)
         cast_head = args.cast_lm_head_to_fp32
         args.cast_lm_head_to_fp32 = cast_head and hasattr(model, "lm_head")
@@ -172,6 +200,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self._contexts: list | None = None  # per-row Policy contexts (the dataset's `visual` column) in flight
         self._last_prompt_ids: list[list[int]] | None = None
         self._nonfinite_losses = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
+        self._lr_factor = 1.0  # product of rollback_lr_factor over rollbacks
 
     # ------------------------------------------------------------------ generation
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -187,11 +216,20 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         ):
             # contexts only when the rows carry them: a text-only Policy need not take the argument
             extra = {} if self._contexts is None else {"contexts": self._contexts}
-            gen = self.policy.generate(unwrapped_model, prompt_ids, self.generation_config, self.logits_guard,
-                                       **extra)
+            step = self.state.global_step + 1
+            hooks = self.faults.before_generation(step, unwrapped_model)
+            try:
+                gen = self.policy.generate(unwrapped_model, prompt_ids, self.generation_config, self.logits_guard,
+                                           **extra)
+            finally:
+                for h in hooks:
+                    h.remove()
+            repaired_rows = sum(any(r) for r in gen.repaired)
+            if repaired_rows and self.stability.counters.first_nonfinite_logits is None:
+                self._trace_logits(unwrapped_model, prompt_ids, gen, step, repaired_rows)
         self._last_prompt_ids = prompt_ids
+        self.faults.after_generation(step, gen.completion_ids)
         completions, drop = gen.completion_ids, [list(r) for r in gen.repaired]
-        repaired_rows = sum(any(r) for r in gen.repaired)
         if not self.args.drop_repaired_tokens:
             drop = [[False] * len(r) for r in drop]
         eos = self.eos_token_ids[0] if self.eos_token_ids else self._tokenizer.pad_token_id
@@ -206,6 +244,21 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self.stability.record_generation(repaired_rows, sum(map(sum, drop)), empty)
         self._pending_drop = drop
         return completions, None
+
+    def _trace_logits(self, model, prompt_ids, gen, step, rows) -> None:
+        """First repaired logits of the run: re-run the first affected prompt with nan_trace (failure path only)
+        and record which module's output went non-finite; None means the fault did not reproduce (transient)."""
+        i = next(k for k, r in enumerate(gen.repaired) if any(r))
+        module = None
+        trace = getattr(self.policy, "trace", None)
+        if trace is not None:
+            ctx = None if self._contexts is None else self._contexts[i:i + 1]
+            module = trace(model, [prompt_ids[i]], ctx)
+        event = {"step": step, "kind": "logits", "rows": rows, "module": module,
+                 "reproducible": module is not None}
+        self.stability.counters.first_nonfinite_logits = event
+        logger.warning("step %d: %d logit row(s) repaired; first non-finite module on re-run: %s", step, rows,
+                       module or "none (the fault did not reproduce: transient)")
 
     def _generate(self, prompts):
         out = list(super()._generate(prompts))
@@ -312,8 +365,9 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED or self.args.fp16:
             # DeepSpeed owns clipping and the step; fp16's GradScaler already skips inf/NaN steps.
             return super()._clip_grad_norm(model)
-        report = self.grad_guard.check(model)
         step = self.state.global_step + 1
+        self.faults.grads(step, model, self.accelerator.process_index)
+        report = self.grad_guard.check(model)
         if report.finite:
             self.stability.record_grads(step, report, skipped=False)
             if math.isfinite(self.args.max_grad_norm):
@@ -325,18 +379,74 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self.stability.record_grads(step, report, skipped=skip)
         k = self.grad_guard.stats.consecutive_nonfinite
         if k >= self.args.max_consecutive_skips or not skip:
-            self._halt(step, report, k)
+            self._persistent_nonfinite(step, (
+                f"non-finite gradients ({report.kind}) at step {step}, {k} step(s) in a row (max_consecutive_skips="
+                f"{self.args.max_consecutive_skips}); first offending parameters: "
+                f"{report.nonfinite_params or 'on another rank'}; the weights were not updated by these steps"))
         return torch.tensor(float("nan"))
 
-    def _halt(self, step, report, consecutive) -> None:
-        # on_persistent_nonfinite="rollback" keeps this hook: restoring the last good checkpoint (issue D)
-        # needs the atomic checkpoint keeper; until then both policies stop here.
+    def _persistent_nonfinite(self, step: int, what: str) -> None:
+        """Non-finite values persist (K non-finite gradient steps in a row, or non-finite weights): roll back to the
+        last good checkpoint when configured and possible, else halt."""
+        c = self.stability.counters
+        prefix = ""
+        if self.args.on_persistent_nonfinite == "rollback" and self.args.skip_nonfinite_steps:
+            checkpoint = self.last_good_checkpoint()
+            if checkpoint is not None and c.rollbacks < self.args.max_rollbacks:
+                self._rollback(checkpoint, step)
+                return
+            why = (f"{c.rollbacks} rollback(s) done (max_rollbacks={self.args.max_rollbacks})"
+                   if checkpoint is not None else "there is no good checkpoint to roll back to (set --save_steps)")
+            prefix = f"Rollback is not possible: {why}. "
+        self._halt(what, prefix)
+
+    def _rollback(self, checkpoint: str, step: int) -> None:
+        """Model, optimizer, scheduler and RNG from ``checkpoint``; the step counter goes on (the steps since the
+        checkpoint are discarded, and counted); the stability counters are this run's, not the checkpoint's."""
+        self._load_from_checkpoint(checkpoint)
+        GRPOTrainer._load_optimizer_and_scheduler(self, checkpoint)  # not ours: keep this run's counters
+        self._load_rng_state(checkpoint)
+        f = self.args.rollback_lr_factor
+        if f != 1.0:
+            self._lr_factor *= f
+            for group in self.optimizer.param_groups:
+                group["lr"] *= f
+            if hasattr(self.lr_scheduler, "base_lrs"):
+                self.lr_scheduler.base_lrs = [lr * f for lr in self.lr_scheduler.base_lrs]
+        self.grad_guard.stats.consecutive_nonfinite = 0
+        c = self.stability.counters
+        c.rollbacks += 1
+        self.stability.record_event({"step": step, "kind": "rollback", "checkpoint": os.path.basename(checkpoint),
+                                     "lr_factor": self._lr_factor})
+        logger.warning("step %d: non-finite steps persisted; rolled back to %s (rollback %d of at most %d, learning "
+                       "rate x%g)", step, checkpoint, c.rollbacks, self.args.max_rollbacks, self._lr_factor)
+
+    def last_good_checkpoint(self) -> str | None:
+        """The newest checkpoint in output_dir whose stability state says its weights were finite."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        out = self.args.output_dir
+        if not os.path.isdir(out):
+            return None
+        steps = sorted((int(n.split("-")[-1]) for n in os.listdir(out)
+                        if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", n)), reverse=True)
+        for s in steps:
+            path = os.path.join(out, f"{PREFIX_CHECKPOINT_DIR}-{s}")
+            try:
+                with open(os.path.join(path, STATE_FILE)) as f:
+                    if json.load(f).get("weights_finite", False):
+                        return path
+            except (OSError, json.JSONDecodeError):
+                continue
+        return None
+
+    def _halt(self, what: str, prefix: str = "") -> None:
         self.stability.write_report(self.args.output_dir, self.model)
+        good = self.last_good_checkpoint()
         raise NonFiniteTrainingError(
-            f"non-finite gradients ({report.kind}) at step {step}, {consecutive} step(s) in a row "
-            f"(max_consecutive_skips={self.args.max_consecutive_skips}); first offending parameters: "
-            f"{report.nonfinite_params or 'on another rank'}. The weights were not updated by these steps. "
-            "Try a lower --learning_rate, check the data of these steps, or resume from the last checkpoint; "
+            f"{what}. {prefix}Try a lower --learning_rate, check the data of these steps, "
+            + (f"resume from the last good checkpoint ({good}), " if good else "")
+            + "or use --on_persistent_nonfinite rollback --save_steps N; "
             f"details in {os.path.join(self.args.output_dir, 'stability.json')}."
         )
 
@@ -354,23 +464,70 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         super().log(logs, start_time)
 
     def train(self, *args, **kwargs):
+        if self.args.should_save:
+            stale = os.path.join(self.args.output_dir, STAGING)
+            if os.path.isdir(stale):  # a checkpoint whose writing was interrupted: never complete, never used
+                logger.warning("removing %s: a checkpoint left half-written by an interrupted run", stale)
+                shutil.rmtree(stale)
         try:
-            return super().train(*args, **kwargs)
+            result = super().train(*args, **kwargs)
         finally:
+            agree = self._ranks_agree()
             if self.args.should_save:
                 self.stability.counters.nonfinite_losses = int(self._nonfinite_losses)
+                self.stability.extras.setdefault("ranks_agree", lambda: agree)
                 payload = self.stability.write_report(self.args.output_dir, self.model)
                 logger.info("%s; weights finite: %s", self.stability.summary_line(self.state.global_step),
                             payload["final_weights_finite"])
+        if not weights_finite(self.model):  # defence in depth: a run never ends "done" with NaN weights
+            self._halt(f"training ended at step {self.state.global_step} with non-finite weights")
+        return result
+
+    def _ranks_agree(self) -> bool | None:
+        """Whether every process holds the same weights (None with one process): per-tensor sums, gathered."""
+        if self.accelerator.num_processes == 1:
+            return None
+        with torch.no_grad():
+            sums = torch.stack([p.detach().double().sum() for p in self.model.parameters()])
+            every = self.accelerator.gather(sums[None])  # [ranks, tensors]
+        return bool((every == every[:1]).all())
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        """Atomic: the checkpoint is written under output_dir/.staging, fsynced, then renamed into place, so a
+        crash leaves either no checkpoint-N or a complete one. Weights that are not finite are never saved."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if not weights_finite(self.model):  # never save them; they are a persistent fault
+            self.stability.counters.unsaved_checkpoints += 1
+            self._persistent_nonfinite(self.state.global_step, f"the weights are not finite at step "
+                                                                f"{self.state.global_step} (checkpoint not saved)")
+            return
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        run_dir = self._get_output_dir(trial=trial)
+        staging = os.path.join(run_dir, STAGING)
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)  # into staging/checkpoint-N (see _get_output_dir)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
             self.stability.counters.nonfinite_losses = int(self._nonfinite_losses)
-            self.stability.save(folder)
+            self.stability.save(os.path.join(staging, name), weights_finite=True)
+            _fsync_tree(os.path.join(staging, name))
+            final = os.path.join(run_dir, name)
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            _fsync_dir(run_dir)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial):
+        staging = getattr(self, "_staging_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

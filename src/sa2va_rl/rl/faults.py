@@ -1,0 +1,153 @@
+"""Fault injection for drills: ``--inject KIND[@STEP][:ARG]`` (repeatable). A testing feature.
+
+Each fault enters through the seam where a real fault would, never through a special path in the guards:
+
+=================  ===========================================================================================
+kind               what happens at optimizer step STEP (default 1)
+=================  ===========================================================================================
+nan_logits         the model's LM head outputs NaN for the last position of ARG rows (default 1), once
+posinf_logits      ... +inf at one vocabulary entry (try it with --temperature 0.7)
+huge_logits        ... 1e30 at one vocabulary entry: finite, but far past max_abs_logit
+empty_completion   the Policy returns an empty completion for the first row
+nan_grads          after backward, one gradient element is NaN (ARG: only on that rank)
+inf_grads          ... +inf
+nan_weights        one weight of the first trainable matrix (not an embedding) becomes NaN and stays so
+reward_raises      the first reward function raises on the first sample
+reward_nan         ... returns NaN for the first sample
+reward_none        ... returns None ("no opinion") for the first sample
+=================  ===========================================================================================
+
+Each fault fires once, at the first opportunity in its step.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+LOGIT_KINDS = {"nan_logits": math.nan, "posinf_logits": math.inf, "huge_logits": 1e30}
+GRAD_KINDS = {"nan_grads": math.nan, "inf_grads": math.inf}
+REWARD_KINDS = ("reward_raises", "reward_nan", "reward_none")
+KINDS = (*LOGIT_KINDS, "empty_completion", *GRAD_KINDS, "nan_weights", *REWARD_KINDS)
+_SPEC = re.compile(r"^(?P<kind>[a-z_]+)(?:@(?P<step>\d+))?(?::(?P<arg>[^:]+))?$")
+
+
+class InjectedFault(RuntimeError):
+    """What ``reward_raises`` raises."""
+
+
+@dataclass
+class Fault:
+    kind: str
+    step: int = 1
+    arg: str | None = None
+    fired: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> Fault:
+        m = _SPEC.match(spec.strip())
+        if not m or m["kind"] not in KINDS:
+            raise ValueError(f"--inject {spec!r}: expected KIND[@STEP][:ARG] with KIND one of {', '.join(KINDS)}")
+        step = int(m["step"]) if m["step"] else 1
+        if step < 1:
+            raise ValueError(f"--inject {spec!r}: STEP counts optimizer steps from 1")
+        return cls(m["kind"], step, m["arg"])
+
+
+def _head(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that outputs the logits: a causal LM's lm_head, or a Sa2VA model's LLM's."""
+    if hasattr(model, "language_model"):
+        lm = model.language_model
+        lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        return lm.lm_head
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings to inject logit faults into")
+    return head
+
+
+@dataclass
+class FaultInjector:
+    faults: list[Fault] = field(default_factory=list)
+
+    @classmethod
+    def from_specs(cls, specs: list[str] | None) -> FaultInjector:
+        return cls([Fault.parse(s) for s in specs or []])
+
+    def _due(self, step: int, kinds) -> list[Fault]:
+        return [f for f in self.faults if not f.fired and f.kind in kinds and f.step == step]
+
+    def _fire(self, fault: Fault, what: str) -> None:
+        fault.fired = True
+        logger.warning("fault injection: %s at step %d (%s)", fault.kind, fault.step, what)
+
+    # ---------------------------------------------------------------- model seams
+    def before_generation(self, step: int, model: torch.nn.Module) -> list:
+        """Poison weights now (persistent); return hooks that corrupt the next logits (remove them after)."""
+        for f in self._due(step, ("nan_weights",)):
+            embedding = {id(q) for m in model.modules() if isinstance(m, torch.nn.Embedding) for q in m.parameters()}
+            p = next(p for p in model.parameters() if p.requires_grad and p.dim() >= 2 and id(p) not in embedding)
+            with torch.no_grad():
+                p.view(-1)[0] = math.nan
+            self._fire(f, f"one weight of a {tuple(p.shape)} tensor is NaN")
+        handles = []
+        for f in self._due(step, LOGIT_KINDS):
+            rows = int(f.arg or 1)
+
+            def hook(_module, _inputs, output, f=f, rows=rows):
+                if f.fired:
+                    return output
+                out = output.clone()
+                value = LOGIT_KINDS[f.kind]
+                if f.kind == "nan_logits":
+                    out[:rows, -1, :] = value
+                else:
+                    out[:rows, -1, 0] = value
+                self._fire(f, f"{rows} row(s) of logits {tuple(output.shape)}")
+                return out
+
+            handles.append(_head(model).register_forward_hook(hook))
+        return handles
+
+    def after_generation(self, step: int, completions: list[list[int]]) -> None:
+        for f in self._due(step, ("empty_completion",)):
+            completions[0] = []
+            self._fire(f, "completion 0 emptied")
+
+    def grads(self, step: int, model: torch.nn.Module, rank: int) -> None:
+        for f in self._due(step, GRAD_KINDS):
+            if f.arg is not None and int(f.arg) != rank:
+                f.fired = True  # another rank's fault
+                continue
+            p = next(p for p in model.parameters() if p.grad is not None)
+            p.grad.view(-1)[0] = GRAD_KINDS[f.kind]
+            self._fire(f, f"one gradient element of a {tuple(p.shape)} tensor on rank {rank}")
+
+    # ---------------------------------------------------------------- rewards
+    def wrap_reward(self, fn, step_of):
+        """The raw reward function, misbehaving at its step; ``step_of()`` is the current optimizer step."""
+        if not any(f.kind in REWARD_KINDS for f in self.faults):
+            return fn
+
+        @functools.wraps(fn)
+        def wrapped(completions, **kwargs):
+            values = list(fn(completions, **kwargs))
+            for f in self._due(step_of(), REWARD_KINDS):
+                if len(completions) != len(values) or not values:
+                    continue
+                if f.kind == "reward_raises":
+                    if len(completions) == 1:  # the reward guard's per-sample retry: sample 0 comes first
+                        self._fire(f, "raised on sample 0")
+                    raise InjectedFault("injected reward failure")
+                values[0] = math.nan if f.kind == "reward_nan" else None
+                self._fire(f, f"sample 0 -> {values[0]}")
+            return values
+
+        return wrapped
