@@ -1,4 +1,4 @@
-"""The ``sa2va-rl`` command line: train | make-tiny | make-data | demo."""
+"""The ``sa2va-rl`` command line: train | make-tiny | make-data | demo | doctor."""
 
 from __future__ import annotations
 
@@ -205,6 +205,13 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(out_dir=args.out_dir, steps=args.steps, seed=args.seed)
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from sa2va_rl.doctor import run_doctor
+
+    return run_doctor(args.model_path, args.data_dir, trust_remote_code=args.trust_remote_code,
+                      max_rows=args.max_rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sa2va-rl",
@@ -232,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=40, help="GRPO steps")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    doctor = sub.add_parser("doctor", help="check versions, device, model, one guarded generation, one fp32 "
+                                           "forward/backward, the data and the rewards; exit 1 on any failure")
+    doctor.add_argument("--model_path", help="model directory to check")
+    doctor.add_argument("--data_dir", help="data directory to check (GAR for Sa2VA models, train.jsonl otherwise)")
+    doctor.add_argument("--trust_remote_code", action="store_true", help="allow the checkpoint's own code")
+    doctor.add_argument("--max_rows", type=int, default=200, help="data rows to decode")
+    doctor.set_defaults(func=_doctor)
     return parser
 
 
