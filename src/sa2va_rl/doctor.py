@@ -12,8 +12,7 @@ from importlib import metadata
 
 import torch
 
-REQUIRED = {"torch": ("2.6", None), "transformers": ("5.0", "6"), "trl": ("1.16", "1.17"),
-            "accelerate": ("1.10", "2"), "peft": ("0.17", "1"), "datasets": ("4.0", "6")}
+CHECKED = ("torch", "transformers", "trl", "accelerate", "peft", "datasets")
 
 
 @dataclass
@@ -25,19 +24,22 @@ class Check:
 
 
 def _versions() -> Check:
+    """The key packages against the ranges sa2va-rl itself declares (its installed metadata: pyproject.toml)."""
+    from packaging.requirements import Requirement
     from packaging.version import Version
 
+    wanted = {r.name: r.specifier for r in map(Requirement, metadata.requires("sa2va-rl") or []) if r.marker is None}
     bad, seen = [], []
-    for pkg, (lo, hi) in REQUIRED.items():
+    for pkg in CHECKED:
         try:
             v = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             bad.append(f"{pkg} missing")
             continue
         seen.append(f"{pkg} {v}")
-        base = Version(Version(v).base_version)
-        if base < Version(lo) or (hi is not None and base >= Version(hi)):
-            bad.append(f"{pkg} {v} not in [{lo}, {hi or '...'})")
+        spec = wanted.get(pkg)
+        if spec is not None and not spec.contains(Version(v).base_version, prereleases=True):
+            bad.append(f"{pkg} {v} not in {spec}")
     return Check("versions", not bad, "; ".join(bad or seen),
                  "pip install -e . (pyproject.toml pins the supported ranges)" if bad else "")
 

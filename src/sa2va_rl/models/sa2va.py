@@ -30,8 +30,8 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from sa2va_rl.models.policy import (Generation, StepCounter, cut_after_eos, eos_set, new_tokens,
                                     right_aligned_logprobs)
-from sa2va_rl.models.sa2va_inputs import (IMG_CONTEXT, IMG_END, IMG_START, SEG, VP_END, VP_START, VisualInputs, build_prompt, decode_masks,
-                                          pixel_values_for, region_cells, splice_features, template,
+from sa2va_rl.models.sa2va_inputs import (IMG_CONTEXT, IMG_END, IMG_START, SEG, VP_END, VP_START, VisualInputs,
+                                          decode_masks, encode_sample, single_token_ids, splice_features, template,
                                           visual_features)
 from sa2va_rl.numerics import LogitsGuard
 
@@ -96,20 +96,11 @@ def load_sa2va(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     else:
         gc = copy.deepcopy(getattr(model.language_model, "generation_config", None) or GenerationConfig())
     _instruction, stops = template(getattr(model.config, "template", "qwen_chat"))
-    stop_ids = _single_token_ids(tokenizer, stops)
+    stop_ids = single_token_ids(tokenizer, stops)
     eos = sorted(eos_set(gc) | set(stop_ids))
     gc.eos_token_id = (eos[0] if len(eos) == 1 else eos) if eos else None
     model.generation_config = gc  # TRL reads the model's generation config for pad and eos ids
     return model, tokenizer
-
-
-def _single_token_ids(tokenizer, words) -> list[int]:
-    ids = []
-    for w in words:
-        enc = tokenizer.encode(w, add_special_tokens=False)
-        if len(enc) == 1:
-            ids.append(enc[0])
-    return ids
 
 
 def prepare_for_training(model, args: Sa2VAModelArgs):
@@ -188,23 +179,20 @@ class Sa2VAPolicy:
                                                       if i is not None and i != tokenizer.unk_token_id])
         self.template = getattr(cfg, "template", "qwen_chat")
         _instruction, stops = template(self.template)
-        single = set(_single_token_ids(tokenizer, stops))
+        single = set(single_token_ids(tokenizer, stops))
         self.stop_strings = [s for s in stops if not set(tokenizer.encode(s, add_special_tokens=False)) <= single]
         self.tile = int(cfg.force_image_size)
         self.max_tiles = max_tiles or int(getattr(cfg, "max_dynamic_patch", 12))
         self.thumbnail = bool(getattr(cfg, "use_thumbnail", True))
         self.num_image_token = int(model.num_image_token)
-        self.grid = math.isqrt(self.num_image_token)
 
     # ------------------------------------------------------------------ inputs
     def encode(self, image: np.ndarray, question: str, regions: list[np.ndarray] | None, key: str
                ) -> tuple[str, VisualInputs]:
         """The prompt text and the visual inputs of one sample. ``regions``: bool [H, W] masks or None."""
-        pv = pixel_values_for(image, self.tile, self.max_tiles, self.thumbnail)
-        cells = None if not regions else torch.stack([region_cells(m, self.grid) for m in regions])
-        counts = None if cells is None else cells.flatten(1).sum(1).tolist()
-        prompt = build_prompt(question, pv.shape[0], self.num_image_token, self.template, counts)
-        return prompt, VisualInputs(pv, cells, image, key)
+        return encode_sample(image, question, regions, key, tile=self.tile, max_tiles=self.max_tiles,
+                             thumbnail=self.thumbnail, num_image_token=self.num_image_token,
+                             template_name=self.template)
 
     def embed(self, model, ids: torch.Tensor, contexts: list[VisualInputs]) -> torch.Tensor:
         """[B, L] ids -> [B, L, C] embeddings with every row's visual features spliced in."""

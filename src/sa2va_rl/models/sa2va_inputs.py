@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,16 @@ def template(name: str) -> tuple[str, tuple[str, ...]]:
     if key not in TEMPLATES:
         raise ValueError(f"chat template {name!r} (config.template) is not one of {sorted(TEMPLATES)}")
     return TEMPLATES[key]
+
+
+def single_token_ids(tokenizer, words) -> list[int]:
+    """Ids of the ``words`` that are one token each (stop words that can be EOS ids; the rest are stop strings)."""
+    ids = []
+    for w in words:
+        enc = tokenizer.encode(w, add_special_tokens=False)
+        if len(enc) == 1:
+            ids.append(enc[0])
+    return ids
 
 
 # ------------------------------------------------------------------------------------------------ tiles
@@ -130,6 +141,18 @@ class VisualInputs:
         return 0 if self.region_masks is None else int(self.region_masks.sum())
 
 
+def encode_sample(image: np.ndarray, question: str, regions: list[np.ndarray] | None, key: str, *, tile: int,
+                  max_tiles: int, thumbnail: bool, num_image_token: int, template_name: str
+                  ) -> tuple[str, VisualInputs]:
+    """One sample -> (prompt text, visual inputs). ``regions``: bool [H, W] masks, or None for no region prompt."""
+    pv = pixel_values_for(image, tile, max_tiles, thumbnail)
+    cells = None if not regions else torch.stack([region_cells(np.asarray(m), math.isqrt(num_image_token))
+                                                  for m in regions])
+    counts = None if cells is None else cells.flatten(1).sum(1).tolist()
+    prompt = build_prompt(question, pv.shape[0], num_image_token, template_name, counts)
+    return prompt, VisualInputs(pv, cells, image, key)
+
+
 def visual_features(model, visual: VisualInputs, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The features for one sample's ``<IMG_CONTEXT>`` slots, in order: [tiles*T + region cells, C]."""
     vit = model.extract_feature(visual.pixel_values.to(device=device, dtype=dtype))  # [tiles, T, C]
@@ -153,24 +176,25 @@ def splice_features(embeds: torch.Tensor, input_ids: torch.Tensor, context_id: i
     return embeds.masked_scatter(slots.unsqueeze(-1), feats)
 
 
-def decode_masks(model, seg_hidden: torch.Tensor, image: np.ndarray) -> torch.Tensor:
-    """Last-layer hidden states at ``[SEG]`` [n, C] -> bool masks [n, H, W] at the image's size.
-
-    As Sa2VA's predict_forward: ``text_hidden_fcs`` -> the grounding encoder on the whole image resized to its
-    input size (1024 for SAM2) with ImageNet mean/std -> mask logits -> bilinear to (H, W) -> sigmoid > 0.5.
-    """
-    h, w = image.shape[:2]
-    if seg_hidden.shape[0] == 0:
-        return torch.zeros(0, h, w, dtype=torch.bool)
+def mask_logits(model, seg_hidden: torch.Tensor, image: np.ndarray) -> torch.Tensor:
+    """Last-layer hidden states at ``[SEG]`` [n, C] -> mask logits [n, h', w'] at the decoder's resolution
+    (differentiable): ``text_hidden_fcs``, then the grounding encoder on the whole image resized to its input size
+    (1024 for SAM2) with ImageNet mean/std, one object at a time as upstream."""
     enc = model.grounding_encoder
     size = int(getattr(enc, "image_size", 1024))
     emb = model.text_hidden_fcs(seg_hidden)  # [n, D]
     param = next(enc.parameters())
     g = normalize_image(image, size)[None].to(device=param.device, dtype=param.dtype)  # one frame
     states = enc.get_sam2_embeddings(g)
-    out = []
-    for e in emb:  # one object at a time, as upstream
-        logits = enc.language_embd_inference(states, [e[None]])  # [1, 1, h', w']
-        logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-        out.append(logits[0, 0].sigmoid() > 0.5)
-    return torch.stack(out).cpu()
+    return torch.cat([enc.language_embd_inference(states, [e[None]])[0, :1] for e in emb])
+
+
+def decode_masks(model, seg_hidden: torch.Tensor, image: np.ndarray) -> torch.Tensor:
+    """Last-layer hidden states at ``[SEG]`` [n, C] -> bool masks [n, H, W] at the image's size, as Sa2VA's
+    predict_forward: mask logits -> bilinear to (H, W) -> sigmoid > 0.5."""
+    h, w = image.shape[:2]
+    if seg_hidden.shape[0] == 0:
+        return torch.zeros(0, h, w, dtype=torch.bool)
+    logits = mask_logits(model, seg_hidden, image)[:, None].float()  # [n, 1, h', w']
+    logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    return (logits[:, 0].sigmoid() > 0.5).cpu()

@@ -26,8 +26,8 @@ from transformers import (AutoConfig, AutoModel, GenerationConfig, PretrainedCon
                           Qwen2ForCausalLM)
 
 from sa2va_rl.models.sa2va_inputs import (IMG_CONTEXT, IMG_END, IMG_START, SEG, VP_END, VP_START, VisualInputs,
-                                          build_prompt, decode_masks, pixel_values_for, region_cells,
-                                          splice_features, template, visual_features)
+                                          decode_masks, encode_sample, single_token_ids, splice_features, template,
+                                          visual_features)
 from sa2va_rl.models.tiny import WORDS, tiny_qwen2_config, word_tokenizer
 
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
@@ -181,19 +181,15 @@ class TinySa2VAModel(PreTrainedModel):
         self.preparing_for_generation(tokenizer)
         image = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
         cfg = self.config
-        pv = pixel_values_for(image, cfg.force_image_size, cfg.max_dynamic_patch, cfg.use_thumbnail)
-        grid = int(math.isqrt(cfg.num_image_token))
-        regions = None if mask_prompts is None else torch.stack([region_cells(np.asarray(m), grid)
-                                                                 for m in mask_prompts])
-        question = text.replace("<image>", "").strip()
-        prompt = build_prompt(question, pv.shape[0], cfg.num_image_token, cfg.template,
-                              None if regions is None else regions.flatten(1).sum(1).tolist())
+        prompt, visual = encode_sample(image, text.replace("<image>", "").strip(), mask_prompts, key="predict",
+                                       tile=cfg.force_image_size, max_tiles=cfg.max_dynamic_patch,
+                                       thumbnail=cfg.use_thumbnail, num_image_token=cfg.num_image_token,
+                                       template_name=cfg.template)
         ids = torch.tensor([tokenizer(prompt).input_ids], device=self.device)
-        visual = VisualInputs(pv, regions, image, key="predict")
-        embeds = splice_features(self.get_input_embeddings()(ids), ids, self.img_context_token_id,
-                                 [visual_features(self, visual, self.dtype, self.device)])
+        feats = visual_features(self, visual, self.dtype, self.device)  # once: for the prompt and the re-read
+        embeds = splice_features(self.get_input_embeddings()(ids), ids, self.img_context_token_id, [feats])
         _instruction, stops = template(cfg.template)
-        eos = [i for i in tokenizer.convert_tokens_to_ids(list(stops)) if i is not None and i != tokenizer.unk_token_id]
+        eos = single_token_ids(tokenizer, stops)
         gc = GenerationConfig(do_sample=False, max_new_tokens=kwargs.get("max_new_tokens", 64), eos_token_id=eos,
                               pad_token_id=tokenizer.pad_token_id)
         new = self.language_model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
@@ -204,8 +200,7 @@ class TinySa2VAModel(PreTrainedModel):
         masks = []
         if len(seg_pos):
             embeds_full = splice_features(self.get_input_embeddings()(full[None]), full[None],
-                                          self.img_context_token_id,
-                                          [visual_features(self, visual, self.dtype, self.device)])
+                                          self.img_context_token_id, [feats])
             hidden = self.language_model.model(inputs_embeds=embeds_full).last_hidden_state[0, seg_pos]
             masks = [m[None].cpu().numpy() for m in decode_masks(self, hidden, image)]
         return {"prediction": tokenizer.decode(new, skip_special_tokens=False), "prediction_masks": masks}

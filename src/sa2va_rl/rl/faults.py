@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sa2va_rl.models.sa2va import lm_parts
+
 logger = logging.getLogger(__name__)
 
 LOGIT_KINDS = {"nan_logits": math.nan, "posinf_logits": math.inf, "huge_logits": 1e30}
@@ -64,9 +66,7 @@ class Fault:
 def _head(model: torch.nn.Module) -> torch.nn.Module:
     """The module that outputs the logits: a causal LM's lm_head, or a Sa2VA model's LLM's."""
     if hasattr(model, "language_model"):
-        lm = model.language_model
-        lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-        return lm.lm_head
+        return lm_parts(model)[2]
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings to inject logit faults into")
