@@ -1,7 +1,32 @@
+"""Session fixtures: tiny models and data built in code. Also makes the upstream Sa2VA code importable here:
+see tests/stubs/README.md for why torchvision/timm are stood in for on the CPU test machine."""
+
+import os
+import sys
+
 import pytest
 
-from sa2va_rl.data.prompts import make_prompt_data
-from sa2va_rl.models.tiny import make_tiny_causal
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "stubs"))
+import activate as _stubs  # noqa: E402
+
+sys.path.pop(0)
+
+
+def use_stubs_if_needed() -> bool:
+    """Stand-ins for torchvision/timm, in this process and (PYTHONPATH) in CLI subprocesses, unless the real
+    torchvision imports. Runs before the tests import the package."""
+    if _stubs.real_torchvision_imports():
+        return False
+    _stubs.activate()
+    os.environ["PYTHONPATH"] = os.pathsep.join([_stubs.SITE] + [p for p in os.environ.get("PYTHONPATH", "").split(
+        os.pathsep) if p])
+    return True
+
+
+USING_STUBS = use_stubs_if_needed()
+
+from sa2va_rl.data.prompts import make_prompt_data  # noqa: E402
+from sa2va_rl.models.tiny import make_tiny_causal  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -79,7 +79,7 @@ def warm_start(model, tokenizer, policy, rows, steps: int, seed: int, batch: int
     import torch.nn.functional as F
 
     from sa2va_rl.models.sa2va import lm_parts
-    from sa2va_rl.models.sa2va_inputs import mask_logits
+    from sa2va_rl.models.grounding import encode_image, mask_logits
 
     _lm, backbone, head = lm_parts(model)
     decoder = [model.text_hidden_fcs, model.grounding_encoder]
@@ -114,7 +114,7 @@ def warm_start(model, tokenizer, policy, rows, steps: int, seed: int, batch: int
             if it["gt_mask"] is None:
                 continue
             pos = seqs[b].index(policy.seg_id, starts[b])
-            pred = mask_logits(model, hidden[b, pos:pos + 1], it["visual"].image)  # [1, h', w']
+            pred = mask_logits(model, hidden[b, pos:pos + 1], encode_image(model, it["visual"].image))  # [1, h', w']
             target = F.interpolate(torch.from_numpy(it["gt_mask"]).float()[None, None], size=pred.shape[-2:])[0]
             loss = loss + F.binary_cross_entropy_with_logits(pred, target) / batch
         opt.zero_grad()

@@ -9,7 +9,8 @@ from transformers import GenerationConfig
 
 from sa2va_rl.models.sa2va import (BannedTokens, Sa2VAModelArgs, Sa2VAPolicy, is_sa2va_checkpoint, lm_parts,
                                    load_sa2va, prepare_for_training, save_sa2va)
-from sa2va_rl.models.sa2va_inputs import IMG_CONTEXT, decode_masks, region_cells, tile_image
+from sa2va_rl.models.grounding import decode_masks
+from sa2va_rl.models.sa2va_inputs import IMG_CONTEXT, region_cells, tile_image
 from sa2va_rl.numerics import LogitsGuard
 
 

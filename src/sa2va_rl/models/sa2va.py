@@ -30,9 +30,9 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from sa2va_rl.models.policy import (Generation, StepCounter, cut_after_eos, eos_set, new_tokens,
                                     right_aligned_logprobs)
+from sa2va_rl.models.grounding import decode_masks, encode_image
 from sa2va_rl.models.sa2va_inputs import (IMG_CONTEXT, IMG_END, IMG_START, SEG, VP_END, VP_START, VisualInputs,
-                                          decode_masks, encode_sample, single_token_ids, splice_features, template,
-                                          visual_features)
+                                          encode_sample, single_token_ids, splice_features, template, visual_features)
 from sa2va_rl.numerics import LogitsGuard
 
 logger = logging.getLogger(__name__)
@@ -312,10 +312,14 @@ class Sa2VAPolicy:
             return out
         device = next(model.parameters()).device
         _lm, backbone, _head = lm_parts(model)
+        encoded = {}  # one grounding encoding per distinct image: the G rows of a group share it
         for i in rows:  # one row at a time: no padding, and few rows carry [SEG] early in training
             ids = torch.tensor([prompt_ids[i] + completion_ids[i]], device=device)
             pos = len(prompt_ids[i]) + completion_ids[i].index(self.seg_id)
             hidden = backbone(inputs_embeds=self.embed(model, ids, [contexts[i]]), use_cache=False
                               ).last_hidden_state[0, pos:pos + 1]
-            out[i] = decode_masks(model, hidden, contexts[i].image)[0].numpy()
+            image = contexts[i].image
+            if id(image) not in encoded:
+                encoded[id(image)] = encode_image(model, image)
+            out[i] = decode_masks(model, hidden, encoded[id(image)])[0].numpy()
         return out

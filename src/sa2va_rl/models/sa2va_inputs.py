@@ -174,27 +174,3 @@ def splice_features(embeds: torch.Tensor, input_ids: torch.Tensor, context_id: i
                              "text and the image tiles / region cells disagree")
     feats = torch.cat(row_features).to(embeds.dtype)
     return embeds.masked_scatter(slots.unsqueeze(-1), feats)
-
-
-def mask_logits(model, seg_hidden: torch.Tensor, image: np.ndarray) -> torch.Tensor:
-    """Last-layer hidden states at ``[SEG]`` [n, C] -> mask logits [n, h', w'] at the decoder's resolution
-    (differentiable): ``text_hidden_fcs``, then the grounding encoder on the whole image resized to its input size
-    (1024 for SAM2) with ImageNet mean/std, one object at a time as upstream."""
-    enc = model.grounding_encoder
-    size = int(getattr(enc, "image_size", 1024))
-    emb = model.text_hidden_fcs(seg_hidden)  # [n, D]
-    param = next(enc.parameters())
-    g = normalize_image(image, size)[None].to(device=param.device, dtype=param.dtype)  # one frame
-    states = enc.get_sam2_embeddings(g)
-    return torch.cat([enc.language_embd_inference(states, [e[None]])[0, :1] for e in emb])
-
-
-def decode_masks(model, seg_hidden: torch.Tensor, image: np.ndarray) -> torch.Tensor:
-    """Last-layer hidden states at ``[SEG]`` [n, C] -> bool masks [n, H, W] at the image's size, as Sa2VA's
-    predict_forward: mask logits -> bilinear to (H, W) -> sigmoid > 0.5."""
-    h, w = image.shape[:2]
-    if seg_hidden.shape[0] == 0:
-        return torch.zeros(0, h, w, dtype=torch.bool)
-    logits = mask_logits(model, seg_hidden, image)[:, None].float()  # [n, 1, h', w']
-    logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-    return (logits[:, 0].sigmoid() > 0.5).cpu()

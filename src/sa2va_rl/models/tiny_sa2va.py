@@ -25,9 +25,9 @@ from torch import nn
 from transformers import (AutoConfig, AutoModel, GenerationConfig, PretrainedConfig, PreTrainedModel, Qwen2Config,
                           Qwen2ForCausalLM)
 
+from sa2va_rl.models.grounding import decode_masks
 from sa2va_rl.models.sa2va_inputs import (IMG_CONTEXT, IMG_END, IMG_START, SEG, VP_END, VP_START, VisualInputs,
-                                          decode_masks, encode_sample, single_token_ids, splice_features, template,
-                                          visual_features)
+                                          encode_sample, single_token_ids, splice_features, template, visual_features)
 from sa2va_rl.models.tiny import WORDS, tiny_qwen2_config, word_tokenizer
 
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
@@ -81,21 +81,31 @@ class TinyVision(nn.Module):
 
 
 class TinyMaskDecoder(nn.Module):
-    """Stands in for Sa2VA's SAM2 wrapper, with its two calls:
-    ``get_sam2_embeddings(g_pixel_values [F, 3, S, S])`` and
-    ``language_embd_inference(states, [emb [n, D]] * F) -> mask logits [F, n, S, S]``."""
+    """Stands in for Sa2VA's SAM2 wrapper, with the calls sa2va-rl makes of it (models/grounding.py):
+    ``sam2_model.forward_image(pixels [1, 3, S, S]) -> features``, ``get_sam2_embeddings(pixels) -> state`` (a
+    dict, as SAM2's init_state) and ``language_embd_inference(state, [emb [n, D]] * F) -> mask logits
+    [F, n, S, S]``, reading the image features from the state's cache as SAM2 does."""
 
     def __init__(self, dim: int, image_size: int) -> None:
         super().__init__()
         self.image_size = image_size  # the decoder's input size (1024 for SAM2)
         self.features = nn.Sequential(nn.Conv2d(3, dim, 3, padding=1), nn.ReLU(), nn.Conv2d(dim, dim, 3, padding=1))
 
-    def get_sam2_embeddings(self, g_pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.features(g_pixel_values)  # [F, D, S, S]
+    @property
+    def sam2_model(self) -> "TinyMaskDecoder":  # upstream: the SAM2 video predictor inside the wrapper
+        return self
 
-    def language_embd_inference(self, states: torch.Tensor, language_embd: list[torch.Tensor]) -> torch.Tensor:
-        emb = torch.stack(list(language_embd)).to(states.dtype)  # [F, n, D]
-        return torch.einsum("fnd,fdhw->fnhw", emb, states) / math.sqrt(states.shape[1])
+    def forward_image(self, pixels: torch.Tensor) -> dict:
+        return {"features": self.features(pixels)}  # [F, D, S, S]
+
+    def get_sam2_embeddings(self, pixels: torch.Tensor) -> dict:
+        return {"images": pixels, "device": pixels.device, "storage_device": pixels.device, "cached_features": {}}
+
+    def language_embd_inference(self, state: dict, language_embd: list[torch.Tensor]) -> torch.Tensor:
+        cached = state["cached_features"].get(0)
+        feats = cached[1]["features"] if cached is not None else self.forward_image(state["images"])["features"]
+        emb = torch.stack(list(language_embd)).to(feats.dtype)  # [F, n, D]
+        return torch.einsum("fnd,fdhw->fnhw", emb, feats) / math.sqrt(feats.shape[1])
 
 
 class TinySa2VAModel(PreTrainedModel):

@@ -1,0 +1,326 @@
+"""Released Sa2VA checkpoints on this stack: their pristine remote code, loaded in-process with known fixes.
+
+A released Sa2VA checkpoint ships its modeling code (``config.json`` ``auto_map``); ``trust_remote_code=True``
+runs it. That code was written for transformers 4.42-4.57 and CUDA. Nothing here edits the user's files: each
+known incompatibility is one ``Fix`` below, applied in this process when such a checkpoint loads, and every fix
+that applied is reported (``sa2va-rl doctor`` prints them; docs/upstream.md has the table).
+
+Families (``family()``), read from config.json:
+
+* ``internvl``: ``Sa2VAChatModel`` (Sa2VA-1B/4B/8B/26B on InternVL2.5, Sa2VA-InternVL3-2B/8B/14B): InternViT +
+  ``mlp1`` + an LLM (Qwen2, InternLM2, ...), 448-px tiles, ``<IMG_CONTEXT>`` slots, region prompts.
+* ``qwen_vl``: ``Sa2VAChatModelQwen`` (Sa2VA-Qwen2_5-VL-3B/7B, Sa2VA-Qwen3-VL-4B): transformers' Qwen2.5-VL /
+  Qwen3-VL model as ``model``, the Qwen-VL processor, ``<|image_pad|>`` slots; no region prompts upstream.
+
+Both add ``text_hidden_fcs`` and SAM2 (``grounding_encoder``) for ``[SEG]`` -> mask.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import sys
+import traceback
+import types
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+INTERNVL, QWEN_VL = "internvl", "qwen_vl"
+
+# what the released remote code imports at module level, beyond the project's own dependencies
+EXTRA_PACKAGES = {"timm": "timm", "einops": "einops", "torchvision": "torchvision", "qwen_vl_utils": "qwen-vl-utils",
+                  "sentencepiece": "sentencepiece", "peft": "peft"}
+PIP_EXTRA = 'pip install -e ".[sa2va]"  (timm, einops, torchvision, qwen-vl-utils; on a GPU, the torchvision ' \
+            'build that matches your torch)'
+
+
+class UpstreamLoadError(RuntimeError):
+    """A released checkpoint's code could not be loaded; the message names the file, the import and the fix."""
+
+
+@dataclass(frozen=True)
+class Fix:
+    """One known incompatibility of released Sa2VA code with this stack, and what is done about it in-process."""
+
+    name: str
+    families: tuple[str, ...]
+    problem: str
+    remedy: str
+
+
+FIXES: dict[str, Fix] = {f.name: f for f in [
+    Fix("attn_mask_utils", (INTERNVL,),
+        "modeling_phi3.py imports transformers.modeling_attn_mask_utils, removed in transformers 5; "
+        "modeling_sa2va_chat.py imports modeling_phi3 at module level even when the LLM is Qwen2 or InternLM2",
+        "a module of that name providing _prepare_4d_causal_attention_mask (transformers 4.x semantics) is "
+        "registered before the import, only when transformers lacks it"),
+    Fix("post_init", (INTERNVL, QWEN_VL),
+        "Sa2VAChatModel / Sa2VAChatModelQwen.__init__ never call post_init(); transformers 5's from_pretrained "
+        "then fails on all_tied_weights_keys",
+        "the loaded class's __init__ is wrapped to call post_init() once the upstream __init__ returns"),
+    Fix("sam2_device", (INTERNVL, QWEN_VL),
+        "sam2.py init_state() hard-codes device cuda and _get_image_feature() calls .cuda(): a CPU run crashes, "
+        "and on several GPUs the features would land on the current CUDA device, not the model's",
+        "sa2va-rl never lets SAM2 take that path: it encodes the image itself (sam2_model.forward_image) on the "
+        "model's device and hands upstream an inference state whose devices and feature cache are already set"),
+    Fix("torch_dtype", (QWEN_VL,),
+        "Sa2VAChatModelQwen hard-codes self.torch_dtype = torch.bfloat16 and casts the SAM2 pixels to it, so an "
+        "fp32 model gets bf16 pixels",
+        "model.torch_dtype is set to the dtype the model was loaded in"),
+    Fix("count_attr", (INTERNVL,),
+        "Sa2VAChatModel._llm_forward increments self._count, which is never initialised",
+        "model._count = 0 after loading"),
+    Fix("quiet_prints", (INTERNVL,),
+        "the remote code prints 'FlashAttention is not installed.' / its config on import and load",
+        "stdout of the import and of from_pretrained goes to the debug log instead"),
+]}
+
+
+@dataclass
+class UpstreamInfo:
+    """What was loaded and how: the family and the fixes that applied (in order)."""
+
+    path: str
+    family: str
+    architecture: str
+    applied: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        fixes = ", ".join(self.applied) or "none needed"
+        return f"{self.architecture} ({self.family} family); compatibility fixes applied: {fixes}"
+
+
+# ------------------------------------------------------------------------------------------ config
+def read_config(path: str) -> dict:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def family(cfg: dict) -> str | None:
+    """``internvl``, ``qwen_vl`` or None (not a released Sa2VA layout) from a config.json dict."""
+    archs = [str(a) for a in cfg.get("architectures") or []]
+    auto = " ".join(str(v) for v in (cfg.get("auto_map") or {}).values())
+    names = " ".join(archs) + " " + auto
+    if "Sa2VAChatModelQwen" in names or ("sa2va" in names.lower() and "text_config" in cfg):
+        return QWEN_VL
+    if "Sa2VAChatModel" in names or ("llm_config" in cfg and "vision_config" in cfg):
+        return INTERNVL
+    return None
+
+
+def is_remote_code(cfg: dict) -> bool:
+    return bool(cfg.get("auto_map"))
+
+
+# ------------------------------------------------------------------------------------------ packages
+def _imports(py_file: str) -> tuple[set[str], set[str]]:
+    """(top-level packages imported outside try/except, sibling modules imported relatively) of a source file."""
+    with open(py_file, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=py_file)
+    packages: set[str] = set()
+    siblings: set[str] = set()
+
+    def visit(nodes, guarded: bool) -> None:
+        for node in nodes:
+            if isinstance(node, ast.Try):
+                visit(node.body, True)
+                for h in node.handlers:
+                    visit(h.body, guarded)
+                visit(node.orelse, guarded)
+                visit(node.finalbody, guarded)
+            elif isinstance(node, ast.Import) and not guarded:
+                packages.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                siblings.add(node.module.split(".")[0])
+            elif isinstance(node, ast.ImportFrom) and not guarded and node.level == 0 and node.module:
+                packages.add(node.module.split(".")[0])
+            elif isinstance(node, (ast.If, ast.With)):
+                visit(node.body, guarded)
+                visit(getattr(node, "orelse", []), guarded)
+
+    visit(tree.body, False)
+    return packages, siblings
+
+
+def code_files(path: str) -> list[str]:
+    """The checkpoint's .py files that loading its model, config and tokenizer imports (auto_map roots and the
+    sibling modules they import), in import order."""
+    roots = [v for v in (read_config(path).get("auto_map") or {}).values() if isinstance(v, str)]
+    tok_cfg = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(tok_cfg):
+        with open(tok_cfg) as f:
+            tok_map = (json.load(f).get("auto_map") or {}).get("AutoTokenizer") or []
+        roots += [v for v in tok_map if isinstance(v, str)]
+    todo = [r.split(".")[0] for r in roots]
+    seen: list[str] = []
+    while todo:
+        mod = todo.pop(0)
+        file = os.path.join(path, mod + ".py")
+        if mod in seen or not os.path.exists(file):
+            continue
+        seen.append(mod)
+        todo.extend(sorted(_imports(file)[1]))
+    return [os.path.join(path, m + ".py") for m in seen]
+
+
+def missing_packages(path: str) -> dict[str, str]:
+    """{package: why} for the packages the checkpoint's code imports that are absent or do not import.
+
+    A package that is installed but fails to import (e.g. a torchvision built for another torch) is reported
+    with its error: find_spec alone would call it present.
+    """
+    needed: set[str] = set()
+    for file in code_files(path):
+        needed |= _imports(file)[0] & set(EXTRA_PACKAGES)
+    out = {}
+    for mod in sorted(needed):
+        if importlib.util.find_spec(mod) is None:
+            out[EXTRA_PACKAGES[mod]] = "not installed"
+            continue
+        try:
+            importlib.import_module(mod)
+        except Exception as e:  # noqa: BLE001 - any import failure is reported, with its type
+            out[EXTRA_PACKAGES[mod]] = f"installed but fails to import ({type(e).__name__}: {e})"
+    return out
+
+
+def packages_message(missing: dict[str, str]) -> str:
+    parts = "; ".join(f"{k}: {v}" for k, v in missing.items())
+    return f"the checkpoint's code needs packages that are not usable here: {parts}. Fix: {PIP_EXTRA}"
+
+
+# ------------------------------------------------------------------------------------------ fixes
+def _prepare_4d_causal_attention_mask(attention_mask, input_shape, inputs_embeds, past_key_values_length,
+                                      sliding_window=None):
+    """transformers 4.x's helper (removed in 5): a [B, 1, q, kv] additive mask, 0 where attended, finfo.min not."""
+    bsz, q = input_shape[0], input_shape[-1]
+    kv = q + past_key_values_length
+    dtype, device = inputs_embeds.dtype, inputs_embeds.device
+    if attention_mask is not None and attention_mask.dim() == 4:
+        inverted = 1.0 - attention_mask.to(dtype)
+        return inverted.masked_fill(inverted.bool(), torch.finfo(dtype).min)
+    i = torch.arange(q, device=device)[:, None] + past_key_values_length
+    j = torch.arange(kv, device=device)[None, :]
+    allowed = j <= i
+    if sliding_window is not None:
+        allowed = allowed & (j >= i - sliding_window)
+    allowed = allowed[None, None].expand(bsz, 1, q, kv)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :kv].bool()
+    return torch.zeros(bsz, 1, q, kv, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _attn_mask_utils_shim(applied: list[str]) -> None:
+    name = "transformers.modeling_attn_mask_utils"
+    if name in sys.modules or importlib.util.find_spec(name) is not None:
+        return
+    shim = types.ModuleType(name)
+    shim.__doc__ = "sa2va-rl: stands in for the module transformers 5 removed (see sa2va_rl.models.upstream)."
+    shim._prepare_4d_causal_attention_mask = _prepare_4d_causal_attention_mask
+    sys.modules[name] = shim
+    import transformers
+
+    transformers.modeling_attn_mask_utils = shim
+    applied.append("attn_mask_utils")
+
+
+def _needs_attn_mask_shim(path: str) -> bool:
+    for file in code_files(path):
+        with open(file, encoding="utf-8") as f:
+            if "modeling_attn_mask_utils" in f.read():
+                return True
+    return False
+
+
+def _wrap_post_init(cls: type, applied: list[str]) -> None:
+    """Make ``cls.__init__`` end with ``post_init()`` when upstream's does not (idempotent, per class)."""
+    if getattr(cls, "_sa2va_rl_post_init", False):
+        applied.append("post_init")
+        return
+    original = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if type(self) is cls and not hasattr(self, "all_tied_weights_keys"):
+            self.post_init()
+
+    __init__.__wrapped__ = original
+    cls.__init__ = __init__
+    cls._sa2va_rl_post_init = True
+    applied.append("post_init")
+
+
+@contextlib.contextmanager
+def _quiet_stdout(applied: list[str] | None = None):
+    """Upstream prints on import and load; send it to the debug log."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        yield
+    text = buf.getvalue().strip()
+    if text:
+        logger.debug("remote code printed: %s", text)
+        if applied is not None and "quiet_prints" not in applied:
+            applied.append("quiet_prints")
+
+
+def _import_failure(path: str, e: BaseException) -> UpstreamLoadError:
+    """Name the checkpoint file and the line whose import broke."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "transformers_modules" in f.filename
+              or os.path.abspath(f.filename).startswith(os.path.abspath(path))]
+    where = ""
+    if frames:
+        f = frames[-1]
+        where = f" in {os.path.basename(f.filename)} line {f.lineno} (`{(f.line or '').strip()}`)"
+    hint = ("this checkpoint's code may target an older transformers; the known fixes are in docs/upstream.md. "
+            "If it is a package, " + PIP_EXTRA) if isinstance(e, ImportError) else \
+        "see docs/upstream.md for the released versions sa2va-rl knows"
+    return UpstreamLoadError(f"{path}: loading the checkpoint's code failed{where}: {type(e).__name__}: {e}. {hint}")
+
+
+# ------------------------------------------------------------------------------------------ load
+def load_upstream(path: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, UpstreamInfo]:
+    """A released Sa2VA checkpoint's model, from its own (pristine) code, with the known fixes applied.
+
+    The caller has already decided that remote code may run (``--trust_remote_code``).
+    """
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    cfg = read_config(path)
+    fam = family(cfg)
+    ref = (cfg.get("auto_map") or {}).get("AutoModel") or (cfg.get("auto_map") or {}).get("AutoModelForCausalLM")
+    if fam is None or ref is None:
+        raise UpstreamLoadError(f"{path}/config.json: no auto_map.AutoModel naming a Sa2VA class "
+                                f"(architectures {cfg.get('architectures')}); not a released Sa2VA checkpoint")
+    missing = missing_packages(path)
+    if missing:
+        raise UpstreamLoadError(f"{path}: {packages_message(missing)}")
+    info = UpstreamInfo(path, fam, ref.split(".")[-1])
+    if _needs_attn_mask_shim(path):
+        _attn_mask_utils_shim(info.applied)
+    try:
+        with _quiet_stdout(info.applied):
+            cls = get_class_from_dynamic_module(ref, path)
+    except Exception as e:  # noqa: BLE001 - named and re-raised with the file and line
+        raise _import_failure(path, e) from e
+    _wrap_post_init(cls, info.applied)
+    with _quiet_stdout(info.applied):
+        model = cls.from_pretrained(path, dtype=dtype)
+    if fam == QWEN_VL:
+        model.torch_dtype = dtype
+        info.applied.append("torch_dtype")
+    else:
+        model._count = 0
+        info.applied.append("count_attr")
+    info.applied.append("sam2_device")  # by calling convention: see models/sam2.py
+    model.sa2va_rl_upstream = info
+    logger.info("loaded %s: %s", path, info.describe())
+    return model, info
