@@ -72,6 +72,16 @@ FIXES: dict[str, Fix] = {f.name: f for f in [
         "and on several GPUs the features would land on the current CUDA device, not the model's",
         "sa2va-rl never lets SAM2 take that path: it encodes the image itself (sam2_model.forward_image) on the "
         "model's device and hands upstream an inference state whose devices and feature cache are already set"),
+    Fix("rope_scaling", (INTERNVL,),
+        "transformers 5 rewrites an LLM config's rope_scaling into its standard dict ({'rope_type': 'default', "
+        "...}), never None; InternLM2's code (Sa2VA-8B/26B) then reads rope_scaling['type'] and fails (KeyError)",
+        "the loaded llm_config gets rope_scaling None for the default type, or {'type', 'factor'} as InternLM2 "
+        "expects for linear/dynamic scaling"),
+    Fix("tied_weights_keys", (INTERNVL,),
+        "InternLM2ForCausalLM (Sa2VA-8B/26B) and Phi3ForCausalLM declare _tied_weights_keys as a list; "
+        "transformers 5 expects a dict {tied: source} and fails on .keys() when building or saving the model",
+        "the list is turned into that dict on the loaded classes (output.weight <- model.tok_embeddings.weight, "
+        "lm_head.weight <- model.embed_tokens.weight); tying still happens only when tie_word_embeddings is set"),
     Fix("torch_dtype", (QWEN_VL,),
         "Sa2VAChatModelQwen hard-codes self.torch_dtype = torch.bfloat16 and casts the SAM2 pixels to it, so an "
         "fp32 model gets bf16 pixels",
@@ -221,11 +231,15 @@ def _prepare_4d_causal_attention_mask(attention_mask, input_shape, inputs_embeds
 
 def _attn_mask_utils_shim(applied: list[str]) -> None:
     name = "transformers.modeling_attn_mask_utils"
+    if getattr(sys.modules.get(name), "_sa2va_rl_shim", False):
+        applied.append("attn_mask_utils")
+        return
     if name in sys.modules or importlib.util.find_spec(name) is not None:
         return
     shim = types.ModuleType(name)
     shim.__doc__ = "sa2va-rl: stands in for the module transformers 5 removed (see sa2va_rl.models.upstream)."
     shim._prepare_4d_causal_attention_mask = _prepare_4d_causal_attention_mask
+    shim._sa2va_rl_shim = True
     sys.modules[name] = shim
     import transformers
 
@@ -257,6 +271,42 @@ def _wrap_post_init(cls: type, applied: list[str]) -> None:
     cls.__init__ = __init__
     cls._sa2va_rl_post_init = True
     applied.append("post_init")
+
+
+TIED_SOURCES = {"output.weight": "model.tok_embeddings.weight", "lm_head.weight": "model.embed_tokens.weight"}
+
+
+def _fix_tied_weights_keys(cls: type, applied: list[str]) -> None:
+    """transformers 5 wants ``_tied_weights_keys`` as {tied: source}; upstream's LLM classes have lists."""
+    from transformers import PreTrainedModel
+
+    package = cls.__module__.rsplit(".", 1)[0]
+    fixed = False
+    for name, module in list(sys.modules.items()):
+        if not name.startswith(package + ".") or module is None:
+            continue
+        for obj in vars(module).values():
+            keys = getattr(obj, "_tied_weights_keys", None) if isinstance(obj, type) else None
+            if not (isinstance(obj, type) and issubclass(obj, PreTrainedModel)):
+                continue
+            if isinstance(keys, list) and "_tied_weights_keys" in vars(obj):
+                obj._tied_weights_keys = {k: TIED_SOURCES[k] for k in keys if k in TIED_SOURCES}
+                obj._sa2va_rl_tied_fixed = True
+            fixed = fixed or vars(obj).get("_sa2va_rl_tied_fixed", False)
+    if fixed:
+        applied.append("tied_weights_keys")
+
+
+def _fix_rope_scaling(config, applied: list[str]) -> None:
+    """InternLM2 reads ``rope_scaling['type']`` unless it is None; transformers 5 never leaves it None."""
+    llm = getattr(config, "llm_config", None)
+    rs = getattr(llm, "rope_scaling", None)
+    if llm is None or "InternLM2" not in str(getattr(llm, "architectures", "")) or not isinstance(rs, dict) \
+            or "type" in rs:
+        return
+    kind = rs.get("rope_type", "default")
+    llm.rope_scaling = None if kind == "default" else {"type": kind, "factor": float(rs.get("factor", 1.0))}
+    applied.append("rope_scaling")
 
 
 @contextlib.contextmanager
@@ -292,6 +342,7 @@ def load_upstream(path: str, dtype: torch.dtype = torch.float32) -> tuple[torch.
 
     The caller has already decided that remote code may run (``--trust_remote_code``).
     """
+    from transformers import AutoConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     cfg = read_config(path)
@@ -309,11 +360,20 @@ def load_upstream(path: str, dtype: torch.dtype = torch.float32) -> tuple[torch.
     try:
         with _quiet_stdout(info.applied):
             cls = get_class_from_dynamic_module(ref, path)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=True)
     except Exception as e:  # noqa: BLE001 - named and re-raised with the file and line
         raise _import_failure(path, e) from e
+    _fix_rope_scaling(config, info.applied)
+    _fix_tied_weights_keys(cls, info.applied)
     _wrap_post_init(cls, info.applied)
     with _quiet_stdout(info.applied):
-        model = cls.from_pretrained(path, dtype=dtype)
+        model, loading = cls.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+    lost = {k: v for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if lost:
+        detail = "; ".join(f"{k}: {len(v)} (first: {sorted(map(str, v))[:3]})" for k, v in lost.items())
+        raise UpstreamLoadError(f"{path}: the weights do not match the model its code builds ({detail}). Training it "
+                                "would start from random weights for those tensors; is the checkpoint complete and "
+                                "its config.json the one it was saved with?")
     if fam == QWEN_VL:
         model.torch_dtype = dtype
         info.applied.append("torch_dtype")

@@ -1,0 +1,87 @@
+"""Tiny InternVL-family Sa2VA checkpoints (Sa2VAChatModel) from the pristine upstream files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from sa2va_rl.models.tiny import WORDS, word_tokenizer
+
+# the released tokenizers' added tokens (SA2VA_FACTS.md section 5), in their order
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>",
+           "<ref>", "</ref>", "<box>", "</box>", "[SEG]", "<p>", "</p>", "<vp>", "</vp>"]
+PROMPT_WORDS = ["user", "assistant", "There", "are", "part", "regions", "picture", "region1", "Please", "segment",
+                "Describe", "Sure"]
+
+
+def tokenizer():
+    tok = word_tokenizer(WORDS + PROMPT_WORDS, extra_special=SPECIAL)
+    tok.eos_token = "<|im_end|>"
+    return tok
+
+
+def config(family: str, vocab: int, eos: int) -> dict:
+    if family == "v1_internlm2":  # Sa2VA-8B/26B: InternLM2 LLM, internlm2_chat template
+        llm = dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", vocab_size=vocab, hidden_size=64,
+                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=4096, bias=False, rope_theta=1e6, eos_token_id=eos, pad_token_id=0,
+                   bos_token_id=1, tie_word_embeddings=False, attn_implementation="eager",
+                   auto_map={"AutoConfig": "configuration_internlm2.InternLM2Config",
+                             "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+                             "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"})
+        template = "internlm2_chat"
+    else:
+        llm = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=vocab, hidden_size=64,
+                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=4096, tie_word_embeddings=False, eos_token_id=eos, bos_token_id=None,
+                   pad_token_id=0, rope_theta=1e6)
+        template = "phi3_chat" if family == "v1" else "qwen_chat"  # Sa2VA-4B's configs; InternVL3's
+    vision = dict(architectures=["InternVisionModel"], model_type="intern_vit_6b", image_size=448, patch_size=14,
+                  hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2,
+                  qk_normalization=False, norm_type="layer_norm", use_flash_attn=False, qkv_bias=True,
+                  drop_path_rate=0.0)
+    return dict(architectures=["Sa2VAChatModel"], model_type="sa2va_chat",
+                auto_map={"AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfig",
+                          "AutoModel": "modeling_sa2va_chat.Sa2VAChatModel",
+                          "AutoModelForCausalLM": "modeling_sa2va_chat.Sa2VAChatModel"},
+                llm_config=llm, vision_config=vision, template=template, force_image_size=448, downsample_ratio=0.5,
+                select_layer=-1, ps_version="v2", dynamic_image_size=True, use_thumbnail=True, min_dynamic_patch=1,
+                max_dynamic_patch=12, torch_dtype="bfloat16")
+
+
+def build_internvl(family: str, src, out: str, seed: int = 0) -> str:
+    """Copy the pristine .py files, write config/tokenizer/generation config, build with upstream's classes
+    (through sa2va-rl's compatibility fixes, the only way they import on transformers 5) and save in bf16."""
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from sa2va_rl.models import upstream as up
+
+    os.makedirs(out, exist_ok=True)
+    for f in sorted(os.listdir(src)):
+        if f.endswith(".py"):
+            shutil.copy(os.path.join(src, f), out)
+    tok = tokenizer()
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    vocab = -(-len(tok) // 64) * 64  # padded rows past len(tokenizer), as Sa2VA-4B's 151936 over 151679
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config(family, vocab, eos), f, indent=2)
+    applied: list[str] = []
+    up._attn_mask_utils_shim(applied)
+    with up._quiet_stdout():
+        cls = get_class_from_dynamic_module("modeling_sa2va_chat.Sa2VAChatModel", out)
+        cfg = AutoConfig.from_pretrained(out, trust_remote_code=True)
+    up._fix_rope_scaling(cfg, applied)
+    up._fix_tied_weights_keys(cls, applied)
+    up._wrap_post_init(cls, applied)
+    torch.manual_seed(seed)
+    model = cls(cfg).to(torch.bfloat16)
+    model.save_pretrained(out)
+    with open(os.path.join(out, "config.json"), "w") as f:  # the release's config, not transformers 5's rewrite
+        json.dump(config(family, vocab, eos), f, indent=2)
+    tok.save_pretrained(out)
+    GenerationConfig(eos_token_id=eos, pad_token_id=0, do_sample=False, max_new_tokens=16).save_pretrained(out)
+    return out
