@@ -103,7 +103,9 @@ def _build_sa2va_run(script, margs, config):
     import torch
 
     from sa2va_rl.data.gar import GARReader
-    from sa2va_rl.models.sa2va import Sa2VAPolicy, load_sa2va, prepare_for_training, save_sa2va
+    from sa2va_rl.models.layout import LayoutError
+    from sa2va_rl.models.sa2va import SAVE_DTYPES, load_sa2va, make_policy, prepare_for_training, save_sa2va
+    from sa2va_rl.models.upstream import UpstreamLoadError
     from sa2va_rl.rl.tasks import GARTaskDataset, task_list, task_rewards
     from sa2va_rl.rl.trainer import Sa2VAGRPOTrainer
 
@@ -118,10 +120,10 @@ def _build_sa2va_run(script, margs, config):
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     try:
         model, tokenizer = load_sa2va(script.model_path, dtype, trust_remote_code=config.trust_remote_code)
-    except ValueError as e:
+        policy = make_policy(model, tokenizer, script.model_path, margs.max_tiles, config.trust_remote_code)
+    except (ValueError, UpstreamLoadError, LayoutError) as e:
         return _fail(EXIT_USAGE, str(e))
     prepare_for_training(model, margs)
-    policy = Sa2VAPolicy(model, tokenizer, max_tiles=margs.max_tiles)
     funcs, weights = task_rewards(tasks)
     if config.reward_weights is None:
         config.reward_weights = weights
@@ -138,7 +140,8 @@ def _build_sa2va_run(script, margs, config):
 
     def save() -> None:
         if config.should_save:
-            save_sa2va(trainer.accelerator.unwrap_model(trainer.model), tokenizer, config.output_dir)
+            save_sa2va(trainer.accelerator.unwrap_model(trainer.model), tokenizer, config.output_dir,
+                       SAVE_DTYPES[margs.save_dtype])
         if reader.bad_counts:
             logger.warning("bad GAR rows skipped: %s", reader.bad_report())
 

@@ -6,6 +6,7 @@ Each check prints PASS/FAIL with what it saw and, on failure, how to fix it; the
 from __future__ import annotations
 
 import math
+import os
 import traceback
 from dataclasses import dataclass
 from importlib import metadata
@@ -105,6 +106,42 @@ def run_doctor(model_path: str | None, data_dir: str | None, trust_remote_code: 
     return 1 if failed else 0
 
 
+def _load_fix(e: Exception, trust_remote_code: bool) -> str:
+    """The fix for a failed model load, by what failed."""
+    from sa2va_rl.models.layout import LayoutError
+    from sa2va_rl.models.upstream import PIP_EXTRA, UpstreamLoadError
+
+    msg = str(e)
+    if "--trust_remote_code" in msg and not trust_remote_code:
+        return "add --trust_remote_code (the checkpoint runs its own modeling code; do it if you trust it)"
+    if isinstance(e, UpstreamLoadError) and "packages" in msg:
+        return PIP_EXTRA
+    if isinstance(e, UpstreamLoadError):
+        return "the message names the file and line that failed; docs/upstream.md lists the releases and fixes known"
+    if isinstance(e, LayoutError):
+        return "the checkpoint's safetensors and its model differ: re-download it, or check config.json"
+    if isinstance(e, (FileNotFoundError, OSError)):
+        return "pass a local directory holding config.json and the weights (from_pretrained reads it offline)"
+    return "see the message; a local directory saved with save_pretrained is expected"
+
+
+def _packages(model_path: str) -> Check | None:
+    from sa2va_rl.models.upstream import PIP_EXTRA, code_files, is_remote_code, missing_packages, read_config
+
+    try:
+        if not is_remote_code(read_config(model_path)):
+            return None
+        missing = missing_packages(model_path)
+    except (OSError, ValueError, SyntaxError) as e:
+        return Check("packages", False, f"cannot read the checkpoint's code: {type(e).__name__}: {e}",
+                     "check that config.json and the .py files it names are complete")
+    files = ", ".join(os.path.basename(f) for f in code_files(model_path))
+    if missing:
+        return Check("packages", False, "; ".join(f"{k}: {v}" for k, v in missing.items()) + f" (imported by {files})",
+                     PIP_EXTRA)
+    return Check("packages", True, f"everything {files} imports is usable")
+
+
 def _model_checks(model_path: str, sa2va: bool, trust_remote_code: bool, data) -> list[Check]:
     from transformers import GenerationConfig
 
@@ -113,11 +150,16 @@ def _model_checks(model_path: str, sa2va: bool, trust_remote_code: bool, data) -
     checks = []
     try:
         if sa2va:
-            from sa2va_rl.models.sa2va import Sa2VAModelArgs, Sa2VAPolicy, load_sa2va, prepare_for_training
+            from sa2va_rl.models.sa2va import Sa2VAModelArgs, load_sa2va, make_policy, prepare_for_training
 
+            packages = _packages(model_path)
+            if packages is not None:
+                checks.append(packages)
+                if not packages.ok:
+                    return checks
             model, tok = load_sa2va(model_path, trust_remote_code=trust_remote_code)
+            policy = make_policy(model, tok, model_path, trust_remote_code=trust_remote_code)
             prepare_for_training(model, Sa2VAModelArgs(lora_r=8, lora_alpha=16))
-            policy = Sa2VAPolicy(model, tok)
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -126,11 +168,12 @@ def _model_checks(model_path: str, sa2va: bool, trust_remote_code: bool, data) -
             tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=trust_remote_code)
             policy = CausalLMPolicy(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
-    except Exception as e:
-        return [Check("model loads", False, f"{type(e).__name__}: {e}",
-                      "pass a local directory saved with save_pretrained; upstream Sa2VA needs --trust_remote_code")]
+    except Exception as e:  # noqa: BLE001 - every load failure is reported with its own fix
+        return checks + [Check("model loads", False, f"{type(e).__name__}: {e}", _load_fix(e, trust_remote_code))]
     n = sum(p.numel() for p in model.parameters())
-    checks.append(Check("model loads", True, f"{type(model).__name__}, {n:,} parameters"))
+    info = getattr(model, "sa2va_rl_upstream", None)
+    how = f"; {info.describe()}" if info is not None else ""
+    checks.append(Check("model loads", True, f"{type(model).__name__}, {n:,} parameters{how}"))
     if data is None:
         return checks + [Check("generation", False, "skipped: no usable --data_dir to draw a prompt from",
                                "pass --data_dir")]
@@ -143,17 +186,85 @@ def _model_checks(model_path: str, sa2va: bool, trust_remote_code: bool, data) -
     try:
         with torch.no_grad():
             gen = policy.generate(model.eval(), prompt_ids, gc, guard, **contexts)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001
         return checks + [Check("generation", False, f"{type(e).__name__}: {e}", _trace_hint())]
     lengths = [len(c) for c in gen.completion_ids]
     ok = min(lengths) > 0 and guard.stats.rows_repaired == 0
-    checks.append(Check("generation", ok, f"2 guarded samples of {lengths} new tokens; "
+    task = f" ({row['task']})" if sa2va else ""
+    checks.append(Check("generation", ok, f"2 guarded samples{task} of {lengths} new tokens; "
                                           f"{guard.stats.rows_repaired}/{guard.stats.rows_seen} logit rows repaired",
                         "" if ok else "repaired rows on a fresh model mean non-finite logits: check the weights "
                                       "and the dtype (try fp32)"))
     checks.append(_backward(model, policy, prompt_ids[:1], gen.completion_ids[:1], contexts))
+    if sa2va:
+        checks.append(_segmentation(model, tok, policy, data, eos))
     checks.append(_rewards(tok, row, gen, sa2va))
+    if sa2va:
+        checks.append(_saved_layout(model, tok, model_path))
     return checks
+
+
+def _segmentation(model, tok, policy, data, eos) -> Check:
+    """One caption2mask sample with ``[SEG]`` forced as the answer: hidden state -> text_hidden_fcs -> SAM2."""
+    from sa2va_rl.rl.tasks import GARTaskDataset
+
+    row = GARTaskDataset(data, policy, ["caption2mask"])[0]
+    end = eos[0] if isinstance(eos, list) else eos
+    completion = [[policy.seg_id] + ([end] if end is not None else [])]
+    h, w = row["gt_mask"].shape
+    try:
+        masks = policy.segment(model.eval(), [tok(row["prompt"]).input_ids], completion, [row["visual"]])
+    except Exception as e:  # noqa: BLE001
+        return Check("segmentation", False, f"caption2mask, [SEG] forced: {type(e).__name__}: {e}", _trace_hint())
+    mask = masks[0]
+    ok = mask is not None and tuple(mask.shape) == (h, w) and mask.dtype == bool
+    detail = (f"caption2mask, [SEG] forced: a {mask.shape[1]}x{mask.shape[0]} mask ({int(mask.sum())} pixels set) "
+              f"for a {w}x{h} image" if mask is not None else "caption2mask, [SEG] forced: no mask came back")
+    return Check("segmentation", ok, detail, "" if ok else "the [SEG] -> mask path is broken for this checkpoint: "
+                                                          "see the traceback of `sa2va-rl train --task caption2mask`")
+
+
+def _saved_layout(model, tok, model_path: str) -> Check:
+    """Save the model (LoRA merged) as training would, to a temporary directory, and compare it with the input:
+    weight names, shards, dtypes and shapes; every other file byte for byte; the weights equal the model's."""
+    import filecmp
+    import shutil
+    import tempfile
+
+    from safetensors import safe_open
+
+    from sa2va_rl.models.sa2va import save_sa2va
+
+    tmp = tempfile.mkdtemp(prefix="sa2va-rl-doctor-")
+    try:
+        save_sa2va(model, tok, tmp)
+        layout = model.sa2va_rl_layout
+        state = model.state_dict()
+        bad = []
+        for file, keys in layout.shards.items():
+            with safe_open(os.path.join(tmp, file), "pt") as saved, safe_open(os.path.join(model_path, file), "pt") as src:
+                if sorted(saved.keys()) != sorted(src.keys()):
+                    bad.append(f"{file}: weight names differ")
+                    continue
+                for k in keys:
+                    t = saved.get_tensor(k)
+                    ref = src.get_slice(k)
+                    want = state[layout.names[k]].detach().to("cpu", t.dtype)
+                    if t.dtype != layout.dtypes[k] or list(t.shape) != list(ref.get_shape()) or not torch.equal(t, want):
+                        bad.append(f"{file}:{k}")
+        differ = [f for f in layout.files if not filecmp.cmp(os.path.join(tmp, f), os.path.join(model_path, f),
+                                                             shallow=False)]
+    except Exception as e:  # noqa: BLE001
+        return Check("saved layout", False, f"{type(e).__name__}: {e}", _trace_hint())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    n = sum(len(k) for k in layout.shards.values())
+    ok = not bad and not differ
+    detail = (f"{n} tensors in {len(layout.shards)} file(s) with the input's names and dtypes, "
+              f"{len(layout.files)} other files identical" if ok else
+              f"{len(bad)} tensors differ (first {bad[:3]}); {len(differ)} files differ (first {differ[:3]})")
+    return Check("saved layout", ok, detail, "" if ok else "report this: the saved model would not be the release's "
+                                                           "layout")
 
 
 def _first_row(data, policy, sa2va):

@@ -76,6 +76,7 @@ def build_internvl(family: str, src, out: str, seed: int = 0) -> str:
         cfg = AutoConfig.from_pretrained(out, trust_remote_code=True)
     up._fix_rope_scaling(cfg, applied)
     up._fix_tied_weights_keys(cls, applied)
+    up._fix_generation_mixin(cls, applied)
     up._wrap_post_init(cls, applied)
     torch.manual_seed(seed)
     model = cls(cfg).to(torch.bfloat16)

@@ -33,11 +33,19 @@ from sa2va_rl.models.policy import (Generation, StepCounter, cut_after_eos, eos_
 from sa2va_rl.models.grounding import decode_masks, encode_image
 from sa2va_rl.models.sa2va_inputs import (IMG_CONTEXT, IMG_END, IMG_START, SEG, VP_END, VP_START, VisualInputs,
                                           encode_sample, single_token_ids, splice_features, template, visual_features)
+from sa2va_rl.models.layout import ReleaseLayout
+from sa2va_rl.models.upstream import INTERNVL, QWEN_VL, load_upstream, read_config
 from sa2va_rl.numerics import LogitsGuard
 
 logger = logging.getLogger(__name__)
 
-LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+# LoRA targets by LLM architecture, as Sa2VA's own wrap_llm_lora (the original RL script's q,k,v,o,gate,up,down)
+LORA_TARGETS = {
+    "InternLM2ForCausalLM": "wqkv,wo,w1,w2,w3",
+    "Phi3ForCausalLM": "qkv_proj,o_proj,gate_up_proj,down_proj",
+}
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # Qwen2/2.5/3, Llama
+SAVE_DTYPES = {"input": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -48,19 +56,26 @@ class Sa2VAModelArgs:
                                                        "the LLM fully."})
     lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str = field(default=LORA_TARGETS, metadata={"help": "Comma-separated LLM module names."})
+    lora_target_modules: str = field(default="auto", metadata={
+        "help": "Comma-separated LLM module names; 'auto': Sa2VA's own choice for the LLM (q,k,v,o,gate,up,down "
+                "projections; InternLM2: wqkv,wo,w1,w2,w3)."})
     train_vision: bool = field(default=False, metadata={"help": "Train the vision tower and mlp1 (frozen by "
                                                                 "default)."})
     train_mask_decoder: bool = field(default=False, metadata={"help": "Train text_hidden_fcs and the grounding "
                                                                       "(SAM2) decoder (frozen by default)."})
     max_tiles: int | None = field(default=None, metadata={"help": "Most 448-px tiles per image (default: the "
                                                                   "checkpoint's max_dynamic_patch, else 12)."})
+    save_dtype: str = field(default="input", metadata={
+        "help": "dtype of the saved model's weights: 'input' (the checkpoint's own, e.g. bf16 for the releases), "
+                "float32, bfloat16 or float16."})
 
     def __post_init__(self) -> None:
         if self.lora_r < 0:
             raise ValueError(f"lora_r={self.lora_r}: use 0 (full fine-tuning of the LLM) or a positive rank")
         if self.max_tiles is not None and self.max_tiles < 1:
             raise ValueError(f"max_tiles={self.max_tiles}: use 1 or more")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"save_dtype={self.save_dtype!r}: use one of {sorted(SAVE_DTYPES)}")
 
 
 def is_sa2va_checkpoint(path: str) -> bool:
@@ -70,23 +85,36 @@ def is_sa2va_checkpoint(path: str) -> bool:
             cfg = json.load(f)
     except (OSError, json.JSONDecodeError):
         return False
-    names = [cfg.get("model_type", "")] + list(cfg.get("architectures") or [])
+    names = [cfg.get("model_type", "")] + list(cfg.get("architectures") or []) + [
+        str(v) for v in (cfg.get("auto_map") or {}).values()]
     return any("sa2va" in str(n).lower() for n in names)
+
+
+def model_family(model) -> str:
+    """``internvl`` (our tiny model and Sa2VAChatModel) or ``qwen_vl`` (Sa2VAChatModelQwen)."""
+    info = getattr(model, "sa2va_rl_upstream", None)
+    return info.family if info is not None else INTERNVL
 
 
 def load_sa2va(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """(model, tokenizer) from a local Sa2VA checkpoint. Ours loads without remote code (registered
-    model_type ``sa2va_tiny``); upstream's ships its modeling code, so it needs ``trust_remote_code=True``."""
+    model_type ``sa2va_tiny``); a released one runs its own code through the compatibility fixes of
+    models/upstream.py, so it needs ``trust_remote_code=True``. The checkpoint's file layout is recorded on the
+    model (``sa2va_rl_layout``) so that ``save_sa2va`` writes the trained model back the same way."""
     from transformers import AutoModel, AutoTokenizer
 
     import sa2va_rl.models.tiny_sa2va  # noqa: F401  (registers sa2va_tiny with the Auto classes)
 
-    with open(os.path.join(path, "config.json")) as f:
-        model_type = json.load(f).get("model_type")
+    cfg = read_config(path)
+    model_type = cfg.get("model_type")
     if model_type != "sa2va_tiny" and not trust_remote_code:
         raise ValueError(f"{path}: model_type {model_type!r} ships its modeling code with the checkpoint; loading "
                          "it runs that code. Pass --trust_remote_code if you trust this checkpoint.")
-    model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if model_type == "sa2va_tiny":
+        model = AutoModel.from_pretrained(path, dtype=dtype)
+    else:
+        model, _info = load_upstream(path, dtype)
+    model.sa2va_rl_layout = ReleaseLayout.read(path, model)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     # upstream's preparing_for_generation also casts the whole model to bf16; only the ids are needed here
     model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
@@ -94,8 +122,11 @@ def load_sa2va(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     if os.path.exists(os.path.join(path, "generation_config.json")):
         gc = GenerationConfig.from_pretrained(path)
     else:
-        gc = copy.deepcopy(getattr(model.language_model, "generation_config", None) or GenerationConfig())
-    _instruction, stops = template(getattr(model.config, "template", "qwen_chat"))
+        gc = copy.deepcopy(getattr(llm_of(model), "generation_config", None) or GenerationConfig())
+    if model_family(model) == INTERNVL:
+        _instruction, stops = template(getattr(model.config, "template", "qwen_chat"))
+    else:
+        stops = ("<|im_end|>", "<|endoftext|>")
     stop_ids = single_token_ids(tokenizer, stops)
     eos = sorted(eos_set(gc) | set(stop_ids))
     gc.eos_token_id = (eos[0] if len(eos) == 1 else eos) if eos else None
@@ -103,47 +134,90 @@ def load_sa2va(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     return model, tokenizer
 
 
+def _llm_slot(model) -> tuple[torch.nn.Module, str]:
+    """(owner, attribute) of the LLM that LoRA wraps: ``language_model`` of the InternVL family; the text model
+    inside transformers' Qwen-VL model of the Qwen-VL family (its vision tower stays out of LoRA's reach)."""
+    if model_family(model) == QWEN_VL:
+        inner = model.model.model  # Sa2VAChatModelQwen.model (Qwen*VLForConditionalGeneration).model
+        return inner, "language_model"
+    return model, "language_model"
+
+
+def llm_of(model) -> torch.nn.Module:
+    owner, attr = _llm_slot(model)
+    return getattr(owner, attr)
+
+
+def lora_targets(model, requested: str) -> list[str]:
+    if requested != "auto":
+        return [t.strip() for t in requested.split(",") if t.strip()]
+    arch = type(_unwrap(llm_of(model))).__name__
+    return LORA_TARGETS.get(arch, DEFAULT_LORA_TARGETS).split(",")
+
+
+def _unwrap(lm):
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
 def prepare_for_training(model, args: Sa2VAModelArgs):
     """Freeze what the args keep frozen and put LoRA on the LLM (peft). Returns the model."""
     for p in model.parameters():
         p.requires_grad_(False)
+    owner, attr = _llm_slot(model)
     if args.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
         cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                         target_modules=targets, task_type="CAUSAL_LM")
-        model.language_model = get_peft_model(model.language_model, cfg)
-        model.language_model.print_trainable_parameters = lambda: None
+                         target_modules=lora_targets(model, args.lora_target_modules),
+                         task_type="CAUSAL_LM" if attr == "language_model" and owner is model else None)
+        wrapped = get_peft_model(getattr(owner, attr), cfg)
+        wrapped.print_trainable_parameters = lambda: None
+        setattr(owner, attr, wrapped)
     else:
-        for p in model.language_model.parameters():
+        for p in getattr(owner, attr).parameters():
             p.requires_grad_(True)
-    for name in (["vision_model", "mlp1"] if args.train_vision else []) + (
+    vision = ["vision_model", "mlp1"] if model_family(model) == INTERNVL else ["model.model.visual"]
+    for name in (vision if args.train_vision else []) + (
             ["text_hidden_fcs", "grounding_encoder"] if args.train_mask_decoder else []):
-        for p in getattr(model, name).parameters():
+        for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
     return model
 
 
-def save_sa2va(model, tokenizer, out_dir: str) -> None:
-    """Save a trained Sa2VA model that ``load_sa2va`` reads back: LoRA adapters go to ``out_dir/lora_adapter``
-    and are merged into the LLM, which is saved in the checkpoint's own layout with tokenizer and generation
-    config. The model is left merged (no adapter) afterwards."""
-    lm = model.language_model
+def save_sa2va(model, tokenizer, out_dir: str, dtype: torch.dtype | None = None) -> None:
+    """Save a trained Sa2VA model in its input checkpoint's layout (models/layout.py: the same weight names and
+    shards, the input's dtype unless ``dtype``, the remote code, configs, tokenizer and generation config copied).
+    A LoRA adapter is saved to ``out_dir/lora_adapter`` and merged into the LLM first; the model is left merged."""
+    owner, attr = _llm_slot(model)
+    lm = getattr(owner, attr)
     if hasattr(lm, "merge_and_unload"):
         lm.save_pretrained(os.path.join(out_dir, "lora_adapter"))
-        model.language_model = lm.merge_and_unload()
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out_dir)
+        setattr(owner, attr, lm.merge_and_unload())
+    layout = getattr(model, "sa2va_rl_layout", None)
+    if layout is None:
+        raise ValueError("save_sa2va needs a model loaded with load_sa2va (its checkpoint layout is unknown)")
+    layout.save(model.state_dict(), out_dir, dtype)
+    logger.info("model saved to %s in the layout of %s (%s)", out_dir, layout.src,
+                "input dtypes" if dtype is None else dtype)
+
+
+def make_policy(model, tokenizer, path: str, max_tiles: int | None = None, trust_remote_code: bool = False):
+    """The Policy for the model's family: Sa2VAPolicy (InternVL layout: tiles, ``<IMG_CONTEXT>``, region prompts)
+    or Sa2VAQwenPolicy (Qwen-VL layout: the checkpoint's processor, ``<|image_pad|>``)."""
+    if model_family(model) == QWEN_VL:
+        from transformers import AutoProcessor
+
+        from sa2va_rl.models.sa2va_qwen import Sa2VAQwenPolicy
+
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return Sa2VAQwenPolicy(model, processor)
+    return Sa2VAPolicy(model, tokenizer, max_tiles=max_tiles)
 
 
 def lm_parts(model):
     """(causal LM, backbone, lm_head) of the model's LLM, looking through a peft wrapper."""
-    lm = model.language_model
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    return base, base.model, base.lm_head
+    base = _unwrap(llm_of(model))
+    return base, base.model, base.get_output_embeddings()
 
 
 class BannedTokens(LogitsProcessor):

@@ -82,6 +82,21 @@ FIXES: dict[str, Fix] = {f.name: f for f in [
         "transformers 5 expects a dict {tied: source} and fails on .keys() when building or saving the model",
         "the list is turned into that dict on the loaded classes (output.weight <- model.tok_embeddings.weight, "
         "lm_head.weight <- model.embed_tokens.weight); tying still happens only when tie_word_embeddings is set"),
+    Fix("generation_mixin", (INTERNVL,),
+        "InternLM2ForCausalLM (Sa2VA-8B/26B) and Phi3ForCausalLM do not inherit GenerationMixin: since transformers "
+        "4.50 such a class has no generate(); and their prepare_inputs_for_generation expects the legacy tuple KV "
+        "cache, which transformers 5 no longer hands back (generation from inputs_embeds fails in "
+        "apply_rotary_pos_emb)",
+        "GenerationMixin is appended to those classes' bases before the model is built, and they generate without "
+        "a KV cache: each step re-reads the prompt's embeddings plus the tokens so far (correct, but each new "
+        "token costs a forward over the whole sequence; a Cache port of InternLM2 is future work)"),
+    Fix("rotary_buffers", (INTERNVL,),
+        "transformers 5 builds a model on the meta device and leaves non-persistent buffers as uninitialised "
+        "memory unless the model's own _init_weights fills them; upstream's InternLM2RotaryEmbedding computes "
+        "inv_freq / cos_cached / sin_cached in __init__ only, so Sa2VA-8B/26B would run on garbage rotary tables "
+        "(NaN logits, or silently wrong ones)",
+        "after loading, those tables are recomputed with the module's own formula and _set_cos_sin_cache; any "
+        "other non-persistent floating buffer of the checkpoint's code that is not finite stops the load"),
     Fix("torch_dtype", (QWEN_VL,),
         "Sa2VAChatModelQwen hard-codes self.torch_dtype = torch.bfloat16 and casts the SAM2 pixels to it, so an "
         "fp32 model gets bf16 pixels",
@@ -297,6 +312,47 @@ def _fix_tied_weights_keys(cls: type, applied: list[str]) -> None:
         applied.append("tied_weights_keys")
 
 
+def _dynamic_classes(cls: type):
+    """The PreTrainedModel classes of the checkpoint's code package (every module of it imported so far)."""
+    from transformers import PreTrainedModel
+
+    package = cls.__module__.rsplit(".", 1)[0]
+    for name, module in list(sys.modules.items()):
+        if name.startswith(package + ".") and module is not None:
+            for obj in vars(module).values():
+                if isinstance(obj, type) and issubclass(obj, PreTrainedModel) and obj.__module__ == name:
+                    yield obj
+
+
+def _prepare_inputs_without_cache(self, input_ids, attention_mask=None, inputs_embeds=None, **kwargs):
+    """Every step feeds the whole sequence: the prompt's ``inputs_embeds`` (when generation started from them)
+    followed by the embeddings of the tokens so far (``input_ids``), with positions from the attention mask."""
+    embeds = self.get_input_embeddings()(input_ids)
+    if inputs_embeds is not None:
+        embeds = torch.cat([inputs_embeds, embeds.to(inputs_embeds.dtype)], dim=1)
+    if attention_mask is None:
+        attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids,
+            "use_cache": False}
+
+
+def _fix_generation_mixin(cls: type, applied: list[str]) -> None:
+    """Give upstream's causal LMs (those with prepare_inputs_for_generation) generate() back."""
+    from transformers import GenerationMixin
+
+    fixed = False
+    for obj in _dynamic_classes(cls):
+        if "prepare_inputs_for_generation" in vars(obj) and not issubclass(obj, GenerationMixin):
+            obj.__bases__ = obj.__bases__ + (GenerationMixin,)
+            obj._supports_default_dynamic_cache = classmethod(lambda c: False)
+            obj.prepare_inputs_for_generation = _prepare_inputs_without_cache
+            obj._sa2va_rl_generation_mixin = True
+        fixed = fixed or vars(obj).get("_sa2va_rl_generation_mixin", False)
+    if fixed:
+        applied.append("generation_mixin")
+
+
 def _fix_rope_scaling(config, applied: list[str]) -> None:
     """InternLM2 reads ``rope_scaling['type']`` unless it is None; transformers 5 never leaves it None."""
     llm = getattr(config, "llm_config", None)
@@ -307,6 +363,29 @@ def _fix_rope_scaling(config, applied: list[str]) -> None:
     kind = rs.get("rope_type", "default")
     llm.rope_scaling = None if kind == "default" else {"type": kind, "factor": float(rs.get("factor", 1.0))}
     applied.append("rope_scaling")
+
+
+def _fix_rotary_buffers(model, applied: list[str]) -> None:
+    """Recompute the rotary tables of upstream's rotary embeddings (non-persistent: never in the checkpoint)."""
+    fixed = False
+    for name, mod in model.named_modules():
+        if not type(mod).__module__.startswith("transformers_modules") or "inv_freq" not in getattr(
+                mod, "_non_persistent_buffers_set", ()):
+            continue
+        if not all(hasattr(mod, a) for a in ("dim", "base", "inv_freq")):
+            continue
+        dev = mod.inv_freq.device
+        inv = 1.0 / (mod.base ** (torch.arange(0, mod.dim, 2, device=dev).float() / mod.dim))
+        mod.register_buffer("inv_freq", inv.to(mod.inv_freq.dtype), persistent=False)
+        if hasattr(mod, "_set_cos_sin_cache") and hasattr(mod, "cos_cached"):
+            mod._set_cos_sin_cache(seq_len=mod.max_seq_len_cached, device=dev, dtype=mod.cos_cached.dtype)
+        fixed = True
+    if fixed:
+        applied.append("rotary_buffers")
+    bad = [n for n, b in model.named_buffers() if b.is_floating_point() and not bool(torch.isfinite(b).all())]
+    if bad:
+        raise UpstreamLoadError(f"non-finite buffers after loading (never stored in the checkpoint; the code's "
+                                f"__init__ computes them and transformers 5 does not run it for real): {bad[:5]}")
 
 
 @contextlib.contextmanager
@@ -365,6 +444,7 @@ def load_upstream(path: str, dtype: torch.dtype = torch.float32) -> tuple[torch.
         raise _import_failure(path, e) from e
     _fix_rope_scaling(config, info.applied)
     _fix_tied_weights_keys(cls, info.applied)
+    _fix_generation_mixin(cls, info.applied)
     _wrap_post_init(cls, info.applied)
     with _quiet_stdout(info.applied):
         model, loading = cls.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
@@ -374,6 +454,7 @@ def load_upstream(path: str, dtype: torch.dtype = torch.float32) -> tuple[torch.
         raise UpstreamLoadError(f"{path}: the weights do not match the model its code builds ({detail}). Training it "
                                 "would start from random weights for those tensors; is the checkpoint complete and "
                                 "its config.json the one it was saved with?")
+    _fix_rotary_buffers(model, info.applied)
     if fam == QWEN_VL:
         model.torch_dtype = dtype
         info.applied.append("torch_dtype")

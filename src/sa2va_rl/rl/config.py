@@ -82,7 +82,8 @@ class Sa2VAGRPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Testing: inject faults, KIND[@STEP][:ARG] ... (see sa2va_rl.rl.faults): nan_logits, "
                           "posinf_logits, huge_logits, empty_completion, nan_grads, inf_grads, nan_weights, "
-                          "reward_raises, reward_nan, reward_none."},
+                          "reward_raises, reward_nan, reward_none; force_token[:TOKEN] (every completion of the step "
+                          "starts with TOKEN, default [SEG], to exercise the mask path)."},
     )
     stability_summary_steps: int = field(
         default=10, metadata={"help": "Log a one-line stability summary every N optimizer steps (0: never)."}

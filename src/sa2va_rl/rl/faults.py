@@ -15,6 +15,9 @@ nan_weights        one weight of the first trainable matrix (not an embedding) b
 reward_raises      the first reward function raises on the first sample
 reward_nan         ... returns NaN for the first sample
 reward_none        ... returns None ("no opinion") for the first sample
+force_token        every completion of the step starts with token ARG (default ``[SEG]``): its logit is raised
+                   by 50 at the first sampled position (finite; the LogitsGuard leaves the row alone). Not a
+                   fault: it exercises a path random weights rarely take (a ``[SEG]`` -> SAM2 mask)
 =================  ===========================================================================================
 
 Each fault fires once, at the first opportunity in its step.
@@ -37,7 +40,7 @@ logger = logging.getLogger(__name__)
 LOGIT_KINDS = {"nan_logits": math.nan, "posinf_logits": math.inf, "huge_logits": 1e30}
 GRAD_KINDS = {"nan_grads": math.nan, "inf_grads": math.inf}
 REWARD_KINDS = ("reward_raises", "reward_nan", "reward_none")
-KINDS = (*LOGIT_KINDS, "empty_completion", *GRAD_KINDS, "nan_weights", *REWARD_KINDS)
+KINDS = (*LOGIT_KINDS, "empty_completion", *GRAD_KINDS, "nan_weights", *REWARD_KINDS, "force_token")
 _SPEC = re.compile(r"^(?P<kind>[a-z_]+)(?:@(?P<step>\d+))?(?::(?P<arg>[^:]+))?$")
 
 
@@ -76,6 +79,7 @@ def _head(model: torch.nn.Module) -> torch.nn.Module:
 @dataclass
 class FaultInjector:
     faults: list[Fault] = field(default_factory=list)
+    token_id: object = None  # str -> id (the tokenizer's convert_tokens_to_ids), for force_token
 
     @classmethod
     def from_specs(cls, specs: list[str] | None) -> FaultInjector:
@@ -114,6 +118,21 @@ class FaultInjector:
                 return out
 
             handles.append(_head(model).register_forward_hook(hook))
+        for f in self._due(step, ("force_token",)):
+            token = f.arg or "[SEG]"
+            tid = int(token) if token.isdigit() else (self.token_id(token) if self.token_id else None)
+            if tid is None:
+                raise ValueError(f"--inject force_token:{token}: the tokenizer has no such token")
+
+            def force(_module, _inputs, output, f=f, tid=tid):
+                if f.fired:
+                    return output
+                out = output.clone()
+                out[:, -1, tid] = out[:, -1].float().amax(dim=-1).to(out.dtype) + 50
+                self._fire(f, f"token {tid} forced first in {output.shape[0]} completion(s)")
+                return out
+
+            handles.append(_head(model).register_forward_hook(force))
         return handles
 
     def after_generation(self, step: int, completions: list[list[int]]) -> None:

@@ -175,14 +175,16 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             raise ValueError("Sa2VAGRPOTrainer generates through its Policy with the LogitsGuard; "
                              "use_vllm and use_transformers_continuous_batching are not supported")
         self.faults = FaultInjector.from_specs(args.inject)
+        self.faults.token_id = getattr(kwargs.get("processing_class"), "convert_tokens_to_ids", None)
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
         funcs = [guarded_reward(self.faults.wrap_reward(f, lambda: self.state.global_step + 1) if i == 0 else f,
                                 args.reward_errors, lambda: self.stability.counters)
                  if callable(f) and not isinstance(f, (str, torch.nn.Module)) and not inspect.iscoroutinefunction(f)
                  else f for i, f in enumerate(funcs)]
-        # TRL's fp32 LM head patches model.lm_head; a Sa2VA model has none (its policy runs the head in fp32)
+        # TRL's fp32 LM head re-assigns model.lm_head; a Sa2VA model's policy runs its head in fp32 itself, and on
+        # upstream's Sa2VAChatModel (lm_head is a read-only property) that assignment would register a second head
         cast_head = args.cast_lm_head_to_fp32
-        args.cast_lm_head_to_fp32 = cast_head and hasattr(model, "lm_head")
+        args.cast_lm_head_to_fp32 = cast_head and policy is None and hasattr(model, "lm_head")
         try:
             super().__init__(model=model, reward_funcs=funcs, args=args, **kwargs)
         finally:

@@ -1,0 +1,157 @@
+"""A checkpoint's on-disk layout, read when it is loaded and written back the same way when the trained model is saved.
+
+A trained Sa2VA must go back to the user's tools (upstream's ``predict_forward``, their eval code, transformers
+4.4x-4.57) exactly as it came: the same weight names in the same shard files, the same dtype, the same remote
+code, configs, tokenizer, processor and ``generation_config.json``. transformers 5's own ``save_pretrained``
+does not guarantee that for remote-code wrappers (it may rename keys through its conversion mappings and saves
+the in-memory dtype), so ``ReleaseLayout`` owns both directions:
+
+* ``ReleaseLayout.read(path, model)``: the weight files and their keys and dtypes (safetensors headers only, no
+  tensor is read), the other files, and each file key's name in ``model.state_dict()``: the key as loading
+  renamed it (transformers' recorded weight conversions, applied forward), checked to cover the model exactly.
+* ``layout.save(state_dict, out_dir)``: every file key written from the model's tensor under its file name, cast
+  to the file's dtype (or ``dtype``), in the same shards with the same index; every other file copied byte for
+  byte. Files are written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+SKIP = {".cache", "lora_adapter", "__pycache__"}  # never part of a released checkpoint's files
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+class LayoutError(RuntimeError):
+    """The model and its checkpoint's files disagree, so the trained model cannot be saved in the input's layout."""
+
+
+def _header(path: str) -> dict:
+    """A safetensors file's header: {key: {dtype, shape, data_offsets}} (and __metadata__)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))
+
+
+def _loaded_name(model, key: str, names: set[str]) -> str:
+    """The name ``key`` of a checkpoint file has in ``model.state_dict()``: itself, or as transformers' weight
+    conversions renamed it at load (``model._weight_conversions``; a transformers-5 internal, hence the guard)."""
+    if key in names:
+        return key
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        try:
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+            renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+            converters = [c for c in conversions if isinstance(c, WeightConverter)]
+            renamed, converter = rename_source_key(key, renamings, converters, model.base_model_prefix,
+                                                   dict.fromkeys(names))
+            if converter is None:
+                return renamed
+        except (ImportError, TypeError, ValueError) as e:  # an API change: fall through to the mismatch error
+            logger.debug("weight conversions not applicable to %s: %s", key, e)
+    return key
+
+
+@dataclass
+class ReleaseLayout:
+    src: str
+    shards: dict[str, list[str]]  # weight file -> its keys, in file order
+    dtypes: dict[str, torch.dtype]  # key -> dtype in the file
+    names: dict[str, str]  # file key -> name in model.state_dict()
+    files: list[str] = field(default_factory=list)  # other files (relative paths), copied verbatim
+    index_metadata: dict | None = None
+
+    @classmethod
+    def read(cls, path: str, model) -> "ReleaseLayout":
+        if os.path.exists(os.path.join(path, INDEX)):
+            with open(os.path.join(path, INDEX)) as f:
+                index = json.load(f)
+            shards: dict[str, list[str]] = {}
+            for key, file in index["weight_map"].items():
+                shards.setdefault(file, []).append(key)
+            meta = index.get("metadata")
+        elif os.path.exists(os.path.join(path, SINGLE)):
+            shards, meta = {SINGLE: []}, None
+        else:
+            raise LayoutError(f"{path}: no {SINGLE} or {INDEX}; only safetensors checkpoints can be saved back in "
+                              "their own layout")
+        dtypes = {}
+        for file in list(shards):
+            header = _header(os.path.join(path, file))
+            keys = [k for k in header if k != "__metadata__"]
+            shards[file] = keys if not shards[file] else shards[file]
+            for k in keys:
+                dtypes[k] = DTYPES.get(header[k]["dtype"], torch.float32)
+        state_names = set(model.state_dict().keys())
+        names = {k: _loaded_name(model, k, state_names) for ks in shards.values() for k in ks}
+        weight_files = set(shards) | {INDEX}
+        files = []
+        for root, dirs, fnames in os.walk(path):
+            dirs[:] = [d for d in dirs if d not in SKIP and not d.startswith(".")]
+            for fn in fnames:
+                rel = os.path.relpath(os.path.join(root, fn), path)
+                if rel not in weight_files and not fn.startswith("."):
+                    files.append(rel)
+        layout = cls(path, shards, dtypes, names, sorted(files), meta)
+        layout.check(state_names)
+        return layout
+
+    def check(self, state_names: set[str]) -> None:
+        """Every file key has a tensor in the model and every model tensor has a file key (tied ones may share)."""
+        mapped = set(self.names.values())
+        missing = sorted(v for v in mapped if v not in state_names)
+        extra = sorted(state_names - mapped)
+        if missing or extra:
+            raise LayoutError(f"{self.src}: the checkpoint's weight names and the loaded model's differ "
+                              f"({len(missing)} file keys without a model tensor, first {missing[:3]}; "
+                              f"{len(extra)} model tensors without a file key, first {extra[:3]})")
+
+    def save(self, state_dict: dict[str, torch.Tensor], out_dir: str, dtype: torch.dtype | None = None) -> None:
+        """Write ``state_dict`` (the model's names) as this checkpoint's files in ``out_dir``; copy the rest."""
+        from safetensors.torch import save_file
+
+        self.check(set(state_dict))
+        os.makedirs(out_dir, exist_ok=True)
+        total = 0
+        for file, keys in self.shards.items():
+            tensors = {}
+            for k in keys:
+                t = state_dict[self.names[k]].detach()
+                t = t.to(device="cpu", dtype=dtype or self.dtypes[k]).contiguous()
+                tensors[k] = t.clone() if any(t.data_ptr() == v.data_ptr() for v in tensors.values()) else t
+                total += t.numel() * t.element_size()
+            tmp = os.path.join(out_dir, f".{os.path.basename(file)}.tmp")
+            os.makedirs(os.path.dirname(os.path.join(out_dir, file)), exist_ok=True)
+            save_file(tensors, tmp, metadata={"format": "pt"})
+            os.replace(tmp, os.path.join(out_dir, file))
+        if len(self.shards) > 1 or os.path.exists(os.path.join(self.src, INDEX)):
+            index = {"metadata": {**(self.index_metadata or {}), "total_size": total},
+                     "weight_map": {k: f for f, ks in self.shards.items() for k in ks}}
+            _write_json(os.path.join(out_dir, INDEX), index)
+        for rel in self.files:
+            dst = os.path.join(out_dir, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp")
+            shutil.copyfile(os.path.join(self.src, rel), tmp)
+            os.replace(tmp, dst)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
