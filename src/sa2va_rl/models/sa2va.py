@@ -361,8 +361,13 @@ class Sa2VAPolicy:
     def _logits(self, model, ids, att, keep, contexts) -> torch.Tensor:
         """fp32 logits [B, keep, V] of the last ``keep`` positions; banned ids (padded rows, image tokens) -inf."""
         _lm, backbone, head = lm_parts(model)
-        hidden = backbone(inputs_embeds=self.embed(model, ids, contexts), attention_mask=att,
-                          use_cache=False).last_hidden_state[:, -keep:]
+        embeds = self.embed(model, ids, contexts)
+        if torch.is_grad_enabled() and not embeds.requires_grad:
+            # reentrant activation checkpointing (upstream's InternLM2 calls torch.utils.checkpoint without
+            # use_reentrant=False) drops the gradient of a segment whose inputs need none: peft's
+            # enable_input_require_grads, done here because the embeddings are built outside the LLM
+            embeds = embeds.detach().requires_grad_(True)
+        hidden = backbone(inputs_embeds=embeds, attention_mask=att, use_cache=False).last_hidden_state[:, -keep:]
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             logits = F.linear(hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float())
         return self.banned(None, logits)
