@@ -39,6 +39,7 @@ ROWS = {
     "reward_raises": (["--inject", "reward_raises@2"], cli.EXIT_REWARD, None),
     "reward_nan": (["--inject", "reward_nan@2"], 0, dict(nonfinite_rewards=1)),
     "reward_none": (["--inject", "reward_none@2"], 0, {}),
+    "force_token": (["--inject", "force_token@2:red"], 0, {}),  # finite: nothing to repair (the mask path's drill)
 }
 
 
