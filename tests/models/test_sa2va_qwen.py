@@ -17,17 +17,19 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 FAMILIES = ["qwen2_5_vl", "qwen3vl"]
 QUESTION = "Please segment the red box."
+PATHS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def qwen(request, tmp_path_factory):
-    """(family, model fp32, processor, policy) for a freshly built tiny checkpoint."""
+    """(family, model fp32, processor, policy) for a freshly built tiny checkpoint; its path in PATHS."""
     from sa2va_rl.models.sa2va_qwen import Sa2VAQwenPolicy
     from sa2va_rl.models.upstream import load_upstream
     from tests.upstream import build
     from tests.upstream.qwen_vl import load_processor
 
     path = build(request.param, tmp_path_factory.mktemp(request.param))
+    PATHS[request.param] = path
     torch.manual_seed(0)
     model, info = load_upstream(path, torch.float32)
     model.eval()
@@ -209,3 +211,48 @@ def test_region_prompt_box_in_the_backbones_coordinates(qwen):
            "Describe the masked region in detail.<|im_end|>" in prompt
     with pytest.raises(ValueError, match="b: empty region mask"):
         policy.encode(image(30, 70, 2), "Describe.", [np.zeros((30, 70), dtype=bool)], "b")
+
+
+def distinct_words(completions, **kwargs):
+    return [len(set(c.split())) / 10.0 for c in completions]
+
+
+def test_grpo_step_both_tasks(qwen, gar_dir, tmp_path):
+    """One GRPO step of ``--task both`` (mask2caption rows with the box prompt, caption2mask rows) through
+    Sa2VAGRPOTrainer; the LLM's tensors change and the run stays finite. A fresh load: training mutates it."""
+    import json
+
+    from sa2va_rl.data.gar import GARReader
+    from sa2va_rl.models.sa2va_qwen import Sa2VAQwenPolicy, qwen_parts
+    from sa2va_rl.models.upstream import load_upstream
+    from sa2va_rl.rl.config import Sa2VAGRPOConfig
+    from sa2va_rl.rl.tasks import GARTaskDataset, task_list, task_rewards
+    from sa2va_rl.rl.trainer import Sa2VAGRPOTrainer
+
+    family, _model, processor, _policy = qwen
+    torch.manual_seed(0)
+    model, _info = load_upstream(PATHS[family], torch.float32)
+    model.generation_config = GenerationConfig.from_pretrained(PATHS[family])  # the CLI's loader does this
+    for p in model.parameters():
+        p.requires_grad_(False)
+    llm = qwen_parts(model)[1].language_model
+    for p in llm.parameters():
+        p.requires_grad_(True)
+    policy = Sa2VAQwenPolicy(model, processor)
+    tasks = task_list("both")
+    funcs, weights = task_rewards(tasks)
+    funcs, weights = funcs + [distinct_words], weights + [1.0]  # random weights: some reward spread per group
+    data = GARTaskDataset(GARReader(gar_dir), policy, tasks)
+    assert "part regions in the picture: region1 [" in data[0]["prompt"] and data[1]["task"] == "caption2mask"
+    args = Sa2VAGRPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_generations=2,
+                           max_completion_length=4, warmup_steps=0, learning_rate=1e-2, save_strategy="no",
+                           disable_tqdm=True, seed=0, report_to=[], reward_weights=weights)
+    trainer = Sa2VAGRPOTrainer(model=model, reward_funcs=funcs, args=args, policy=policy,
+                               train_dataset=data.to_dataset(), processing_class=policy.tokenizer)
+    before = {n: p.detach().clone() for n, p in llm.named_parameters()}
+    trainer.train()
+    after = dict(llm.named_parameters())
+    assert [n for n, p in before.items() if torch.equal(p, after[n].detach())] == []
+    with open(tmp_path / "stability.json") as f:
+        report = json.load(f)
+    assert report["final_weights_finite"] and report["empty_completions"] == 0 and report["skipped_steps"] == 0
