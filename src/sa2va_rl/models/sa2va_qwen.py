@@ -144,13 +144,13 @@ class Sa2VAQwenPolicy:
                 raise ValueError(f"{key}: {e}; mask2caption needs a non-empty region") from None
             text = region_text(boxes) + question
         chat = self.processor.apply_chat_template(messages(text), tokenize=False, add_generation_prompt=True)
+        if chat.count(IMAGE_PAD) != 1:
+            raise ValueError(f"{key}: the chat template gave {chat.count(IMAGE_PAD)} {IMAGE_PAD} for one image")
         mm = self.processor(text=[chat], images=image_inputs, videos=video_inputs, padding=True, return_tensors="pt",
                             size=self._size())
         grid = mm["image_grid_thw"]
         merge = int(getattr(self.processor.image_processor, "merge_size", 2))
         n = int(grid[0].prod()) // merge ** 2
-        if chat.count(IMAGE_PAD) != 1:
-            raise ValueError(f"{key}: the chat template gave {chat.count(IMAGE_PAD)} {IMAGE_PAD} for one image")
         prompt = chat.replace(IMAGE_PAD, IMAGE_PAD * n)
         ids = self.tokenizer(text=prompt)["input_ids"]
         if ids != mm["input_ids"][0].tolist():
@@ -166,7 +166,7 @@ class Sa2VAQwenPolicy:
                "pixel_values": torch.cat([c.pixel_values for c in contexts]).to(ids.device),
                "image_grid_thw": torch.cat([c.image_grid_thw for c in contexts]).to(ids.device)}
         if self._mm_types:
-            out["mm_token_type_ids"] = (ids == self.image_id).int() + 2 * (ids == self.video_id).int()
+            out["mm_token_type_ids"] = (ids == self.image_id).long() + 2 * (ids == self.video_id).long()
         return out
 
     @staticmethod
