@@ -19,18 +19,16 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig
 
-from sa2va_rl.models.policy import (Generation, StepCounter, cut_after_eos, eos_set, new_tokens,
-                                    right_aligned_logprobs)
+from sa2va_rl.models.policy import Generation, eos_set, right_aligned_logprobs
 from sa2va_rl.models.grounding import decode_masks, encode_image
+from sa2va_rl.models.sampling import BannedTokens, StopWords, generate_groups, head_logits_fp32
 from sa2va_rl.models.sa2va_inputs import (IMG_CONTEXT, IMG_END, IMG_START, SEG, VP_END, VP_START, VisualInputs,
                                           encode_sample, single_token_ids, splice_features, template, visual_features)
 from sa2va_rl.models.layout import ReleaseLayout
@@ -220,26 +218,6 @@ def lm_parts(model):
     return base, base.model, base.get_output_embeddings()
 
 
-class BannedTokens(LogitsProcessor):
-    """-inf on the padded vocabulary rows (ids >= limit: no tokens, their weights never trained) and on the
-    image-structure tokens (``<IMG_CONTEXT>``, ``<img>``, ``</img>``, ``<vp>``, ``</vp>``): a sampled one would
-    claim visual features that do not exist. Scoring masks the same ids, so the scored policy is the sampled one."""
-
-    def __init__(self, limit: int, banned: list[int]) -> None:
-        self.limit = limit
-        self.banned = sorted(banned)
-        self._index: torch.Tensor | None = None
-
-    def __call__(self, input_ids, scores):
-        if scores.shape[-1] > self.limit:
-            scores[..., self.limit:] = -math.inf
-        if self.banned:
-            if self._index is None or self._index.device != scores.device:
-                self._index = torch.tensor(self.banned, device=scores.device)
-            scores.index_fill_(-1, self._index, -math.inf)
-        return scores
-
-
 class Sa2VAPolicy:
     def __init__(self, model, tokenizer, max_tiles: int | None = None) -> None:
         cfg = model.config
@@ -253,8 +231,8 @@ class Sa2VAPolicy:
                                                       if i is not None and i != tokenizer.unk_token_id])
         self.template = getattr(cfg, "template", "qwen_chat")
         _instruction, stops = template(self.template)
-        single = set(single_token_ids(tokenizer, stops))
-        self.stop_strings = [s for s in stops if not set(tokenizer.encode(s, add_special_tokens=False)) <= single]
+        self.stops = StopWords(tokenizer, stops)
+        self.stop_strings = self.stops.strings
         self.tile = int(cfg.force_image_size)
         self.max_tiles = max_tiles or int(getattr(cfg, "max_dynamic_patch", 12))
         self.thumbnail = bool(getattr(cfg, "use_thumbnail", True))
@@ -294,47 +272,18 @@ class Sa2VAPolicy:
         contexts = self._require(contexts, len(prompt_ids))
         device = next(model.parameters()).device
         lm, _backbone, _head = lm_parts(model)
-        eos = eos_set(generation_config)
-        gc, extra = generation_config, {}
-        if self.stop_strings:
-            gc = copy.deepcopy(generation_config)
-            gc.stop_strings = self.stop_strings
-            extra["tokenizer"] = self.tokenizer
-        completions: list[list[int]] = []
-        repaired: list[list[bool]] = []
-        starts = [0] + [i for i in range(1, len(prompt_ids))
-                        if prompt_ids[i] != prompt_ids[i - 1] or contexts[i].key != contexts[i - 1].key]
-        for start, end in zip(starts, starts[1:] + [len(prompt_ids)]):
-            n = end - start
-            prompt = torch.tensor([prompt_ids[start]] * n, device=device)  # [n, P]
-            embeds = self.embed(model, prompt[:1], [contexts[start]]).expand(n, -1, -1)
-            counter = logits_guard if logits_guard is not None else StepCounter()
-            out = lm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), generation_config=gc,
-                              logits_processor=LogitsProcessorList([self.banned, counter]), **extra)
-            if logits_guard is not None:
-                rec = logits_guard.pop_repaired()
-            else:
-                rec = torch.zeros(n, counter.steps, dtype=torch.bool)
-            new = new_tokens(out, prompt, rec.shape[1]).tolist()
-            flags = rec.tolist()
-            for row, flag, cut in zip(new, flags, cut_after_eos(new, eos), strict=True):
-                cut = min(cut, self._cut_stop_strings(row[:cut]))
-                completions.append(row[:cut])
-                repaired.append([bool(f) for f in flag[:cut]])
-        return Generation(completions, repaired)
+
+        def run(prompt_row, context, n, gc, processors, extra):
+            prompt = torch.tensor([prompt_row] * n, device=device)  # [n, P]
+            embeds = self.embed(model, prompt[:1], [context]).expand(n, -1, -1)
+            return lm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), generation_config=gc,
+                               logits_processor=processors, **extra), prompt
+
+        return generate_groups(prompt_ids, contexts, generation_config, logits_guard, self.banned, self.stops, run)
 
     def _cut_stop_strings(self, row: list[int]) -> int:
         """Length of ``row`` up to and including the token that completes the first stop string."""
-        if not self.stop_strings or not any(s in self.tokenizer.decode(row) for s in self.stop_strings):
-            return len(row)
-        lo, hi = 1, len(row)  # smallest prefix whose text holds a stop string
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if any(s in self.tokenizer.decode(row[:mid]) for s in self.stop_strings):
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
+        return self.stops.cut(row)
 
     @torch.no_grad()
     def trace(self, model, prompt_ids: list[list[int]], contexts=None) -> str | None:
@@ -368,9 +317,7 @@ class Sa2VAPolicy:
             # enable_input_require_grads, done here because the embeddings are built outside the LLM
             embeds = embeds.detach().requires_grad_(True)
         hidden = backbone(inputs_embeds=embeds, attention_mask=att, use_cache=False).last_hidden_state[:, -keep:]
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            logits = F.linear(hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float())
-        return self.banned(None, logits)
+        return head_logits_fp32(hidden, head, self.banned)
 
     def logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
                  drop_mask=None, contexts=None):

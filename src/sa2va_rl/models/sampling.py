@@ -1,0 +1,135 @@
+"""What every Sa2VA Policy (InternVL family: models/sa2va.py; Qwen-VL family: models/sa2va_qwen.py) samples and
+scores the same way, in one place:
+
+* ``BannedTokens``: -inf on the padded vocabulary rows and on the image-structure tokens, in sampling and in
+  scoring alike, so the scored policy is the sampled one.
+* ``StopWords``: the chat template's stop words; those that are single tokens become EOS ids, the others stop
+  strings that stop generation and cut the completion (phi3_chat's ``<|end|>`` on a Qwen vocabulary).
+* ``generate_groups``: one generate() call per GRPO group (G identical prompts sharing one image), new tokens
+  only whatever generate() returns, cut after the first EOS or stop string, repaired-token flags kept aligned.
+* ``head_logits_fp32``: the LM head in fp32 outside autocast, banned ids masked.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from sa2va_rl.models.policy import Generation, StepCounter, cut_after_eos, eos_set, new_tokens
+from sa2va_rl.numerics import LogitsGuard
+
+
+class BannedTokens(LogitsProcessor):
+    """-inf on the padded vocabulary rows (ids >= limit: no tokens, their weights never trained) and on the
+    image-structure tokens (InternVL: ``<IMG_CONTEXT>``, ``<img>``, ``</img>``, ``<vp>``, ``</vp>``; Qwen-VL:
+    ``<|image_pad|>``, ``<|video_pad|>``, ``<|vision_start|>``, ...): a sampled one would claim visual features
+    that do not exist. Scoring masks the same ids, so the scored policy is the sampled one."""
+
+    def __init__(self, limit: int, banned: list[int]) -> None:
+        self.limit = limit
+        self.banned = sorted(banned)
+        self._index: torch.Tensor | None = None
+
+    def __call__(self, input_ids, scores):
+        if scores.shape[-1] > self.limit:
+            scores[..., self.limit:] = -math.inf
+        if self.banned:
+            if self._index is None or self._index.device != scores.device:
+                self._index = torch.tensor(self.banned, device=scores.device)
+            scores.index_fill_(-1, self._index, -math.inf)
+        return scores
+
+
+def token_ids(tokenizer, tokens) -> list[int]:
+    """Ids of those ``tokens`` the tokenizer has as single tokens (unknown ones are skipped, not mapped to unk)."""
+    ids = []
+    for t in tokens:
+        i = tokenizer.convert_tokens_to_ids(t)
+        if i is not None and i != tokenizer.unk_token_id:
+            ids.append(int(i))
+    return ids
+
+
+class StopWords:
+    """A chat template's stop words on a tokenizer: single-token words are EOS ids (``ids``); the others are
+    ``strings``, handed to generate() as ``stop_strings`` and cut out of each completion afterwards."""
+
+    def __init__(self, tokenizer, words) -> None:
+        from sa2va_rl.models.sa2va_inputs import single_token_ids
+
+        self.tokenizer = tokenizer
+        self.ids = single_token_ids(tokenizer, words)
+        single = set(self.ids)
+        self.strings = [s for s in words if not set(tokenizer.encode(s, add_special_tokens=False)) <= single]
+
+    def generation_config(self, generation_config: GenerationConfig) -> tuple[GenerationConfig, dict]:
+        """(config, extra generate() kwargs) that also stop on the stop strings."""
+        if not self.strings:
+            return generation_config, {}
+        gc = copy.deepcopy(generation_config)
+        gc.stop_strings = self.strings
+        return gc, {"tokenizer": self.tokenizer}
+
+    def cut(self, row: list[int]) -> int:
+        """Length of ``row`` up to and including the token that completes the first stop string."""
+        if not self.strings or not any(s in self.tokenizer.decode(row) for s in self.strings):
+            return len(row)
+        lo, hi = 1, len(row)  # smallest prefix whose text holds a stop string
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if any(s in self.tokenizer.decode(row[:mid]) for s in self.strings):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+
+# run(prompt ids, context, n rows, generation config, logits processors, extra kwargs) -> (output [n, T], prompt [n, P])
+GroupRunner = Callable[[list[int], Any, int, GenerationConfig, LogitsProcessorList, dict],
+                       tuple[torch.Tensor, torch.Tensor]]
+
+
+def generate_groups(prompt_ids: list[list[int]], contexts: list, generation_config: GenerationConfig,
+                    logits_guard: LogitsGuard | None, banned: BannedTokens, stops: StopWords,
+                    run: GroupRunner) -> Generation:
+    """Sample every row, one ``run`` per group of consecutive rows with the same prompt and sample (``key``).
+
+    ``run`` calls the model's generate() with the processors it is given (banned ids first, then the guard,
+    which must see the final row) and returns its output and the prompt tensor; the completions are the new
+    tokens only (``new_tokens``), cut after the first EOS id and the first stop string.
+    """
+    eos = eos_set(generation_config)
+    gc, extra = stops.generation_config(generation_config)
+    completions: list[list[int]] = []
+    repaired: list[list[bool]] = []
+    starts = [0] + [i for i in range(1, len(prompt_ids))
+                    if prompt_ids[i] != prompt_ids[i - 1] or contexts[i].key != contexts[i - 1].key]
+    for start, end in zip(starts, starts[1:] + [len(prompt_ids)]):
+        n = end - start
+        counter = logits_guard if logits_guard is not None else StepCounter()
+        out, prompt = run(prompt_ids[start], contexts[start], n, gc, LogitsProcessorList([banned, counter]), extra)
+        if logits_guard is not None:
+            rec = logits_guard.pop_repaired()
+        else:
+            rec = torch.zeros(n, counter.steps, dtype=torch.bool)
+        new = new_tokens(out, prompt, rec.shape[1]).tolist()
+        flags = rec.tolist()
+        for row, flag, cut in zip(new, flags, cut_after_eos(new, eos), strict=True):
+            cut = min(cut, stops.cut(row[:cut]))
+            completions.append(row[:cut])
+            repaired.append([bool(f) for f in flag[:cut]])
+    return Generation(completions, repaired)
+
+
+def head_logits_fp32(hidden: torch.Tensor, head: torch.nn.Module, banned: BannedTokens) -> torch.Tensor:
+    """[B, T, C] last-layer hidden states -> fp32 logits [B, T, V] through ``head`` in fp32 outside autocast,
+    banned ids -inf."""
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        logits = F.linear(hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float())
+    return banned(None, logits)
