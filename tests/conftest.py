@@ -51,3 +51,18 @@ def gar_dir(tmp_path_factory):
     from sa2va_rl.data.synthetic import make_gar_data
 
     return make_gar_data(str(tmp_path_factory.mktemp("gar")), n=16)
+
+
+@pytest.fixture(scope="session")
+def upstream_ckpts(tmp_path_factory):
+    """family -> a tiny checkpoint built from the pristine upstream code (tests/upstream), once per session."""
+    from tests.upstream import build
+
+    built: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in built:
+            built[family] = build(family, tmp_path_factory.mktemp(family))
+        return built[family]
+
+    return get

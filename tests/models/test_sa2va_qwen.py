@@ -21,14 +21,13 @@ PATHS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def qwen(request, tmp_path_factory):
+def qwen(request, upstream_ckpts):
     """(family, model fp32, processor, policy) for a freshly built tiny checkpoint; its path in PATHS."""
     from sa2va_rl.models.sa2va_qwen import Sa2VAQwenPolicy
     from sa2va_rl.models.upstream import load_upstream
-    from tests.upstream import build
     from tests.upstream.qwen_vl import load_processor
 
-    path = build(request.param, tmp_path_factory.mktemp(request.param))
+    path = upstream_ckpts(request.param)
     PATHS[request.param] = path
     torch.manual_seed(0)
     model, info = load_upstream(path, torch.float32)

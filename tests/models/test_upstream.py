@@ -14,22 +14,23 @@ from safetensors import safe_open
 
 from sa2va_rl.models.sa2va import Sa2VAModelArgs, lm_parts, load_sa2va, make_policy, prepare_for_training, save_sa2va
 from sa2va_rl.models.upstream import FIXES, PIP_EXTRA, UpstreamLoadError, load_upstream
-from tests.upstream import build
 
 BASE_FIXES = {"attn_mask_utils", "post_init", "count_attr", "sam2_device"}
 
 
-@pytest.fixture(scope="session")
-def ckpts(tmp_path_factory):
-    """family -> a built checkpoint directory (built once per session, on first use)."""
-    built: dict[str, str] = {}
+@pytest.fixture
+def ckpts(upstream_ckpts, monkeypatch):
+    """family -> a built checkpoint; AutoProcessor loads the Qwen-VL processors as tests/upstream/qwen_vl.py
+    does (without torchvision, transformers cannot build their video processor: tests/stubs/README.md)."""
+    import transformers
 
-    def get(family: str) -> str:
-        if family not in built:
-            built[family] = build(family, tmp_path_factory.mktemp(family))
-        return built[family]
+    from tests.upstream.qwen_vl import load_processor
 
-    return get
+    real = transformers.AutoProcessor.from_pretrained
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained",
+                        lambda path, *a, **k: load_processor(path) if os.path.exists(
+                            os.path.join(str(path), "processor_config.json")) else real(path, *a, **k))
+    return upstream_ckpts
 
 
 def file_keys(path: str) -> dict[str, torch.dtype]:
@@ -160,7 +161,7 @@ def test_inputs_equal_upstream_predict_forward(ckpts, family, monkeypatch):
     assert captured["vp_overall_mask"].tolist() == [False, False, False, True]
 
 
-@pytest.mark.parametrize("family", ["v1", "v2"])
+@pytest.mark.parametrize("family", ["v1", "v2", "qwen2_5_vl", "qwen3vl"])
 def test_saved_in_the_release_layout_and_upstream_loads_it(ckpts, family, tmp_path):
     src = ckpts(family)
     model, tok = load_sa2va(src, trust_remote_code=True)
@@ -180,12 +181,12 @@ def test_saved_in_the_release_layout_and_upstream_loads_it(ckpts, family, tmp_pa
     again, _info = load_upstream(str(tmp_path), torch.bfloat16)  # upstream's own code reads it back
     sd = again.state_dict()
     assert set(sd) == set(merged) and all(torch.equal(sd[k], merged[k]) for k in merged)
-    changed = [k for k in merged if "language_model" in k and "proj" in k]
+    changed = [k for k in merged if "language_model" in k and "proj" in k and "visual" not in k]
     with safe_open(os.path.join(src, "model.safetensors"), "pt") as f:
         assert any(not torch.equal(f.get_tensor(k), merged[k]) for k in changed)
 
 
-@pytest.mark.parametrize("family", ["v1", "v2"])
+@pytest.mark.parametrize("family", ["v1", "v2", "qwen2_5_vl", "qwen3vl"])
 def test_doctor_and_train_both_tasks_and_caption2mask_with_seg(ckpts, family, tmp_path, capsys):
     """The acceptance runs: doctor (a [SEG] forced through SAM2), train --task both, and --task caption2mask
     with [SEG] sampled at step 1; the output reloads with upstream's code under the input's weight names."""

@@ -58,7 +58,7 @@ def test_fault_drill(kind, tiny_causal, prompt_dir, tmp_path):
     assert {k: report[k] for k in want} == want
     if kind == "nan_weights":  # persistent: halted, the poisoned module named, no checkpoint written
         assert report["final_weights_finite"] is False
-        assert report["first_nonfinite_logits"]["module"] == "model.layers.0.self_attn.q_proj"
+        assert report["first_nonfinite_logits"]["module"] == "model.layers.0.self_attn.v_proj"
         assert report["first_nonfinite_logits"]["step"] == 2
         return
     assert report["steps"] == 4 and report["final_weights_finite"] is True
@@ -102,7 +102,7 @@ def test_sa2va_seams(tiny_sa2va, gar_dir, tmp_path):
                      "--lora_alpha", "8")
     assert rc == cli.EXIT_NONFINITE
     module = report["first_nonfinite_logits"]["module"]
-    assert module.startswith("language_model.") and "layers.0.self_attn.q_proj" in module
+    assert module.startswith("language_model.") and "layers.0.self_attn.v_proj" in module
 
 
 def test_bad_spec_is_a_usage_error(tiny_causal, prompt_dir, tmp_path, capsys):

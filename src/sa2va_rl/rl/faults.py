@@ -11,7 +11,10 @@ huge_logits        ... 1e30 at one vocabulary entry: finite, but far past max_ab
 empty_completion   the Policy returns an empty completion for the first row
 nan_grads          after backward, one gradient element is NaN (ARG: only on that rank)
 inf_grads          ... +inf
-nan_weights        one weight of the first trainable matrix (not an embedding) becomes NaN and stays so
+nan_weights        one weight of the first trainable matrix (not an embedding, not a query/key projection)
+                   becomes NaN and stays so. Query/key are skipped because torch's CPU SDPA kernel (2.13 on
+                   AVX-512) returns finite attention for a NaN query: the logits would stay finite there while
+                   the gradients go NaN; a NaN value projection reaches the logits under every kernel
 reward_raises      the first reward function raises on the first sample
 reward_nan         ... returns NaN for the first sample
 reward_none        ... returns None ("no opinion") for the first sample
@@ -97,7 +100,9 @@ class FaultInjector:
         """Poison weights now (persistent); return hooks that corrupt the next logits (remove them after)."""
         for f in self._due(step, ("nan_weights",)):
             embedding = {id(q) for m in model.modules() if isinstance(m, torch.nn.Embedding) for q in m.parameters()}
-            p = next(p for p in model.parameters() if p.requires_grad and p.dim() >= 2 and id(p) not in embedding)
+            scores = ("q_proj", "k_proj", "wqkv", "qkv_proj")
+            p = next(p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2
+                     and id(p) not in embedding and not any(s in n for s in scores))
             with torch.no_grad():
                 p.view(-1)[0] = math.nan
             self._fire(f, f"one weight of a {tuple(p.shape)} tensor is NaN")
