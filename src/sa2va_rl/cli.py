@@ -151,7 +151,7 @@ def _build_sa2va_run(script, margs, config):
 def _run_training(trainer, config, save) -> int:
     from sa2va_rl.data.gar import BadRow
     from sa2va_rl.rl.stability import NonFiniteTrainingError
-    from sa2va_rl.rl.trainer import RewardError
+    from sa2va_rl.rl.reward_guard import RewardError
 
     logger.info("%d prompts x %d generations per device step, lr %g, bf16 %s",
                 config.per_device_train_batch_size // config.num_generations, config.num_generations,

@@ -8,7 +8,8 @@ import shutil
 
 import torch
 
-from sa2va_rl.models.tiny import WORDS, word_tokenizer
+from sa2va_rl.data.vocab import WORDS
+from sa2va_rl.models.tiny import word_tokenizer
 
 # the released tokenizers' added tokens (SA2VA_FACTS.md section 5), in their order
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>",

@@ -8,7 +8,7 @@ import random
 
 from datasets import Dataset
 
-from sa2va_rl.models.tiny import COLORS, PLACES, SHAPES
+from sa2va_rl.data.vocab import COLORS, PLACES, SHAPES
 
 TRAIN_FILE = "train.jsonl"
 

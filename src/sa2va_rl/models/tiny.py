@@ -8,14 +8,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from sa2va_rl.data.vocab import WORDS
+
 SPECIAL = ["<pad>", "<unk>", "<eos>"]
-COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
-SHAPES = ["square", "circle", "triangle", "star", "box", "ring"]
-PLACES = ["left", "right", "top", "bottom", "center", "corner"]
-WORDS = COLORS + SHAPES + PLACES + [
-    "copy", "repeat", ":", "the", "a", "is", "in", "on", "of", "and", "with", "at", "object", "region",
-    "small", "large", "bright", "dark", "describe", "segment", "this", "masked", "please", "it", ".", ",",
-] + [str(i) for i in range(10)]
 
 
 def word_tokenizer(words: list[str], extra_special: list[str] | None = None) -> PreTrainedTokenizerFast:

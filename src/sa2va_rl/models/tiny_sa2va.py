@@ -25,10 +25,11 @@ from torch import nn
 from transformers import (AutoConfig, AutoModel, GenerationConfig, PretrainedConfig, PreTrainedModel, Qwen2Config,
                           Qwen2ForCausalLM)
 
+from sa2va_rl.data.vocab import WORDS
 from sa2va_rl.models.grounding import decode_masks
 from sa2va_rl.models.sa2va_inputs import (IMG_CONTEXT, IMG_END, IMG_START, SEG, VP_END, VP_START, VisualInputs,
                                           encode_sample, single_token_ids, splice_features, template, visual_features)
-from sa2va_rl.models.tiny import WORDS, tiny_qwen2_config, word_tokenizer
+from sa2va_rl.models.tiny import tiny_qwen2_config, word_tokenizer
 
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 SA2VA_SPECIAL = [IMG_START, IMG_END, IMG_CONTEXT, SEG, "<p>", "</p>", VP_START, VP_END] + CHAT_TOKENS

@@ -1,1 +1,1 @@
-"""The RL layer: TRL's GRPOTrainer at its seams, the stability callback, rewards."""
+"""The RL layer: TRL's GRPOTrainer at its seams, checkpoints and rollback, the stability callback, rewards."""

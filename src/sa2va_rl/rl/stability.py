@@ -67,6 +67,16 @@ def weights_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
 
+def ranks_agree(model: torch.nn.Module, accelerator) -> bool | None:
+    """Whether every process holds the same weights (None with one process): per-tensor sums, gathered."""
+    if accelerator.num_processes == 1:
+        return None
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+        every = accelerator.gather(sums[None])  # [ranks, tensors]
+    return bool((every == every[:1]).all())
+
+
 class StabilityCallback(TrainerCallback):
     """Owns the stability counters; the trainer feeds it, the trainer's log() asks it for metrics."""
 

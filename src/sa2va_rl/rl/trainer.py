@@ -20,148 +20,39 @@ TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The o
 
 Rows may carry a ``visual`` column (Sa2VA: tiles and region cells). The trainer hands it to the Policy for
 generation and scoring and keeps it aligned with the completions through TRL's shuffle and split.
+
+What the seams share about the rows in flight is one ``StepRecord`` (rl/step_record.py: follow one prompt from
+generation to the loss there). Checkpoint I/O and rollback live in rl/checkpoints.py; advantages in
+rl/advantages.py; the reward wrapper in rl/reward_guard.py.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import inspect
-import json
 import logging
 import math
 import os
-import re
-import shutil
 
 import torch
 from accelerate.utils import DistributedType
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
-from trl.trainer.utils import nanstd
 
 from sa2va_rl.models.policy import CausalLMPolicy, Policy
 from sa2va_rl.numerics import GradGuard, LogitsGuard
-from sa2va_rl.numerics._ratelimit import PowerOfTwoLimiter
+from sa2va_rl.numerics.clamp import straight_through_clamp as _straight_through_clamp
+from sa2va_rl.rl import checkpoints
+from sa2va_rl.rl.advantages import group_advantages
 from sa2va_rl.rl.config import Sa2VAGRPOConfig
 from sa2va_rl.rl.faults import FaultInjector
-from sa2va_rl.rl.stability import STATE_FILE, NonFiniteTrainingError, StabilityCallback, weights_finite
+from sa2va_rl.rl.reward_guard import RewardError, guarded_reward
+from sa2va_rl.rl.stability import StabilityCallback, ranks_agree, weights_finite
+from sa2va_rl.rl.step_record import StepRecord, drop_tensor
+
+__all__ = ["RewardError", "Sa2VAGRPOTrainer", "group_advantages", "guarded_reward"]
 
 logger = logging.getLogger(__name__)
-
-
-def group_advantages(rewards_per_func: torch.Tensor, weights: torch.Tensor, num_generations: int,
-                     scale: str, std_floor: float) -> torch.Tensor:
-    """Advantages in fp32: (r - group mean) / max(std, floor). NaN rewards are 'no opinion' (TRL's None).
-
-    A completion with no reward at all gets advantage 0; a group whose rewards are all equal gets 0s
-    (never 0/0); a near-tie cannot blow up past |r - mean| / std_floor.
-    """
-    rpf = rewards_per_func.float()
-    unscorable = torch.isnan(rpf).all(dim=1)
-    rewards = (rpf * weights.float().to(rpf.device)).nansum(dim=1)
-    rewards = torch.where(unscorable, torch.nan, rewards)
-    grouped = rewards.view(-1, num_generations)  # [groups, G]
-    mean = torch.nanmean(grouped, dim=1, keepdim=True)
-    centred = grouped - mean
-    if scale == "group":
-        std = nanstd(grouped, dim=1).unsqueeze(1)
-    elif scale == "batch":
-        std = nanstd(rewards).expand(grouped.shape[0], 1)
-    else:  # "none"
-        std = torch.ones_like(mean)
-    adv = centred / torch.nan_to_num(std, nan=0.0).clamp(min=std_floor)
-    return torch.nan_to_num(adv.view(-1), nan=0.0)
-
-
-class RewardError(RuntimeError):
-    """A reward function raised (reward_errors='raise'); the message names the function and the sample."""
-
-
-def _sample_name(kwargs: dict, i: int) -> str:
-    for key in ("source", "prompts"):
-        vals = kwargs.get(key)
-        if isinstance(vals, list) and i < len(vals):
-            return f"{key}={str(vals[i])[-120:]!r}"
-    return f"index {i}"
-
-
-def guarded_reward(fn, errors: str, counters_of):
-    """``fn`` with TRL's signature, made safe: NaN/inf -> None (counted). If ``fn`` raises on the batch, it is
-    re-run one sample at a time to find the samples it raises on; 'raise' stops there with their name, 'skip'
-    gives those samples None (counted). ``counters_of()`` returns the live StabilityCounters."""
-    limiter = PowerOfTwoLimiter()
-    name = getattr(fn, "__name__", type(fn).__name__)
-
-    def one(i: int, completions, kwargs):
-        sub = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == len(completions) else v)
-               for k, v in kwargs.items()}
-        return fn(completions[i:i + 1], **sub)[0]
-
-    @functools.wraps(fn)
-    def wrapped(completions, **kwargs):
-        try:
-            values = list(fn(completions, **kwargs))
-        except Exception as batch_error:  # find the samples it raises on
-            values = []
-            for i in range(len(completions)):
-                try:
-                    values.append(one(i, completions, kwargs))
-                except Exception as e:
-                    if errors == "raise":
-                        raise RewardError(
-                            f"reward function {name!r} raised {type(e).__name__}: {e} on sample "
-                            f"{_sample_name(kwargs, i)} with completion {str(completions[i])[:200]!r}. Fix the "
-                            "reward or the data, or pass --reward_errors skip to give such samples no opinion."
-                        ) from e
-                    counters_of().reward_errors += 1
-                    if limiter():
-                        logger.warning("reward %r raised %s: %s on sample %s; it gets no opinion "
-                                       "(%d such samples so far)", name, type(e).__name__, e,
-                                       _sample_name(kwargs, i), counters_of().reward_errors)
-                    values.append(None)
-            if len(values) == len(completions) and all(v is None for v in values):
-                logger.debug("reward %r failed on the whole batch: %s", name, batch_error)
-        clean = []
-        for v in values:
-            if v is not None and not math.isfinite(float(v)):
-                counters_of().nonfinite_rewards += 1
-                v = None
-            clean.append(None if v is None else float(v))
-        return clean
-
-    return wrapped
-
-
-STAGING = ".staging"  # under output_dir: checkpoints being written
-
-
-def _fsync_tree(path: str) -> None:
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(root)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _straight_through_clamp(x: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | None) -> torch.Tensor:
-    """Value clamped into [lo, hi], gradient of x unchanged. Bit-identical to x where no bound bites."""
-    y = x
-    if lo is not None:
-        y = torch.maximum(y, lo)
-    if hi is not None:
-        y = torch.minimum(y, hi)
-    return x + (y - x).detach()
 
 
 class Sa2VAGRPOTrainer(GRPOTrainer):
@@ -195,14 +86,24 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self.grad_guard = GradGuard()
         self.stability = StabilityCallback(args.stability_summary_steps, self.logits_guard, self.grad_guard)
         self.add_callback(self.stability)
-        self._pending_drop: list[list[bool]] | None = None  # per completion token, from the last generation
-        self._drop_mask: torch.Tensor | None = None  # [B, K] for the logprob calls in flight
-        self._loss_refs: dict | None = None  # old/ref logps while _compute_loss runs
-        self._last_rewards_per_func: torch.Tensor | None = None
-        self._contexts: list | None = None  # per-row Policy contexts (the dataset's `visual` column) in flight
-        self._last_prompt_ids: list[list[int]] | None = None
+        self.rollback = checkpoints.Rollback(self)
+        self.record = StepRecord()  # the rows in flight: what each seam reads and writes (see StepRecord)
+        self.last_generation: StepRecord | None = None  # the last finished generation's record; no seam reads it
         self._nonfinite_losses = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
-        self._lr_factor = 1.0  # product of rollback_lr_factor over rollbacks
+
+    @contextlib.contextmanager
+    def _in_flight(self, record: StepRecord):
+        """The one place a StepRecord is installed and cleared (a generation batch, or one loss sub-batch)."""
+        self.record = record
+        try:
+            yield record
+        finally:
+            self.record = StepRecord()
+
+    @property
+    def _last_rewards_per_func(self) -> torch.Tensor | None:
+        """[B, reward funcs] of the last finished generation batch (for inspection)."""
+        return None if self.last_generation is None else self.last_generation.rewards_per_func
 
     # ------------------------------------------------------------------ generation
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -217,7 +118,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
             # contexts only when the rows carry them: a text-only Policy need not take the argument
-            extra = {} if self._contexts is None else {"contexts": self._contexts}
+            extra = {} if self.record.contexts is None else {"contexts": self.record.contexts}
             step = self.state.global_step + 1
             hooks = self.faults.before_generation(step, unwrapped_model)
             try:
@@ -229,7 +130,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             repaired_rows = sum(any(r) for r in gen.repaired)
             if repaired_rows and self.stability.counters.first_nonfinite_logits is None:
                 self._trace_logits(unwrapped_model, prompt_ids, gen, step, repaired_rows)
-        self._last_prompt_ids = prompt_ids
+        self.record.prompt_ids = prompt_ids
         self.faults.after_generation(step, gen.completion_ids)
         completions, drop = gen.completion_ids, [list(r) for r in gen.repaired]
         if not self.args.drop_repaired_tokens:
@@ -244,7 +145,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             logger.warning("%d of %d completions were empty; each contributes zero loss (counted as "
                            "empty_completions)", empty, len(completions))
         self.stability.record_generation(repaired_rows, sum(map(sum, drop)), empty)
-        self._pending_drop = drop
+        self.record.drop = drop
         return completions, None
 
     def _trace_logits(self, model, prompt_ids, gen, step, rows) -> None:
@@ -254,7 +155,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         module = None
         trace = getattr(self.policy, "trace", None)
         if trace is not None:
-            ctx = None if self._contexts is None else self._contexts[i:i + 1]
+            ctx = None if self.record.contexts is None else self.record.contexts[i:i + 1]
             module = trace(model, [prompt_ids[i]], ctx)
         event = {"step": step, "kind": "logits", "rows": rows, "module": module,
                  "reproducible": module is not None}
@@ -264,33 +165,22 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
 
     def _generate(self, prompts):
         out = list(super()._generate(prompts))
-        drop, self._pending_drop = self._pending_drop, None
+        drop = self.record.drop
         # TRL's tool_mask: 1 = model token that the loss sees, 0 = token the loss ignores
         out[2] = [[0 if d else 1 for d in row] for row in drop]
-        self._drop_mask = self._lists_to_mask(drop)
+        self.record.drop_mask = drop_tensor(drop, self.accelerator.device)
         return tuple(out)
 
-    def _lists_to_mask(self, drop: list[list[bool]]) -> torch.Tensor:
-        width = max((len(r) for r in drop), default=0)
-        mask = torch.zeros(len(drop), width, dtype=torch.bool)
-        for i, row in enumerate(drop):
-            mask[i, : len(row)] = torch.tensor(row, dtype=torch.bool)
-        return mask.to(self.accelerator.device)
-
     def _generate_and_score_completions(self, inputs):
-        contexts = [x.get("visual") for x in inputs]
-        self._contexts = contexts if any(c is not None for c in contexts) else None
-        try:
+        with self._in_flight(StepRecord.generation(inputs)) as record:
             output = super()._generate_and_score_completions(inputs)
-        finally:
-            self._drop_mask, self._last_prompt_ids = None, None
-            self._contexts, contexts = None, self._contexts
-        if contexts is not None:  # a list: TRL's shuffle and split keep it aligned with the completions
-            output["visual"] = contexts
-        if self.multi_objective_aggregation == "sum_then_normalize" and self._last_rewards_per_func is not None:
+        self.last_generation = record
+        if record.contexts is not None:  # a list: TRL's shuffle and split keep it aligned with the completions
+            output["visual"] = record.contexts
+        if self.multi_objective_aggregation == "sum_then_normalize" and record.rewards_per_func is not None:
             mode = "train" if self.model.training else "eval"
             g = self.num_generations if mode == "train" else self.num_generations_eval
-            adv = group_advantages(self._last_rewards_per_func, self.reward_weights, g, self.scale_rewards,
+            adv = group_advantages(record.rewards_per_func, self.reward_weights, g, self.scale_rewards,
                                    self.args.advantage_std_floor)
             n = output["advantages"].shape[0]
             rank = self.accelerator.process_index
@@ -301,15 +191,15 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         if hasattr(self.policy, "segment") and any(x.get("gt_mask") is not None for x in inputs):
             inputs = self._add_pred_masks(inputs, completion_ids_list)
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._last_rewards_per_func = rewards_per_func
+        self.record.rewards_per_func = rewards_per_func
         return rewards_per_func
 
     def _add_pred_masks(self, inputs, completion_ids_list):
         """Rows with a reference mask get ``pred_mask``: the mask of their completion's first [SEG], or None."""
         rows = [i for i, x in enumerate(inputs) if x.get("gt_mask") is not None]
         model = self.accelerator.unwrap_model(self.model)
-        masks = self.policy.segment(model, [self._last_prompt_ids[i] for i in rows],
-                                    [completion_ids_list[i] for i in rows], [self._contexts[i] for i in rows])
+        masks = self.policy.segment(model, [self.record.prompt_ids[i] for i in rows],
+                                    [completion_ids_list[i] for i in rows], [self.record.contexts[i] for i in rows])
         out = [{**x, "pred_mask": None} for x in inputs]
         for i, m in zip(rows, masks, strict=True):
             out[i]["pred_mask"] = m
@@ -322,7 +212,8 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
         K = logits_to_keep
         P = input_ids.shape[1] - K
-        drop = self._drop_mask
+        record = self.record
+        drop = record.drop_mask
         if drop is not None and drop.shape[1] != K:  # TRL may pad completions further (pad_to_multiple_of)
             drop = torch.nn.functional.pad(drop[:, :K], (0, max(0, K - drop.shape[1])), value=False)
         batch_size = batch_size or input_ids.shape[0]
@@ -334,28 +225,22 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                     model, input_ids[s:e, :P], attention_mask[s:e, :P], input_ids[s:e, P:],
                     attention_mask[s:e, P:], temperature=self.temperature,
                     drop_mask=None if drop is None else drop[s:e],
-                    **({} if self._contexts is None else {"contexts": self._contexts[s:e]}),
+                    **({} if record.contexts is None else {"contexts": record.contexts[s:e]}),
                 )
             logps.append(lp)
             ents.append(ent)
         logps = torch.cat(logps)
-        if self._loss_refs is not None:  # bound the log-ratios that the loss exponentiates
+        if record.refs is not None:  # bound the log-ratios that the loss exponentiates
             c = self.args.log_ratio_clamp
-            old, ref = self._loss_refs.get("old_per_token_logps"), self._loss_refs.get("ref_per_token_logps")
+            old, ref = record.refs.get("old_per_token_logps"), record.refs.get("ref_per_token_logps")
             lows = [t - c for t in (old, ref) if t is not None]
             lo = torch.stack(lows).amax(dim=0) if lows else None
             logps = _straight_through_clamp(logps, lo=lo, hi=None if old is None else old + c)
         return logps, (torch.cat(ents) if compute_entropy else None), None
 
     def _compute_loss(self, model, inputs):
-        self._drop_mask = (inputs["tool_mask"] == 0) if "tool_mask" in inputs else None
-        self._contexts = inputs.get("visual")
-        self._loss_refs = {k: inputs[k].float() for k in ("old_per_token_logps", "ref_per_token_logps")
-                           if inputs.get(k) is not None}
-        try:
+        with self._in_flight(StepRecord.loss(inputs)):
             return super()._compute_loss(model, inputs)
-        finally:
-            self._drop_mask, self._loss_refs, self._contexts = None, None, None
 
     def training_step(self, model, inputs, num_items_in_batch):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -381,76 +266,11 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self.stability.record_grads(step, report, skipped=skip)
         k = self.grad_guard.stats.consecutive_nonfinite
         if k >= self.args.max_consecutive_skips or not skip:
-            self._persistent_nonfinite(step, (
+            self.rollback.on_persistent_nonfinite(step, (
                 f"non-finite gradients ({report.kind}) at step {step}, {k} step(s) in a row (max_consecutive_skips="
                 f"{self.args.max_consecutive_skips}); first offending parameters: "
                 f"{report.nonfinite_params or 'on another rank'}; the weights were not updated by these steps"))
         return torch.tensor(float("nan"))
-
-    def _persistent_nonfinite(self, step: int, what: str) -> None:
-        """Non-finite values persist (K non-finite gradient steps in a row, or non-finite weights): roll back to the
-        last good checkpoint when configured and possible, else halt."""
-        c = self.stability.counters
-        prefix = ""
-        if self.args.on_persistent_nonfinite == "rollback" and self.args.skip_nonfinite_steps:
-            checkpoint = self.last_good_checkpoint()
-            if checkpoint is not None and c.rollbacks < self.args.max_rollbacks:
-                self._rollback(checkpoint, step)
-                return
-            why = (f"{c.rollbacks} rollback(s) done (max_rollbacks={self.args.max_rollbacks})"
-                   if checkpoint is not None else "there is no good checkpoint to roll back to (set --save_steps)")
-            prefix = f"Rollback is not possible: {why}. "
-        self._halt(what, prefix)
-
-    def _rollback(self, checkpoint: str, step: int) -> None:
-        """Model, optimizer, scheduler and RNG from ``checkpoint``; the step counter goes on (the steps since the
-        checkpoint are discarded, and counted); the stability counters are this run's, not the checkpoint's."""
-        self._load_from_checkpoint(checkpoint)
-        GRPOTrainer._load_optimizer_and_scheduler(self, checkpoint)  # not ours: keep this run's counters
-        self._load_rng_state(checkpoint)
-        f = self.args.rollback_lr_factor
-        if f != 1.0:
-            self._lr_factor *= f
-            for group in self.optimizer.param_groups:
-                group["lr"] *= f
-            if hasattr(self.lr_scheduler, "base_lrs"):
-                self.lr_scheduler.base_lrs = [lr * f for lr in self.lr_scheduler.base_lrs]
-        self.grad_guard.stats.consecutive_nonfinite = 0
-        c = self.stability.counters
-        c.rollbacks += 1
-        self.stability.record_event({"step": step, "kind": "rollback", "checkpoint": os.path.basename(checkpoint),
-                                     "lr_factor": self._lr_factor})
-        logger.warning("step %d: non-finite steps persisted; rolled back to %s (rollback %d of at most %d, learning "
-                       "rate x%g)", step, checkpoint, c.rollbacks, self.args.max_rollbacks, self._lr_factor)
-
-    def last_good_checkpoint(self) -> str | None:
-        """The newest checkpoint in output_dir whose stability state says its weights were finite."""
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        out = self.args.output_dir
-        if not os.path.isdir(out):
-            return None
-        steps = sorted((int(n.split("-")[-1]) for n in os.listdir(out)
-                        if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", n)), reverse=True)
-        for s in steps:
-            path = os.path.join(out, f"{PREFIX_CHECKPOINT_DIR}-{s}")
-            try:
-                with open(os.path.join(path, STATE_FILE)) as f:
-                    if json.load(f).get("weights_finite", False):
-                        return path
-            except (OSError, json.JSONDecodeError):
-                continue
-        return None
-
-    def _halt(self, what: str, prefix: str = "") -> None:
-        self.stability.write_report(self.args.output_dir, self.model)
-        good = self.last_good_checkpoint()
-        raise NonFiniteTrainingError(
-            f"{what}. {prefix}Try a lower --learning_rate, check the data of these steps, "
-            + (f"resume from the last good checkpoint ({good}), " if good else "")
-            + "or use --on_persistent_nonfinite rollback --save_steps N; "
-            f"details in {os.path.join(self.args.output_dir, 'stability.json')}."
-        )
 
     # ------------------------------------------------------------------ logging and checkpoints
     def log(self, logs, start_time=None):
@@ -467,14 +287,11 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
 
     def train(self, *args, **kwargs):
         if self.args.should_save:
-            stale = os.path.join(self.args.output_dir, STAGING)
-            if os.path.isdir(stale):  # a checkpoint whose writing was interrupted: never complete, never used
-                logger.warning("removing %s: a checkpoint left half-written by an interrupted run", stale)
-                shutil.rmtree(stale)
+            checkpoints.remove_stale_staging(self.args.output_dir)
         try:
             result = super().train(*args, **kwargs)
         finally:
-            agree = self._ranks_agree()
+            agree = ranks_agree(self.model, self.accelerator)
             if self.args.should_save:
                 self.stability.counters.nonfinite_losses = int(self._nonfinite_losses)
                 self.stability.extras.setdefault("ranks_agree", lambda: agree)
@@ -482,32 +299,20 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                 logger.info("%s; weights finite: %s", self.stability.summary_line(self.state.global_step),
                             payload["final_weights_finite"])
         if not weights_finite(self.model):  # defence in depth: a run never ends "done" with NaN weights
-            self._halt(f"training ended at step {self.state.global_step} with non-finite weights")
+            self.rollback.halt(f"training ended at step {self.state.global_step} with non-finite weights")
         return result
 
-    def _ranks_agree(self) -> bool | None:
-        """Whether every process holds the same weights (None with one process): per-tensor sums, gathered."""
-        if self.accelerator.num_processes == 1:
-            return None
-        with torch.no_grad():
-            sums = torch.stack([p.detach().double().sum() for p in self.model.parameters()])
-            every = self.accelerator.gather(sums[None])  # [ranks, tensors]
-        return bool((every == every[:1]).all())
-
     def _save_checkpoint(self, model, trial):
-        """Atomic: the checkpoint is written under output_dir/.staging, fsynced, then renamed into place, so a
-        crash leaves either no checkpoint-N or a complete one. Weights that are not finite are never saved."""
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-
+        """Atomic (see rl/checkpoints.py): TRL writes into output_dir/.staging, which is fsynced and renamed into
+        place. Weights that are not finite are never saved."""
         if not weights_finite(self.model):  # never save them; they are a persistent fault
             self.stability.counters.unsaved_checkpoints += 1
-            self._persistent_nonfinite(self.state.global_step, f"the weights are not finite at step "
-                                                                f"{self.state.global_step} (checkpoint not saved)")
+            what = f"the weights are not finite at step {self.state.global_step} (checkpoint not saved)"
+            self.rollback.on_persistent_nonfinite(self.state.global_step, what)
             return
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        name = checkpoints.checkpoint_name(self.state.global_step)
         run_dir = self._get_output_dir(trial=trial)
-        staging = os.path.join(run_dir, STAGING)
-        self._staging_dir = staging
+        self._staging_dir = os.path.join(run_dir, checkpoints.STAGING)
         try:
             super()._save_checkpoint(model, trial)  # into staging/checkpoint-N (see _get_output_dir)
         finally:
@@ -515,16 +320,8 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             self.stability.counters.nonfinite_losses = int(self._nonfinite_losses)
-            self.stability.save(os.path.join(staging, name), weights_finite=True)
-            _fsync_tree(os.path.join(staging, name))
-            final = os.path.join(run_dir, name)
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging, name), final)
-            _fsync_dir(run_dir)
-            shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            self.stability.save(os.path.join(run_dir, checkpoints.STAGING, name), weights_finite=True)
+            checkpoints.publish(run_dir, name, self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
     def _get_output_dir(self, trial):
@@ -537,3 +334,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             self._nonfinite_losses.fill_(self.stability.counters.nonfinite_losses)
             logger.info("restored stability state from %s: %s", checkpoint,
                         self.stability.summary_line(self.state.global_step))
+
+    def last_good_checkpoint(self) -> str | None:
+        """The newest checkpoint in output_dir whose stability state says its weights were finite."""
+        return checkpoints.last_good_checkpoint(self.args.output_dir)

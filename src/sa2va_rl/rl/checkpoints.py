@@ -1,0 +1,146 @@
+"""Checkpoints on disk: atomic writes (staging, fsync, rename), rotation, the last good one, and rollback to it.
+
+A checkpoint is written under ``output_dir/.staging/checkpoint-N``, fsynced, then renamed into place, so a crash
+leaves either no ``checkpoint-N`` or a complete one; a staging directory left by a crash is removed when the next
+run starts. A checkpoint is *good* when its stability state says its weights were finite.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from trl import GRPOTrainer
+
+from sa2va_rl.rl.stability import STATE_FILE, NonFiniteTrainingError
+
+logger = logging.getLogger(__name__)
+
+STAGING = ".staging"  # under output_dir: checkpoints being written
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str) -> None:
+    """Every file under ``path``, then every directory, on disk."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+def remove_stale_staging(output_dir: str) -> None:
+    """A checkpoint whose writing was interrupted is never complete and never used: remove it."""
+    stale = os.path.join(output_dir, STAGING)
+    if os.path.isdir(stale):
+        logger.warning("removing %s: a checkpoint left half-written by an interrupted run", stale)
+        shutil.rmtree(stale)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX_CHECKPOINT_DIR}-{step}"
+
+
+def publish(run_dir: str, name: str, save_total_limit: int | None, best_model_checkpoint: str | None) -> str:
+    """Move ``run_dir/.staging/name`` into place as ``run_dir/name``: fsync it, replace any checkpoint of that name,
+    fsync ``run_dir``, remove the staging directory, rotate old checkpoints. Returns the checkpoint's path."""
+    staging = os.path.join(run_dir, STAGING)
+    staged, final = os.path.join(staging, name), os.path.join(run_dir, name)
+    fsync_tree(staged)
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(staged, final)
+    fsync_dir(run_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    rotate_checkpoints(output_dir=run_dir, save_total_limit=save_total_limit,
+                       best_model_checkpoint=best_model_checkpoint, use_mtime=False)
+    return final
+
+
+def last_good_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint in ``output_dir`` whose stability state says its weights were finite."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted((int(n.split("-")[-1]) for n in os.listdir(output_dir)
+                    if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", n)), reverse=True)
+    for s in steps:
+        path = os.path.join(output_dir, checkpoint_name(s))
+        try:
+            with open(os.path.join(path, STATE_FILE)) as f:
+                if json.load(f).get("weights_finite", False):
+                    return path
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
+class Rollback:
+    """Non-finite values that persist: back to the last good checkpoint when configured and possible, else a halt
+    that says what to try. Owns the learning-rate factor that the rollbacks have applied so far."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+        self.lr_factor = 1.0  # product of rollback_lr_factor over rollbacks
+
+    def on_persistent_nonfinite(self, step: int, what: str) -> None:
+        """K non-finite gradient steps in a row, or non-finite weights: roll back, or halt."""
+        t = self.trainer
+        args, c = t.args, t.stability.counters
+        prefix = ""
+        if args.on_persistent_nonfinite == "rollback" and args.skip_nonfinite_steps:
+            checkpoint = last_good_checkpoint(args.output_dir)
+            if checkpoint is not None and c.rollbacks < args.max_rollbacks:
+                self.restore(checkpoint, step)
+                return
+            why = (f"{c.rollbacks} rollback(s) done (max_rollbacks={args.max_rollbacks})"
+                   if checkpoint is not None else "there is no good checkpoint to roll back to (set --save_steps)")
+            prefix = f"Rollback is not possible: {why}. "
+        self.halt(what, prefix)
+
+    def restore(self, checkpoint: str, step: int) -> None:
+        """Model, optimizer, scheduler and RNG from ``checkpoint``; the step counter goes on (the steps since the
+        checkpoint are discarded, and counted); the stability counters are this run's, not the checkpoint's."""
+        t = self.trainer
+        t._load_from_checkpoint(checkpoint)
+        GRPOTrainer._load_optimizer_and_scheduler(t, checkpoint)  # not the trainer's: keep this run's counters
+        t._load_rng_state(checkpoint)
+        f = t.args.rollback_lr_factor
+        if f != 1.0:
+            self.lr_factor *= f
+            for group in t.optimizer.param_groups:
+                group["lr"] *= f
+            if hasattr(t.lr_scheduler, "base_lrs"):
+                t.lr_scheduler.base_lrs = [lr * f for lr in t.lr_scheduler.base_lrs]
+        t.grad_guard.stats.consecutive_nonfinite = 0
+        c = t.stability.counters
+        c.rollbacks += 1
+        t.stability.record_event({"step": step, "kind": "rollback", "checkpoint": os.path.basename(checkpoint),
+                                  "lr_factor": self.lr_factor})
+        logger.warning("step %d: non-finite steps persisted; rolled back to %s (rollback %d of at most %d, learning "
+                       "rate x%g)", step, checkpoint, c.rollbacks, t.args.max_rollbacks, self.lr_factor)
+
+    def halt(self, what: str, prefix: str = "") -> None:
+        """Write stability.json and stop the run with what happened and what to try."""
+        t = self.trainer
+        t.stability.write_report(t.args.output_dir, t.model)
+        good = last_good_checkpoint(t.args.output_dir)
+        raise NonFiniteTrainingError(
+            f"{what}. {prefix}Try a lower --learning_rate, check the data of these steps, "
+            + (f"resume from the last good checkpoint ({good}), " if good else "")
+            + "or use --on_persistent_nonfinite rollback --save_steps N; "
+            f"details in {os.path.join(t.args.output_dir, 'stability.json')}."
+        )

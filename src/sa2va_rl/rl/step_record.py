@@ -1,0 +1,64 @@
+"""StepRecord: what the trainer's seams share about the rows in flight, from generation to the loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepRecord:
+    """What TRL's seams share about the rows in flight. The trainer holds one (``trainer.record``); an empty
+    record (all None) means nothing is in flight. A finished generation's record stays readable as
+    ``trainer.last_generation`` (no seam reads it).
+
+    TRL generates once per generation batch and computes the loss on several shuffled sub-batches of it, so a
+    record has one of two lifetimes; each is installed and cleared by ``Sa2VAGRPOTrainer._in_flight``.
+
+    Generation (``StepRecord.generation``), one per generation batch, while ``_generate_and_score_completions``
+    runs. One prompt's path:
+
+    1. ``contexts[i]``: its row's ``visual`` (the Policy context), from TRL's rows;
+    2. ``_generate_single_turn`` sets ``prompt_ids`` and ``drop`` (its completion's repaired or empty tokens);
+    3. ``_generate`` turns ``drop`` into TRL's ``tool_mask`` (0 = the loss ignores it) and ``drop_mask``;
+    4. the pi_old/pi_ref scoring reads ``drop_mask`` and ``contexts``;
+    5. ``_calculate_rewards`` reads ``prompt_ids`` and ``contexts`` (the ``pred_mask`` of segmenting policies)
+       and sets ``rewards_per_func``, from which the advantages are recomputed;
+    6. the prompt leaves in TRL's output dict: drop flags as ``tool_mask``, context as ``visual``; TRL's shuffle
+       and split keep both aligned with the completion.
+
+    Loss (``StepRecord.loss``), one per sub-batch, while ``_compute_loss`` runs: the same prompt's ``drop_mask``
+    comes back from ``tool_mask``, its context from ``visual``, and ``refs`` holds its pi_old/pi_ref log-probs
+    (fp32), against which the scoring seam bounds the log-ratios. ``refs`` is None outside the loss: no clamp.
+    """
+
+    contexts: list | None = None  # per row: the Policy context (the dataset's `visual` column); None: text only
+    drop_mask: torch.Tensor | None = None  # [B, K] completion tokens the scoring neutralises
+    # generation only
+    prompt_ids: list[list[int]] | None = None  # the prompts as generated from
+    drop: list[list[bool]] | None = None  # per completion token: repaired by the LogitsGuard, or empty filler
+    rewards_per_func: torch.Tensor | None = None  # [B, reward funcs], all processes
+    # loss only
+    refs: dict[str, torch.Tensor] | None = None  # old/ref per-token logps, fp32
+
+    @classmethod
+    def generation(cls, inputs: list[dict]) -> StepRecord:
+        contexts = [x.get("visual") for x in inputs]
+        return cls(contexts=contexts if any(c is not None for c in contexts) else None)
+
+    @classmethod
+    def loss(cls, inputs: dict) -> StepRecord:
+        return cls(drop_mask=(inputs["tool_mask"] == 0) if "tool_mask" in inputs else None,
+                   contexts=inputs.get("visual"),
+                   refs={k: inputs[k].float() for k in ("old_per_token_logps", "ref_per_token_logps")
+                         if inputs.get(k) is not None})
+
+
+def drop_tensor(drop: list[list[bool]], device: torch.device) -> torch.Tensor:
+    """Per-token drop flags, right-padded with False, as a [B, K] bool tensor on ``device``."""
+    width = max((len(r) for r in drop), default=0)
+    mask = torch.zeros(len(drop), width, dtype=torch.bool)
+    for i, row in enumerate(drop):
+        mask[i, : len(row)] = torch.tensor(row, dtype=torch.bool)
+    return mask.to(device)
