@@ -14,7 +14,8 @@ import shutil
 
 import torch
 
-from sa2va_rl.models.tiny import WORDS, word_tokenizer
+from sa2va_rl.data.vocab import WORDS
+from sa2va_rl.models.tiny import word_tokenizer
 
 # the Qwen2.5-VL / Qwen3-VL tokenizers' added tokens, in their order, then Sa2VA's [SEG]
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
