@@ -26,9 +26,8 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from sa2va_rl.models.policy import Generation, eos_set, right_aligned_logprobs
-from sa2va_rl.models.grounding import decode_masks, encode_image
-from sa2va_rl.models.sampling import BannedTokens, StopWords, generate_groups, head_logits_fp32
+from sa2va_rl.models.policy import Generation, eos_set
+from sa2va_rl.models.sampling import BannedTokens, GroundedPolicy, StopWords, generate_groups, head_logits_fp32
 from sa2va_rl.models.sa2va_inputs import (IMG_CONTEXT, IMG_END, IMG_START, SEG, VP_END, VP_START, VisualInputs,
                                           encode_sample, single_token_ids, splice_features, template, visual_features)
 from sa2va_rl.models.layout import ReleaseLayout
@@ -218,7 +217,7 @@ def lm_parts(model):
     return base, base.model, base.get_output_embeddings()
 
 
-class Sa2VAPolicy:
+class Sa2VAPolicy(GroundedPolicy):
     def __init__(self, model, tokenizer, max_tiles: int | None = None) -> None:
         cfg = model.config
         self.tokenizer = tokenizer
@@ -319,33 +318,6 @@ class Sa2VAPolicy:
         hidden = backbone(inputs_embeds=embeds, attention_mask=att, use_cache=False).last_hidden_state[:, -keep:]
         return head_logits_fp32(hidden, head, self.banned)
 
-    def logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
-                 drop_mask=None, contexts=None):
-        contexts = self._require(contexts, prompt_ids.shape[0])
-        return right_aligned_logprobs(lambda ids, att, keep: self._logits(model, ids, att, keep, contexts),
-                                      prompt_ids, prompt_mask, completion_ids, completion_mask, self.pad_token_id,
-                                      temperature, drop_mask)
-
     # ------------------------------------------------------------------ masks
-    @torch.no_grad()
-    def segment(self, model, prompt_ids: list[list[int]], completion_ids: list[list[int]], contexts
-                ) -> list[np.ndarray | None]:
-        """The mask of the first ``[SEG]`` of each completion (bool [H, W]), or None without ``[SEG]``."""
-        contexts = self._require(contexts, len(prompt_ids))
-        out: list[np.ndarray | None] = [None] * len(prompt_ids)
-        rows = [i for i, c in enumerate(completion_ids) if self.seg_id in c]
-        if not rows:
-            return out
-        device = next(model.parameters()).device
-        _lm, backbone, _head = lm_parts(model)
-        encoded = {}  # one grounding encoding per distinct image: the G rows of a group share it
-        for i in rows:  # one row at a time: no padding, and few rows carry [SEG] early in training
-            ids = torch.tensor([prompt_ids[i] + completion_ids[i]], device=device)
-            pos = len(prompt_ids[i]) + completion_ids[i].index(self.seg_id)
-            hidden = backbone(inputs_embeds=self.embed(model, ids, [contexts[i]]), use_cache=False
-                              ).last_hidden_state[0, pos:pos + 1]
-            image = contexts[i].image
-            if id(image) not in encoded:
-                encoded[id(image)] = encode_image(model, image)
-            out[i] = decode_masks(model, hidden, encoded[id(image)])[0].numpy()
-        return out
+    def _seg_hidden(self, model, ids: torch.Tensor, context: VisualInputs) -> torch.Tensor:
+        return lm_parts(model)[1](inputs_embeds=self.embed(model, ids, [context]), use_cache=False).last_hidden_state

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sa2va_rl.models.grounding import decode_masks, encode_image
-from sa2va_rl.models.policy import Generation, right_aligned_logprobs
+from sa2va_rl.models.policy import Generation
 from sa2va_rl.models.sa2va_inputs import SEG, TEMPLATES, template
-from sa2va_rl.models.sampling import BannedTokens, StopWords, generate_groups, head_logits_fp32, token_ids
+from sa2va_rl.models.sampling import (BannedTokens, GroundedPolicy, StopWords, generate_groups, head_logits_fp32,
+                                      token_ids)
 from sa2va_rl.numerics import LogitsGuard
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def region_text(boxes: list[list[int]]) -> str:
     return f"There are {len(boxes)} part regions in the picture: {parts}.\n"
 
 
-class Sa2VAQwenPolicy:
+class Sa2VAQwenPolicy(GroundedPolicy):
     """``Sa2VAQwenPolicy(model, processor)``: the model from ``load_upstream`` (a ``Sa2VAChatModelQwen``), the
     checkpoint's processor (``AutoProcessor.from_pretrained(path, trust_remote_code=True)``). TRL's
     ``processing_class`` is ``policy.tokenizer`` (the processor's tokenizer): prompts are text."""
@@ -221,31 +221,6 @@ class Sa2VAQwenPolicy:
         hidden = self._hidden(model, ids, att, contexts)[:, -keep:]
         return head_logits_fp32(hidden, qwen_parts(model)[2], self.banned)
 
-    def logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
-                 drop_mask=None, contexts=None):
-        contexts = self._require(contexts, prompt_ids.shape[0])
-        return right_aligned_logprobs(lambda ids, att, keep: self._logits(model, ids, att, keep, contexts),
-                                      prompt_ids, prompt_mask, completion_ids, completion_mask, self.pad_token_id,
-                                      temperature, drop_mask)
-
     # ------------------------------------------------------------------ masks
-    @torch.no_grad()
-    def segment(self, model, prompt_ids: list[list[int]], completion_ids: list[list[int]], contexts
-                ) -> list[np.ndarray | None]:
-        """The mask of the first ``[SEG]`` of each completion (bool [H, W]), or None without ``[SEG]``."""
-        contexts = self._require(contexts, len(prompt_ids))
-        out: list[np.ndarray | None] = [None] * len(prompt_ids)
-        rows = [i for i, c in enumerate(completion_ids) if self.seg_id in c]
-        if not rows:
-            return out
-        device = next(model.parameters()).device
-        encoded = {}  # one grounding encoding per distinct image: the G rows of a group share it
-        for i in rows:  # one row at a time: no padding, and few rows carry [SEG] early in training
-            ids = torch.tensor([prompt_ids[i] + completion_ids[i]], device=device)
-            pos = len(prompt_ids[i]) + completion_ids[i].index(self.seg_id)
-            hidden = self._hidden(model, ids, torch.ones_like(ids), [contexts[i]])[0, pos:pos + 1]
-            image = contexts[i].image
-            if id(image) not in encoded:
-                encoded[id(image)] = encode_image(model, image)
-            out[i] = decode_masks(model, hidden, encoded[id(image)])[0].numpy()
-        return out
+    def _seg_hidden(self, model, ids: torch.Tensor, context: QwenVisualInputs) -> torch.Tensor:
+        return self._hidden(model, ids, torch.ones_like(ids), [context])

@@ -21,7 +21,11 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from sa2va_rl.models.policy import Generation, StepCounter, cut_after_eos, eos_set, new_tokens
+import numpy as np
+
+from sa2va_rl.models.grounding import decode_masks, encode_image
+from sa2va_rl.models.policy import (Generation, StepCounter, cut_after_eos, eos_set, new_tokens,
+                                    right_aligned_logprobs)
 from sa2va_rl.numerics import LogitsGuard
 
 
@@ -133,3 +137,40 @@ def head_logits_fp32(hidden: torch.Tensor, head: torch.nn.Module, banned: Banned
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         logits = F.linear(hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float())
     return banned(None, logits)
+
+
+class GroundedPolicy:
+    """What the Sa2VA policies share once a family knows how to run its model: scoring and ``[SEG]`` -> masks.
+
+    A subclass provides ``_require(contexts, n)``, ``_logits(model, ids, att, keep, contexts)`` (fp32 [B, keep, V],
+    banned ids -inf) and ``_seg_hidden(model, ids [1, L], context)`` (last-layer hidden states [1, L, C]), and sets
+    ``pad_token_id`` and ``seg_id``.
+    """
+
+    def logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
+                 drop_mask=None, contexts=None):
+        contexts = self._require(contexts, prompt_ids.shape[0])
+        return right_aligned_logprobs(lambda ids, att, keep: self._logits(model, ids, att, keep, contexts),
+                                      prompt_ids, prompt_mask, completion_ids, completion_mask, self.pad_token_id,
+                                      temperature, drop_mask)
+
+    @torch.no_grad()
+    def segment(self, model, prompt_ids: list[list[int]], completion_ids: list[list[int]], contexts
+                ) -> list[np.ndarray | None]:
+        """The mask of the first ``[SEG]`` of each completion (bool [H, W]), or None without ``[SEG]``."""
+        contexts = self._require(contexts, len(prompt_ids))
+        out: list[np.ndarray | None] = [None] * len(prompt_ids)
+        rows = [i for i, c in enumerate(completion_ids) if self.seg_id in c]
+        if not rows:
+            return out
+        device = next(model.parameters()).device
+        encoded = {}  # one grounding encoding per distinct image: the G rows of a group share it
+        for i in rows:  # one row at a time: no padding, and few rows carry [SEG] early in training
+            ids = torch.tensor([prompt_ids[i] + completion_ids[i]], device=device)
+            pos = len(prompt_ids[i]) + completion_ids[i].index(self.seg_id)
+            hidden = self._seg_hidden(model, ids, contexts[i])[0, pos:pos + 1]
+            image = contexts[i].image
+            if id(image) not in encoded:
+                encoded[id(image)] = encode_image(model, image)
+            out[i] = decode_masks(model, hidden, encoded[id(image)])[0].numpy()
+        return out

@@ -1,6 +1,5 @@
 """Test stand-in for timm.models.layers.DropPath (stochastic depth), as timm defines it."""
 
-import torch
 from torch import nn
 
 
