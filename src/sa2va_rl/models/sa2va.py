@@ -258,13 +258,6 @@ class Sa2VAPolicy(GroundedPolicy):
                     cache[id(ctx)] = visual_features(model, ctx, vdtype, ids.device)
         return splice_features(embeds, ids, self.context_id, [cache[id(c)] for c in contexts])
 
-    @staticmethod
-    def _require(contexts, n: int) -> list[VisualInputs]:
-        if contexts is None or len(contexts) != n:
-            raise ValueError(f"Sa2VAPolicy needs one VisualInputs per row ({n}); got "
-                             f"{None if contexts is None else len(contexts)}. Train on a GARTaskDataset.")
-        return contexts
-
     # ------------------------------------------------------------------ sampling
     def generate(self, model, prompt_ids, generation_config, logits_guard: LogitsGuard | None,
                  contexts=None) -> Generation:

@@ -169,13 +169,6 @@ class Sa2VAQwenPolicy(GroundedPolicy):
             out["mm_token_type_ids"] = (ids == self.image_id).long() + 2 * (ids == self.video_id).long()
         return out
 
-    @staticmethod
-    def _require(contexts, n: int) -> list[QwenVisualInputs]:
-        if contexts is None or len(contexts) != n:
-            raise ValueError(f"Sa2VAQwenPolicy needs one QwenVisualInputs per row ({n}); got "
-                             f"{None if contexts is None else len(contexts)}. Train on a GARTaskDataset.")
-        return contexts
-
     # ------------------------------------------------------------------ sampling
     def generate(self, model, prompt_ids, generation_config, logits_guard: LogitsGuard | None,
                  contexts=None) -> Generation:

@@ -142,10 +142,17 @@ def head_logits_fp32(hidden: torch.Tensor, head: torch.nn.Module, banned: Banned
 class GroundedPolicy:
     """What the Sa2VA policies share once a family knows how to run its model: scoring and ``[SEG]`` -> masks.
 
-    A subclass provides ``_require(contexts, n)``, ``_logits(model, ids, att, keep, contexts)`` (fp32 [B, keep, V],
+    A subclass provides ``_logits(model, ids, att, keep, contexts)`` (fp32 [B, keep, V],
     banned ids -inf) and ``_seg_hidden(model, ids [1, L], context)`` (last-layer hidden states [1, L, C]), and sets
     ``pad_token_id`` and ``seg_id``.
     """
+
+    def _require(self, contexts, n: int) -> list:
+        """One visual-inputs object per row (the rows of a GARTaskDataset carry them)."""
+        if contexts is None or len(contexts) != n:
+            raise ValueError(f"{type(self).__name__} needs one visual-inputs object per row ({n}); got "
+                             f"{None if contexts is None else len(contexts)}. Train on a GARTaskDataset.")
+        return contexts
 
     def logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
                  drop_mask=None, contexts=None):
