@@ -203,18 +203,20 @@ def missing_packages(path: str) -> dict[str, str]:
     A package that is installed but fails to import (e.g. a torchvision built for another torch) is reported
     with its error: find_spec alone would call it present.
     """
-    needed: set[str] = set()
+    importers: dict[str, list[str]] = {}
     for file in code_files(path):
-        needed |= _imports(file)[0] & set(EXTRA_PACKAGES)
+        for mod in sorted(_imports(file)[0] & set(EXTRA_PACKAGES)):
+            importers.setdefault(mod, []).append(os.path.basename(file))
     out = {}
-    for mod in sorted(needed):
+    for mod, files in sorted(importers.items()):
+        where = f" (imported by {', '.join(files)})"
         if importlib.util.find_spec(mod) is None:
-            out[EXTRA_PACKAGES[mod]] = "not installed"
+            out[EXTRA_PACKAGES[mod]] = "not installed" + where
             continue
         try:
             importlib.import_module(mod)
         except Exception as e:  # noqa: BLE001 - any import failure is reported, with its type
-            out[EXTRA_PACKAGES[mod]] = f"installed but fails to import ({type(e).__name__}: {e})"
+            out[EXTRA_PACKAGES[mod]] = f"installed but fails to import ({type(e).__name__}: {e})" + where
     return out
 
 
