@@ -123,6 +123,9 @@ def _build_sa2va_run(script, margs, config):
         policy = make_policy(model, tokenizer, script.model_path, margs.max_tiles, config.trust_remote_code)
     except (ValueError, UpstreamLoadError, LayoutError) as e:
         return _fail(EXIT_USAGE, str(e))
+    from transformers import set_seed
+
+    set_seed(config.seed)  # the LoRA init draws before the trainer seeds anything: same --seed, same run
     prepare_for_training(model, margs)
     funcs, weights = task_rewards(tasks)
     if config.reward_weights is None:

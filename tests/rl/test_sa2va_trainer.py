@@ -172,3 +172,16 @@ def test_demo_runs_and_writes_pngs(tmp_path, capsys):
     for name, min_w in (("samples.png", 600), ("curves.png", 600)):
         with Image.open(tmp_path / name) as im:
             assert im.width >= min_w and np.asarray(im.convert("L")).std() > 5  # not blank
+
+
+def test_same_seed_same_weights(tiny_sa2va, gar_dir, tmp_path):
+    """--seed fixes the whole run, LoRA initialisation included: two runs save byte-identical weights."""
+    outs = []
+    for name in ("a", "b"):
+        out = str(tmp_path / name)
+        assert cli.main(["train", "--model_path", tiny_sa2va, "--data_dir", gar_dir, "--task", "both", "--max_steps",
+                         "2", "--output_dir", out, "--max_completion_length", "4", "--lora_r", "4", "--lora_alpha",
+                         "8", "--report_to", "none", "--disable_tqdm", "true", "--seed", "3"]) == 0
+        with open(os.path.join(out, "model.safetensors"), "rb") as f:
+            outs.append(f.read())
+    assert outs[0] == outs[1]
