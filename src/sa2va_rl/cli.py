@@ -21,7 +21,8 @@ class TrainArgs:
                                                           "Sa2VA checkpoint, or any causal LM."})
     data_dir: str = field(default=None, metadata={"help": "Sa2VA: a GAR directory (*.arrow, *.parquet or *.jsonl). "
                                                         "Causal LM: DIR/train.jsonl."})
-    task: str = field(default="both", metadata={"help": "Sa2VA: mask2caption, caption2mask or both."})
+    task: str = field(default=None, metadata={"help": "Sa2VA only: mask2caption, caption2mask or both (the "
+                                                      "default)."})
     bad_rows: str = field(default="skip", metadata={"help": "Bad GAR rows: 'skip' (counted, reported in "
                                                             "stability.json) or 'error' (stop, naming file and row)."})
     reward: str = field(default="token_f1", metadata={"help": "Causal LM only: token_f1 or exact_match."})
@@ -42,24 +43,46 @@ def _merge_repeated(argv: list[str], flag: str) -> list[str]:
     return rest + ([flag, *values] if values else [])
 
 
+def _join_negative_numbers(argv: list[str]) -> list[str]:
+    """``--flag -1e-5`` -> ``--flag=-1e-5``: argparse reads a negative number in scientific notation as a flag
+    ("expected one argument"); joined, the value reaches validation, which says what is wrong with it."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and arg.startswith("-"):
+            try:
+                float(arg)
+            except ValueError:
+                pass
+            else:
+                out[-1] = f"{out[-1]}={arg}"
+                continue
+        out.append(arg)
+    return out
+
+
 def _fail(code: int, message: str) -> int:
     print(f"sa2va-rl train: {message}", file=sys.stderr)
     return code
 
 
 def _train(argv: list[str]) -> int:
+    import yaml
     from trl import TrlParser
 
     from sa2va_rl.models.sa2va import Sa2VAModelArgs, is_sa2va_checkpoint
     from sa2va_rl.rl.config import Sa2VAGRPOConfig
 
-    argv = _merge_repeated(argv, "--inject")
+    argv = _join_negative_numbers(_merge_repeated(argv, "--inject"))
     parser = TrlParser((TrainArgs, Sa2VAModelArgs, Sa2VAGRPOConfig), prog="sa2va-rl train",
                        description="GRPO with guarded sampling and steps. Flags after --config FILE.yaml override it.")
     try:
         script, margs, config = parser.parse_args_and_config(args=argv)
     except ValueError as e:  # config validation: the message says how to fix
         return _fail(EXIT_USAGE, str(e))
+    except yaml.YAMLError as e:  # --config FILE.yaml that does not parse: file and line
+        mark = getattr(e, "problem_mark", None)
+        where = f"{mark.name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else "--config"
+        return _fail(EXIT_USAGE, f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}")
     if not script.model_path or not script.data_dir:
         return _fail(EXIT_USAGE, "--model_path and --data_dir are required")
     if not os.path.isfile(os.path.join(script.model_path, "config.json")):
@@ -67,7 +90,12 @@ def _train(argv: list[str]) -> int:
                                  "with save_pretrained (`sa2va-rl make-tiny --kind sa2va DIR` writes one)")
     if script.bad_rows not in ("skip", "error"):
         return _fail(EXIT_USAGE, f"--bad_rows {script.bad_rows!r}: use skip or error")
-    run = _build_sa2va_run if is_sa2va_checkpoint(script.model_path) else _build_causal_run
+    sa2va = is_sa2va_checkpoint(script.model_path)
+    if not sa2va and script.task is not None:
+        return _fail(EXIT_USAGE, f"--task {script.task}: {script.model_path} is a causal LM, not a Sa2VA checkpoint; "
+                                 "--task applies to Sa2VA only (drop it, or point --model_path at a Sa2VA model)")
+    script.task = script.task or "both"
+    run = _build_sa2va_run if sa2va else _build_causal_run
     built = run(script, margs, config)
     if isinstance(built, int):
         return built

@@ -137,6 +137,12 @@ class Sa2VAGRPOConfig(GRPOConfig):
             problems.append(f"log_ratio_clamp={self.log_ratio_clamp}: use a positive number such as 20")
         if self.stability_summary_steps < 0:
             problems.append(f"stability_summary_steps={self.stability_summary_steps}: use 0 (off) or more")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            problems.append(f"learning_rate={self.learning_rate}: use a positive rate (1e-5 is the original "
+                            "recipe's); 0 would train nothing and report success")
+        if self.max_steps == 0 or self.max_steps < -1:
+            problems.append(f"max_steps={self.max_steps}: use a positive number of optimizer steps, or -1 (the "
+                            "default) to train for num_train_epochs")
         if self.drop_repaired_tokens and not self.logits_guard:
             problems.append("drop_repaired_tokens needs logits_guard: enable --logits_guard or disable both")
         if problems:
