@@ -28,3 +28,16 @@ def test_usage_errors_name_the_field(row, tiny_causal, prompt_dir, tmp_path, cap
     err = capsys.readouterr().err
     assert rc == cli.EXIT_USAGE and message in err, err
     assert not (tmp_path / "o" / "stability.json").exists()  # nothing ran
+
+
+def test_every_row_bad_is_exit_3_with_the_count(tiny_sa2va, tmp_path, capsys):
+    import random
+
+    from sa2va_rl.data.synthetic import synthetic_row, write_arrow
+
+    rows = [dict(synthetic_row(random.Random(i)), image={"bytes": b"not an image", "path": None}) for i in range(4)]
+    write_arrow(str(tmp_path / "d" / "x.arrow"), rows)
+    rc = cli.main(["train", "--model_path", tiny_sa2va, "--data_dir", str(tmp_path / "d"), "--output_dir",
+                   str(tmp_path / "o"), "--max_steps", "1", "--max_completion_length", "4", "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_DATA and "every one of the 4 rows is bad" in err and "4 row(s) with a bad 'image'" in err, err

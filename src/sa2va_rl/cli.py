@@ -180,7 +180,7 @@ def _build_sa2va_run(script, margs, config):
 
 
 def _run_training(trainer, config, save) -> int:
-    from sa2va_rl.data.gar import BadRow
+    from sa2va_rl.data.gar import BadRow, NoGoodRows
     from sa2va_rl.rl.stability import NonFiniteTrainingError
     from sa2va_rl.rl.reward_guard import RewardError
 
@@ -198,6 +198,8 @@ def _run_training(trainer, config, save) -> int:
         trainer.train(resume_from_checkpoint=resume)
     except NonFiniteTrainingError as e:
         return _fail(EXIT_NONFINITE, f"stopped: {e}")
+    except NoGoodRows as e:
+        return _fail(EXIT_DATA, str(e))
     except BadRow as e:
         return _fail(EXIT_DATA, f"bad data row (pass --bad_rows skip to count and skip such rows): {e}")
     except RewardError as e:

@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 PROMPT_MARKER = re.compile(r"<Prompt\d+>")
 
 
+class NoGoodRows(ValueError):
+    """Every row of a GAR directory is bad (under ``bad_rows='skip'``); the message counts them by file and field."""
+
+
 class BadRow(ValueError):
     def __init__(self, path: str, index: int, field_name: str, reason: str) -> None:
         super().__init__(f"{path}: row {index}: field {field_name!r}: {reason}")
@@ -227,7 +231,8 @@ class GARReader:
             sample = self.get(j)
             if sample is not None:
                 return j, sample
-        raise ValueError(f"{self.data_dir}: every one of the {len(self)} rows is bad: {self.bad_report()}")
+        raise NoGoodRows(f"{self.data_dir}: every one of the {len(self)} rows is bad, nothing to train on: "
+                         f"{self.bad_report()}")
 
     def scan(self) -> tuple[int, int]:
         """Decode every row once: (good, bad). The bad ones are in ``bad_counts``."""
