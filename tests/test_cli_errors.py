@@ -41,3 +41,20 @@ def test_every_row_bad_is_exit_3_with_the_count(tiny_sa2va, tmp_path, capsys):
                    str(tmp_path / "o"), "--max_steps", "1", "--max_completion_length", "4", "--report_to", "none"])
     err = capsys.readouterr().err
     assert rc == cli.EXIT_DATA and "every one of the 4 rows is bad" in err and "4 row(s) with a bad 'image'" in err, err
+
+
+@pytest.mark.parametrize("kind", ["causal", "sa2va"])
+def test_truncated_weights_named_before_loading(kind, tiny_causal, tiny_sa2va, gar_dir, prompt_dir, tmp_path, capsys):
+    import os
+    import shutil
+
+    src, data = (tiny_causal, prompt_dir) if kind == "causal" else (tiny_sa2va, gar_dir)
+    model = tmp_path / "m"
+    shutil.copytree(src, model)
+    weights = model / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    rc = cli.main(["train", "--model_path", str(model), "--data_dir", data, "--output_dir", str(tmp_path / "o"),
+                   "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_USAGE and f"{weights}: truncated" in err, err

@@ -117,6 +117,12 @@ def _build_causal_run(script, margs, config):
         dataset = load_prompt_dataset(script.data_dir)
     except DataError as e:
         return _fail(EXIT_DATA, str(e))
+    from sa2va_rl.models.layout import LayoutError, verify_weight_files
+
+    try:
+        verify_weight_files(script.model_path)
+    except LayoutError as e:
+        return _fail(EXIT_USAGE, str(e))
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(script.model_path, trust_remote_code=config.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(script.model_path, dtype=dtype,

@@ -45,6 +45,28 @@ def _header(path: str) -> dict:
         return json.loads(f.read(n))
 
 
+def verify_weight_files(path: str) -> None:
+    """Every ``*.safetensors`` file of a checkpoint is whole: its header parses and its size covers every tensor
+    the header lists. A truncated download or a corrupt file is named here, before any weight is read."""
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    for name in files:
+        file = os.path.join(path, name)
+        size = os.path.getsize(file)
+        try:
+            with open(file, "rb") as f:
+                raw = f.read(8)
+                n = int.from_bytes(raw, "little")
+                if len(raw) < 8 or n <= 0 or 8 + n > size:
+                    raise ValueError(f"header of {n} bytes does not fit in the file's {size} bytes")
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise LayoutError(f"{file}: not a readable safetensors file ({e}); re-download or re-save it") from e
+        if 8 + n + end > size:
+            raise LayoutError(f"{file}: truncated: its header lists {8 + n + end:,} bytes of data, the file has "
+                              f"{size:,}; re-download it (an interrupted download or a full disk leaves this)")
+
+
 def _loaded_name(model, key: str, names: set[str]) -> str:
     """The name ``key`` of a checkpoint file has in ``model.state_dict()``: itself, or as transformers' weight
     conversions renamed it at load (``model._weight_conversions``; a transformers-5 internal, hence the guard)."""

@@ -30,7 +30,7 @@ from sa2va_rl.models.policy import Generation, eos_set
 from sa2va_rl.models.sampling import BannedTokens, GroundedPolicy, StopWords, generate_groups, head_logits_fp32
 from sa2va_rl.models.sa2va_inputs import (IMG_CONTEXT, IMG_END, IMG_START, SEG, VP_END, VP_START, VisualInputs,
                                           encode_sample, single_token_ids, splice_features, template, visual_features)
-from sa2va_rl.models.layout import ReleaseLayout
+from sa2va_rl.models.layout import ReleaseLayout, verify_weight_files
 from sa2va_rl.models.upstream import INTERNVL, QWEN_VL, load_upstream, read_config
 from sa2va_rl.numerics import LogitsGuard
 
@@ -103,6 +103,7 @@ def load_sa2va(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     import sa2va_rl.models.tiny_sa2va  # noqa: F401  (registers sa2va_tiny with the Auto classes)
 
     cfg = read_config(path)
+    verify_weight_files(path)
     model_type = cfg.get("model_type")
     if model_type != "sa2va_tiny" and not trust_remote_code:
         raise ValueError(f"{path}: model_type {model_type!r} ships its modeling code with the checkpoint; loading "
