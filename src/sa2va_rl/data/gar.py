@@ -35,14 +35,21 @@ logger = logging.getLogger(__name__)
 PROMPT_MARKER = re.compile(r"<Prompt\d+>")
 
 
+class DataFileError(ValueError):
+    """A whole data file is unusable (unreadable, truncated, wrong schema); the message names the file and why."""
+
+
 class NoGoodRows(ValueError):
     """Every row of a GAR directory is bad (under ``bad_rows='skip'``); the message counts them by file and field."""
 
 
 class BadRow(ValueError):
-    def __init__(self, path: str, index: int, field_name: str, reason: str) -> None:
-        super().__init__(f"{path}: row {index}: field {field_name!r}: {reason}")
-        self.path, self.index, self.field, self.reason = path, index, field_name, reason
+    """One row is unusable. ``index`` counts the file's rows from 0; for jsonl, ``line`` is the 1-based line."""
+
+    def __init__(self, path: str, index: int, field_name: str, reason: str, line: int | None = None) -> None:
+        where = f"row {index}" if line is None else f"row {index} (line {line})"
+        super().__init__(f"{path}: {where}: field {field_name!r}: {reason}")
+        self.path, self.index, self.field, self.reason, self.line = path, index, field_name, reason, line
 
 
 # --------------------------------------------------------------------------------------------- RLE
@@ -89,9 +96,47 @@ def _decode_image(value, path: str, index: int, base_dir: str) -> np.ndarray:
         raise BadRow(path, index, "image", "missing: expected {bytes: ...} or a path")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
+            return _to_rgb8(im, path, index)
+    except BadRow:
+        raise
     except Exception as e:  # PIL raises many types for corrupt data
         raise BadRow(path, index, "image", f"undecodable ({type(e).__name__}: {e})") from None
+
+
+def _to_rgb8(im: Image.Image, path: str, index: int) -> np.ndarray:
+    """Any PIL mode -> uint8 [H, W, 3]. 16/32-bit integer images are scaled to 8 bits (PIL's convert('RGB') clips
+    them: a 16-bit PNG would become solid white); palette, CMYK, LA, RGBA (alpha dropped) go through PIL's
+    conversion; float images are refused by name. EXIF orientation is applied by ``_orient`` against the mask."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.int64)
+        top = 65535 if im.mode.startswith("I;16") or arr.max() <= 65535 else int(arr.max())
+        gray = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if im.mode == "F":
+        raise BadRow(path, index, "image", "32-bit float image (mode F): no defined 8-bit range; store it as 8- "
+                                           "or 16-bit")
+    return np.asarray(im.convert("RGB"))
+
+
+def _orient(data_image: np.ndarray, exif_rotated: np.ndarray | None, hw_mask: tuple[int, int]) -> np.ndarray:
+    """The image as the mask was drawn on it: EXIF-rotated when only the rotated size matches the mask, raw
+    pixels otherwise (annotation tools that ignore EXIF, as COCO's, drew on the raw array)."""
+    if exif_rotated is not None and exif_rotated.shape[:2] == hw_mask and data_image.shape[:2] != hw_mask:
+        return exif_rotated
+    return data_image
+
+
+def _exif_rotated(value, path: str, index: int, base_dir: str) -> np.ndarray | None:
+    """The image with its EXIF orientation applied, or None when it has none."""
+    from PIL import ImageOps
+
+    data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, (bytes, bytearray)) else None
+    if not data:
+        return None
+    with Image.open(io.BytesIO(data)) as im:
+        if im.getexif().get(0x0112, 1) == 1:
+            return None
+        return _to_rgb8(ImageOps.exif_transpose(im), path, index)
 
 
 def _decode_mask(value, path: str, index: int, hw: tuple[int, int]) -> np.ndarray:
@@ -124,8 +169,17 @@ def _conversation(value, path: str, index: int) -> tuple[str, str]:
     return question, gpt.strip()
 
 
+def _mask_hw(value) -> tuple[int, int] | None:
+    first = value[0] if isinstance(value, list) and value else value
+    size = first.get("size") if isinstance(first, dict) else None
+    return tuple(size) if isinstance(size, (list, tuple)) and len(size) == 2 else None
+
+
 def decode_row(row: dict, path: str, index: int) -> GARSample:
     image = _decode_image(row.get("image"), path, index, os.path.dirname(path))
+    hw = _mask_hw(row.get("mask_rle"))
+    if hw is not None and hw != image.shape[:2]:
+        image = _orient(image, _exif_rotated(row.get("image"), path, index, os.path.dirname(path)), hw)
     mask = _decode_mask(row.get("mask_rle"), path, index, image.shape[:2])
     question, caption = _conversation(row.get("conversations"), path, index)
     category = row.get("catagory", row.get("category"))  # 'catagory' (sic) in the release
@@ -133,28 +187,67 @@ def decode_row(row: dict, path: str, index: int) -> GARSample:
 
 
 # --------------------------------------------------------------------------------------------- files
+REQUIRED = ("image", "mask_rle", "conversations")
+
+
 def _open_table(path: str) -> pa.Table:
-    """Memory-mapped: the table's buffers point into the mapped file, nothing is copied up front."""
-    if path.endswith(".parquet"):
-        return pq.read_table(path, memory_map=True)
-    source = pa.memory_map(path, "r")
+    """Memory-mapped: the table's buffers point into the mapped file, nothing is copied up front. A file that
+    does not read whole (truncated download, not Arrow/Parquet) or lacks a column is named here, at open."""
     try:
-        return pa.ipc.open_file(source).read_all()
-    except pa.ArrowInvalid:
-        source.seek(0)
-        return pa.ipc.open_stream(source).read_all()
+        if path.endswith(".parquet"):
+            table = pq.read_table(path, memory_map=True)
+        else:
+            source = pa.memory_map(path, "r")
+            try:
+                table = pa.ipc.open_file(source).read_all()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                table = pa.ipc.open_stream(source).read_all()
+    except (pa.ArrowException, OSError) as e:
+        raise DataFileError(f"{path}: cannot be read ({type(e).__name__}: {e}); a truncated or interrupted "
+                            "download? Re-download the file, or move it out of --data_dir") from None
+    _check_schema(path, table.schema)
+    return table
 
 
-def _jsonl_rows(path: str) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f):
+def _check_schema(path: str, schema: pa.Schema) -> None:
+    """The columns a GAR row needs, with types a row can be decoded from."""
+    missing = [c for c in REQUIRED if c not in schema.names]
+    if missing:
+        raise DataFileError(f"{path}: column(s) {missing} missing; GAR rows need {list(REQUIRED)}, this file has "
+                            f"{schema.names}")
+    image = schema.field("image").type
+    ok = (pa.types.is_struct(image) and {"bytes", "path"} & {f.name for f in image}) or pa.types.is_binary(image) \
+        or pa.types.is_large_binary(image) or pa.types.is_string(image) or pa.types.is_large_string(image)
+    if not ok:
+        raise DataFileError(f"{path}: column 'image' has type {image}; expected struct<bytes, path>, binary or a "
+                            "path string")
+    mask = schema.field("mask_rle").type
+    if not (pa.types.is_struct(mask) or pa.types.is_list(mask) or pa.types.is_large_list(mask)):
+        raise DataFileError(f"{path}: column 'mask_rle' has type {mask}; expected a COCO RLE struct<size, counts> "
+                            "or a list of them")
+    conv = schema.field("conversations").type
+    if not (pa.types.is_list(conv) or pa.types.is_large_list(conv)):
+        raise DataFileError(f"{path}: column 'conversations' has type {conv}; expected a list of {{from, value}}")
+
+
+def _jsonl_rows(path: str) -> tuple[list[dict], list[int]]:
+    """(rows, 1-based line number of each row): blank lines are skipped, so row i need not be line i + 1."""
+    rows, lines = [], []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFileError(f"{path}: line {lineno}: not UTF-8 (byte {e.start + 1} of the line: "
+                                    f"{raw[e.start:e.start + 1]!r}); save the file as UTF-8") from None
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise BadRow(path, lineno, "<line>", f"not valid JSON ({e.msg})") from None
-    return rows
+                    raise BadRow(path, len(rows), "<line>", f"not valid JSON ({e.msg})", line=lineno) from None
+                lines.append(lineno)
+    return rows, lines
 
 
 def find_files(data_dir: str) -> list[str]:
@@ -185,6 +278,7 @@ class GARReader:
             raise ValueError(f"bad_rows={self.bad_rows!r}: use 'skip' or 'error'")
         self._files = find_files(self.data_dir)
         self._tables: dict[str, pa.Table | list[dict]] = {}
+        self._lines: dict[str, list[int]] = {}  # jsonl: the 1-based line of each row
         self._warn_limiter = PowerOfTwoLimiter()
         self._known_bad: set[int] = set()  # counted once, however often they are read
         self._index: list[tuple[str, int]] = []
@@ -194,7 +288,10 @@ class GARReader:
 
     def _rows(self, path: str):
         if path not in self._tables:
-            self._tables[path] = _jsonl_rows(path) if path.endswith(".jsonl") else _open_table(path)
+            if path.endswith(".jsonl"):
+                self._tables[path], self._lines[path] = _jsonl_rows(path)
+            else:
+                self._tables[path] = _open_table(path)
         return self._tables[path]
 
     def __len__(self) -> int:
@@ -212,10 +309,17 @@ class GARReader:
             return None
         path, index, row = self.raw(i)
         try:
-            return decode_row(row, path, index)
-        except BadRow as e:
-            if self.bad_rows == "error":
+            try:
+                return decode_row(row, path, index)
+            except BadRow:
                 raise
+            except Exception as e:  # noqa: BLE001 - whatever a row does wrong, it is this row's fault: named
+                raise BadRow(path, index, "<row>", f"{type(e).__name__}: {e}") from e
+        except BadRow as e:
+            if path in self._lines and e.line is None:
+                e = BadRow(e.path, e.index, e.field, e.reason, line=self._lines[path][e.index])
+            if self.bad_rows == "error":
+                raise e from None
             self._known_bad.add(i)
             self.bad_counts[(os.path.relpath(e.path, self.data_dir), e.field)] += 1
             if self._warn_limiter():
