@@ -189,6 +189,7 @@ def _run_training(trainer, config, save) -> int:
     from sa2va_rl.data.gar import BadRow, NoGoodRows
     from sa2va_rl.rl.stability import NonFiniteTrainingError
     from sa2va_rl.rl.reward_guard import RewardError
+    from sa2va_rl.rl.signals import GracefulStop
 
     logger.info("%d prompts x %d generations per device step, lr %g, bf16 %s",
                 config.per_device_train_batch_size // config.num_generations, config.num_generations,
@@ -200,6 +201,9 @@ def _run_training(trainer, config, save) -> int:
         resume = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
         logger.info("--resume_from_checkpoint latest: %s", resume or f"no checkpoint in {config.output_dir}, "
                                                                       "starting from the beginning")
+    stop = GracefulStop(config.save_on_signal)
+    trainer.add_callback(stop)
+    stop.install()
     try:
         trainer.train(resume_from_checkpoint=resume)
     except NonFiniteTrainingError as e:
@@ -210,6 +214,16 @@ def _run_training(trainer, config, save) -> int:
         return _fail(EXIT_DATA, f"bad data row (pass --bad_rows skip to count and skip such rows): {e}")
     except RewardError as e:
         return _fail(EXIT_REWARD, str(e))
+    finally:
+        stop.uninstall()
+    if stop.received is not None:
+        import signal
+
+        saved = (f"checkpoint-{stop.saved_at} saved in {config.output_dir}; continue with "
+                 "--resume_from_checkpoint latest" if stop.saved_at is not None else "no checkpoint saved "
+                 "(--save_on_signal false)")
+        return _fail(stop.exit_code, f"stopped by {signal.Signals(stop.received).name} after step "
+                                     f"{trainer.state.global_step}: {saved}")
     save()
     print(trainer.stability.summary_line(trainer.state.global_step))
     print(f"model and stability.json written to {config.output_dir}")

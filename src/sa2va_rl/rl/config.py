@@ -82,8 +82,13 @@ class Sa2VAGRPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Testing: inject faults, KIND[@STEP][:ARG] ... (see sa2va_rl.rl.faults): nan_logits, "
                           "posinf_logits, huge_logits, empty_completion, nan_grads, inf_grads, nan_weights, "
-                          "reward_raises, reward_nan, reward_none; force_token[:TOKEN] (every completion of the step "
-                          "starts with TOKEN, default [SEG], to exercise the mask path)."},
+                          "reward_raises, reward_nan, reward_none, signal[:INT|TERM]; force_token[:TOKEN] (every completion "
+                          "of the step starts with TOKEN, default [SEG], to exercise the mask path)."},
+    )
+    save_on_signal: bool = field(
+        default=True,
+        metadata={"help": "On SIGINT/SIGTERM: finish the step, save a checkpoint, stop with exit 128 + signal "
+                          "(resume with --resume_from_checkpoint latest). A second signal stops at once."},
     )
     stability_summary_steps: int = field(
         default=10, metadata={"help": "Log a one-line stability summary every N optimizer steps (0: never)."}

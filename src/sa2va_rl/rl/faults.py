@@ -18,6 +18,8 @@ nan_weights        one weight of the first trainable matrix (not an embedding, n
 reward_raises      the first reward function raises on the first sample
 reward_nan         ... returns NaN for the first sample
 reward_none        ... returns None ("no opinion") for the first sample
+signal             the process sends itself SIGTERM (ARG: INT for SIGINT) as the step starts, as a scheduler
+                   would: the step finishes, a checkpoint is saved, the run stops with exit 128 + signal
 force_token        every completion of the step starts with token ARG (default ``[SEG]``): its logit is raised
                    by 50 at the first sampled position (finite; the LogitsGuard leaves the row alone). Not a
                    fault: it exercises a path random weights rarely take (a ``[SEG]`` -> SAM2 mask)
@@ -43,7 +45,7 @@ logger = logging.getLogger(__name__)
 LOGIT_KINDS = {"nan_logits": math.nan, "posinf_logits": math.inf, "huge_logits": 1e30}
 GRAD_KINDS = {"nan_grads": math.nan, "inf_grads": math.inf}
 REWARD_KINDS = ("reward_raises", "reward_nan", "reward_none")
-KINDS = (*LOGIT_KINDS, "empty_completion", *GRAD_KINDS, "nan_weights", *REWARD_KINDS, "force_token")
+KINDS = (*LOGIT_KINDS, "empty_completion", *GRAD_KINDS, "nan_weights", *REWARD_KINDS, "force_token", "signal")
 _SPEC = re.compile(r"^(?P<kind>[a-z_]+)(?:@(?P<step>\d+))?(?::(?P<arg>[^:]+))?$")
 
 
@@ -98,6 +100,13 @@ class FaultInjector:
     # ---------------------------------------------------------------- model seams
     def before_generation(self, step: int, model: torch.nn.Module) -> list:
         """Poison weights now (persistent); return hooks that corrupt the next logits (remove them after)."""
+        for f in self._due(step, ("signal",)):
+            import os
+            import signal
+
+            sig = signal.SIGINT if (f.arg or "TERM").upper() in ("INT", "SIGINT") else signal.SIGTERM
+            self._fire(f, f"sending {sig.name} to this process")
+            os.kill(os.getpid(), sig)
         for f in self._due(step, ("nan_weights",)):
             embedding = {id(q) for m in model.modules() if isinstance(m, torch.nn.Embedding) for q in m.parameters()}
             scores = ("q_proj", "k_proj", "wqkv", "qkv_proj")
