@@ -186,14 +186,28 @@ def _build_sa2va_run(script, margs, config):
 
 
 def _run_training(trainer, config, save) -> int:
-    from sa2va_rl.data.gar import BadRow, NoGoodRows
-    from sa2va_rl.rl.stability import NonFiniteTrainingError
-    from sa2va_rl.rl.reward_guard import RewardError
-    from sa2va_rl.rl.signals import GracefulStop
+    from sa2va_rl.rl.run_lock import OutputDirBusy, RunLock
 
     logger.info("%d prompts x %d generations per device step, lr %g, bf16 %s",
                 config.per_device_train_batch_size // config.num_generations, config.num_generations,
                 config.learning_rate, config.bf16)
+    lock = RunLock(config.output_dir)  # before anything touches the directory (stale .staging cleanup included)
+    try:
+        lock.acquire()
+    except OutputDirBusy as e:
+        return _fail(EXIT_USAGE, str(e))
+    try:
+        return _train_and_save(trainer, config, save)
+    finally:
+        lock.release()
+
+
+def _train_and_save(trainer, config, save) -> int:
+    from sa2va_rl.data.gar import BadRow, NoGoodRows
+    from sa2va_rl.rl.reward_guard import RewardError
+    from sa2va_rl.rl.signals import GracefulStop
+    from sa2va_rl.rl.stability import NonFiniteTrainingError
+
     resume = config.resume_from_checkpoint
     if resume == "latest":
         from transformers.trainer_utils import get_last_checkpoint
