@@ -120,7 +120,7 @@ def warm_start(model, tokenizer, policy, rows, steps: int, seed: int, batch: int
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     for m in decoder:
         m.requires_grad_(False)
     k = max(1, steps // 10)

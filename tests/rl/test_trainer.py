@@ -298,3 +298,14 @@ def test_log_ratio_clamp_bounds_value_keeps_gradient_and_is_identity_when_idle()
     y.sum().backward()
     assert torch.equal(x.grad, torch.ones(3))  # gradient of every token kept
     assert torch.isfinite(torch.exp(ref - y)).all()
+
+
+def test_progress_lines_are_readable():
+    from sa2va_rl.rl.progress import format_logs
+
+    logs = {"loss": -0.0823, "grad_norm": 0.733, "reward": 0.459, "rewards/caption_meteor/mean": 0.426,
+            "rewards/mask_iou/mean": 0.33, "entropy": 0.887, "completions/mean_length": 8.31,
+            "stability/skipped_steps": 0, "stability/repaired_rows": 2}
+    assert format_logs(3, 40, logs) == ("step 3/40  reward 0.459 (caption_meteor 0.426, mask_iou 0.33)  loss -0.0823  "
+                                        "grad 0.733  entropy 0.887  len 8.31  skipped 0, repaired rows 2")
+    assert format_logs(40, 40, {"train_runtime": 3.0, "loss": 0.1}) is None  # the end-of-run summary dict

@@ -36,6 +36,7 @@ import os
 
 import torch
 from accelerate.utils import DistributedType
+from transformers.trainer_callback import ProgressCallback
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
@@ -45,6 +46,7 @@ from sa2va_rl.numerics.clamp import straight_through_clamp as _straight_through_
 from sa2va_rl.rl import checkpoints
 from sa2va_rl.rl.advantages import group_advantages
 from sa2va_rl.rl.config import Sa2VAGRPOConfig
+from sa2va_rl.rl.progress import ReadableProgress
 from sa2va_rl.rl.faults import FaultInjector
 from sa2va_rl.rl.reward_guard import RewardError, guarded_reward
 from sa2va_rl.rl.stability import StabilityCallback, ranks_agree, weights_finite
@@ -86,6 +88,9 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self.grad_guard = GradGuard()
         self.stability = StabilityCallback(args.stability_summary_steps, self.logits_guard, self.grad_guard)
         self.add_callback(self.stability)
+        if any(isinstance(cb, ProgressCallback) for cb in self.callback_handler.callbacks):
+            self.remove_callback(ProgressCallback)  # the raw metric dicts -> one readable line (rl/progress.py)
+            self.add_callback(ReadableProgress)
         self.rollback = checkpoints.Rollback(self)
         self.record = StepRecord()  # the rows in flight: what each seam reads and writes (see StepRecord)
         self.last_generation: StepRecord | None = None  # the last finished generation's record; no seam reads it
@@ -281,6 +286,9 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                         for v in vals if isinstance(v, float) and not math.isfinite(v))
         self.stability.counters.nonfinite_metric_values += nonfinite
         self.stability.counters.nonfinite_losses = int(self._nonfinite_losses)  # one sync per log
+        for key in [k for k, vals in self._metrics[mode].items() if k.startswith("rewards/") and vals
+                    and all(isinstance(v, float) and math.isnan(v) for v in vals)]:
+            del self._metrics[mode][key]  # no row of that reward's task in these steps: absent, not a NaN/None
         if mode == "train":
             logs = {**logs, **self.stability.metrics()}
         super().log(logs, start_time)
