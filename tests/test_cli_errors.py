@@ -58,3 +58,21 @@ def test_truncated_weights_named_before_loading(kind, tiny_causal, tiny_sa2va, g
                    "--report_to", "none"])
     err = capsys.readouterr().err
     assert rc == cli.EXIT_USAGE and f"{weights}: truncated" in err, err
+
+
+def test_resume_with_another_lora_rank_or_model_is_named_before_training(tiny_sa2va, tiny_causal, gar_dir, prompt_dir,
+                                                                          tmp_path, capsys):
+    out = str(tmp_path / "o")
+    common = ["--data_dir", gar_dir, "--output_dir", out, "--max_completion_length", "4", "--report_to", "none",
+              "--disable_tqdm", "true", "--save_steps", "1"]
+    assert cli.main(["train", "--model_path", tiny_sa2va, *common, "--max_steps", "1", "--lora_r", "4",
+                     "--lora_alpha", "8"]) == 0
+    capsys.readouterr()
+    rc = cli.main(["train", "--model_path", tiny_sa2va, *common, "--max_steps", "2", "--lora_r", "8", "--lora_alpha",
+                   "16", "--resume_from_checkpoint", "latest"])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_USAGE and "differ in shape" in err and "lora_A" in err and "checkpoint [4, " in err, err
+    rc = cli.main(["train", "--model_path", tiny_causal, "--data_dir", prompt_dir, "--output_dir", out,
+                   "--report_to", "none", "--max_steps", "2", "--resume_from_checkpoint", "latest"])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_USAGE and "this model does not have" in err, err

@@ -215,6 +215,14 @@ def _train_and_save(trainer, config, save) -> int:
         resume = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
         logger.info("--resume_from_checkpoint latest: %s", resume or f"no checkpoint in {config.output_dir}, "
                                                                       "starting from the beginning")
+    if resume:
+        from sa2va_rl.models.layout import resume_mismatch
+
+        why = resume_mismatch(resume, trainer.accelerator.unwrap_model(trainer.model))
+        if why:
+            return _fail(EXIT_USAGE, f"--resume_from_checkpoint {resume}: it was written by another setup ({why}); "
+                                     "resume with the flags of that run (--lora_r, --model_path, ...) or start a new "
+                                     "--output_dir")
     stop = GracefulStop(config.save_on_signal)
     trainer.add_callback(stop)
     stop.install()

@@ -177,3 +177,33 @@ def _write_json(path: str, obj) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+def resume_mismatch(checkpoint: str, model) -> str | None:
+    """Why ``checkpoint``'s weights cannot be loaded into ``model`` (other LoRA rank, other model), or None.
+
+    Headers only: key names (as loading would rename them) and shapes against ``model.state_dict()``."""
+    files = sorted(f for f in os.listdir(checkpoint) if f.endswith(".safetensors") and f.startswith("model"))
+    if not files:
+        return None
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    names = set(state)
+    shapes, unknown = [], []
+    for file in files:
+        for key, meta in _header(os.path.join(checkpoint, file)).items():
+            if key == "__metadata__":
+                continue
+            name = _loaded_name(model, key, names)
+            if name not in state:
+                unknown.append(key)
+            elif tuple(meta["shape"]) != state[name]:
+                shapes.append(f"{key}: checkpoint {list(meta['shape'])} vs this model {list(state[name])}")
+    if not shapes and not unknown:
+        return None
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} tensor(s) differ in shape (first: {shapes[0]})")
+    if unknown:
+        parts.append(f"{len(unknown)} checkpoint tensor(s) this model does not have (first: {unknown[0]})")
+    return "; ".join(parts)
+
