@@ -26,6 +26,10 @@ class TrainArgs:
     bad_rows: str = field(default="skip", metadata={"help": "Bad GAR rows: 'skip' (counted, reported in "
                                                             "stability.json) or 'error' (stop, naming file and row)."})
     reward: str = field(default="token_f1", metadata={"help": "Causal LM only: token_f1 or exact_match."})
+    max_prompt_tokens: int = field(default=8192, metadata={
+        "help": "Sa2VA: a GAR sample whose prompt (image tokens included) is longer is skipped and counted under "
+                "bad_rows (a runaway caption would cost a step minutes and gigabytes); set it to the model's "
+                "context minus max_completion_length."})
 
 
 def _merge_repeated(argv: list[str], flag: str) -> list[str]:
@@ -167,7 +171,7 @@ def _build_sa2va_run(script, margs, config):
     elif len(config.reward_weights) != len(funcs):
         return _fail(EXIT_USAGE, f"--reward_weights has {len(config.reward_weights)} values; task {script.task!r} "
                                  f"has {len(funcs)} rewards: {[f.__name__ for f in funcs]}")
-    dataset = GARTaskDataset(reader, policy, tasks)
+    dataset = GARTaskDataset(reader, policy, tasks, max_prompt_tokens=script.max_prompt_tokens)
     trainer = Sa2VAGRPOTrainer(model=model, reward_funcs=funcs, args=config, train_dataset=dataset.to_dataset(),
                                processing_class=tokenizer, policy=policy)
     trainer.stability.extras["bad_rows"] = lambda: {f"{f}:{fld}": n for (f, fld), n in reader.bad_counts.items()}

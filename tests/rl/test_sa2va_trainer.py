@@ -185,3 +185,20 @@ def test_same_seed_same_weights(tiny_sa2va, gar_dir, tmp_path):
         with open(os.path.join(out, "model.safetensors"), "rb") as f:
             outs.append(f.read())
     assert outs[0] == outs[1]
+
+
+def test_runaway_caption_prompt_is_skipped_and_counted(tiny_sa2va, tmp_path):
+    """A 10,000-word caption makes a caption2mask prompt of ~10k tokens: that sample is skipped (the next good one
+    takes its place) and counted under bad_rows, field 'conversations'."""
+    from sa2va_rl.data.synthetic import synthetic_row, write_arrow
+
+    rng = random.Random(0)
+    rows = [synthetic_row(rng) for _ in range(3)]
+    rows[1] = dict(rows[1], conversations=[{"from": "human", "value": "<image>"},
+                                           {"from": "gpt", "value": " ".join(["red"] * 10_000)}])
+    write_arrow(str(tmp_path / "d" / "x.arrow"), rows)
+    model, tok = load_sa2va(tiny_sa2va)
+    reader = GARReader(str(tmp_path / "d"))
+    data = GARTaskDataset(reader, Sa2VAPolicy(model, tok), ["caption2mask"], max_prompt_tokens=512)
+    assert data[1]["source"].endswith(":2") and len(tok(data[1]["prompt"]).input_ids) <= 512
+    assert dict(reader.bad_counts) == {("x.arrow", "conversations"): 1}

@@ -327,6 +327,17 @@ class GARReader:
                                "skip)", e, self._warn_limiter.events)
             return None
 
+    def reject(self, i: int, error: BadRow) -> None:
+        """Row ``i`` decoded but a later rule refused it (e.g. its prompt is too long): skipped and counted as any
+        bad row under 'skip', raised under 'error'."""
+        if self.bad_rows == "error":
+            raise error
+        if i not in self._known_bad:
+            self._known_bad.add(i)
+            self.bad_counts[(os.path.relpath(error.path, self.data_dir), error.field)] += 1
+            if self._warn_limiter():
+                logger.warning("skipping GAR row (%s); %d skipped so far", error, self._warn_limiter.events)
+
     def get_good(self, i: int) -> tuple[int, GARSample]:
         """Row ``i`` or, if it is bad (skipped), the next good row after it (wrapping): (index, sample).
         Deterministic, so the G reads of a GRPO group agree."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 
-from sa2va_rl.data.gar import GARReader
+from sa2va_rl.data.gar import BadRow, GARReader, NoGoodRows
 from sa2va_rl.rl.rewards import caption_meteor, format_reward, mask_iou
 
 logger = logging.getLogger(__name__)
@@ -59,10 +59,12 @@ class GARTaskDataset:
     ``to_dataset()`` gives the ``datasets.Dataset`` TRL wants: an index column decoded on access.
     """
 
-    def __init__(self, reader: GARReader, policy, tasks: list[str], cache_size: int = 16) -> None:
+    def __init__(self, reader: GARReader, policy, tasks: list[str], cache_size: int = 16,
+                 max_prompt_tokens: int | None = None) -> None:
         for t in tasks:
             task_list(t)
         self.reader, self.policy, self.tasks = reader, policy, list(tasks)
+        self.max_prompt_tokens = max_prompt_tokens
         self._cache: OrderedDict[tuple[int, str], dict] = OrderedDict()
         self.cache_size = cache_size
 
@@ -89,7 +91,26 @@ class GARTaskDataset:
         return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
     def _build(self, idx: int, task: str) -> dict:
-        _j, s = self.reader.get_good(idx)
+        """The row for sample ``idx`` (or the next good one): a sample whose prompt is over ``max_prompt_tokens``
+        (a runaway caption makes a caption2mask prompt of thousands of tokens) is skipped and counted like a bad
+        row, field 'conversations', so one sample cannot cost a step minutes and gigabytes."""
+        j = idx
+        for _ in range(len(self.reader)):
+            j, s = self.reader.get_good(j)
+            row = self._row(s, task)
+            if self.max_prompt_tokens is None:
+                return row
+            n = len(self.policy.tokenizer(row["prompt"]).input_ids)
+            if n <= self.max_prompt_tokens:
+                return row
+            path, index = s.source.rsplit(":", 1)
+            self.reader.reject(j, BadRow(path, int(index), "conversations", f"{task} prompt of {n} tokens > "
+                                                                            f"max_prompt_tokens {self.max_prompt_tokens}"))
+            j = (j + 1) % len(self.reader)
+        raise NoGoodRows(f"{self.reader.data_dir}: no row has a prompt within max_prompt_tokens "
+                         f"{self.max_prompt_tokens}: {self.reader.bad_report()}")
+
+    def _row(self, s, task: str) -> dict:
         if task == "mask2caption":
             prompt, visual = self.policy.encode(s.image, s.question or DEFAULT_QUESTION, [s.mask], s.source)
             return {"prompt": prompt, "task": task, "caption": s.caption, "gt_mask": None, "source": s.source,
