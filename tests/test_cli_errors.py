@@ -76,3 +76,29 @@ def test_resume_with_another_lora_rank_or_model_is_named_before_training(tiny_sa
                    "--report_to", "none", "--max_steps", "2", "--resume_from_checkpoint", "latest"])
     err = capsys.readouterr().err
     assert rc == cli.EXIT_USAGE and "this model does not have" in err, err
+
+
+def test_remote_code_causal_model_needs_the_flag(tiny_causal, prompt_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_causal, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (model / "config.json").write_text(json.dumps(cfg))
+    rc = cli.main(["train", "--model_path", str(model), "--data_dir", prompt_dir, "--output_dir", str(tmp_path / "o"),
+                   "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_USAGE and "Pass --trust_remote_code" in err and "Traceback" not in err, err
+
+
+def test_same_seed_same_weights_causal(tiny_causal, prompt_dir, tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert cli.main(["train", "--model_path", tiny_causal, "--data_dir", prompt_dir, "--output_dir", str(out),
+                         "--max_steps", "2", "--batch_size", "2", "--num_generations", "2", "--max_completion_length",
+                         "4", "--report_to", "none", "--disable_tqdm", "true", "--seed", "5"]) == 0
+        outs.append((out / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1]

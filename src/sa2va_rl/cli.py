@@ -122,7 +122,11 @@ def _build_causal_run(script, margs, config):
     except DataError as e:
         return _fail(EXIT_DATA, str(e))
     from sa2va_rl.models.layout import LayoutError, verify_weight_files
+    from sa2va_rl.models.upstream import is_remote_code, read_config
 
+    if is_remote_code(read_config(script.model_path)) and not config.trust_remote_code:
+        return _fail(EXIT_USAGE, f"{script.model_path}: its config.json names its own modeling code (auto_map); "
+                                 "loading it runs that code. Pass --trust_remote_code if you trust this checkpoint.")
     try:
         verify_weight_files(script.model_path)
     except LayoutError as e:
