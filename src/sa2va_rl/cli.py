@@ -199,15 +199,26 @@ def _run_training(trainer, config, save) -> int:
     logger.info("%d prompts x %d generations per device step, lr %g, bf16 %s",
                 config.per_device_train_batch_size // config.num_generations, config.num_generations,
                 config.learning_rate, config.bf16)
-    lock = RunLock(config.output_dir)  # before anything touches the directory (stale .staging cleanup included)
+    # one lock per run, held by its main process (the other ranks of the same run share the directory), taken
+    # before anything touches the directory (the stale .staging cleanup included)
+    lock = RunLock(config.output_dir) if trainer.accelerator.is_main_process else None
+    busy = [None]
     try:
-        lock.acquire()
+        if lock is not None:
+            lock.acquire()
     except OutputDirBusy as e:
-        return _fail(EXIT_USAGE, str(e))
+        busy[0] = str(e)
+    if trainer.accelerator.num_processes > 1:  # every rank stops, or none does
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(busy, from_process=0)
+    if busy[0] is not None:
+        return _fail(EXIT_USAGE, busy[0])
     try:
         return _train_and_save(trainer, config, save)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _train_and_save(trainer, config, save) -> int:
