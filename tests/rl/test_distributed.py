@@ -33,5 +33,7 @@ def test_two_ranks_skip_the_same_step_and_agree(tiny_causal, prompt_dir, tmp_pat
         report = json.load(f)
     assert report["ranks_agree"] is True  # per-tensor weight sums gathered from both ranks: identical
     assert report["steps"] == 4 and report["skipped_steps"] == 1 and report["first_nonfinite"]["step"] == 2
-    assert report["first_nonfinite"]["params"] == []  # rank 0 (which writes the report) saw no NaN itself
+    # rank 0 writes the report, yet it names the parameter that rank 1 saw, and the rank
+    assert report["first_nonfinite"]["params"] == ["model.embed_tokens.weight"]
+    assert report["first_nonfinite"]["ranks"] == {"1": ["model.embed_tokens.weight"]}
     assert "on rank 1" in proc.stderr and proc.stderr.count("GradGuard: non-finite gradients (nan) at check 2") == 2

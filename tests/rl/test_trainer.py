@@ -298,3 +298,31 @@ def test_log_ratio_clamp_bounds_value_keeps_gradient_and_is_identity_when_idle()
     y.sum().backward()
     assert torch.equal(x.grad, torch.ones(3))  # gradient of every token kept
     assert torch.isfinite(torch.exp(ref - y)).all()
+
+
+# (G) end of run: nothing in train()'s finally masks the real error or fails a finished run ----------------------
+def test_failing_end_of_run_check_does_not_fail_a_finished_run(tiny_causal, prompt_dir, tmp_path, monkeypatch):
+    def broken(model, accelerator):
+        raise NotImplementedError("Operator c10d.allreduce_.default does not have a sharding strategy registered")
+
+    monkeypatch.setattr("sa2va_rl.rl.trainer.ranks_agree", broken)
+    trainer = make_trainer(tiny_causal, prompt_dir, tmp_path, max_steps=1)
+    trainer.train()  # finishes: the check's failure is recorded, not raised
+    report = stability_json(tmp_path)
+    assert report["ranks_agree"] is None and "NotImplementedError" in report["ranks_agree_error"]
+    assert report["steps"] == 1 and report["final_weights_finite"] is True
+
+
+def test_training_error_is_not_masked_by_the_end_of_run(tiny_causal, prompt_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_causal, prompt_dir, tmp_path, max_steps=1)
+
+    def boom(*a, **k):
+        raise RuntimeError("the real error")
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trainer, "training_step", boom)
+    monkeypatch.setattr(trainer.stability, "write_report", broken)
+    with pytest.raises(RuntimeError, match="the real error"):
+        trainer.train()
