@@ -326,3 +326,16 @@ def test_training_error_is_not_masked_by_the_end_of_run(tiny_causal, prompt_dir,
     monkeypatch.setattr(trainer.stability, "write_report", broken)
     with pytest.raises(RuntimeError, match="the real error"):
         trainer.train()
+
+
+def test_deepspeed_is_refused_at_start_unless_opted_in(tmp_path):
+    from accelerate.utils import DistributedType
+
+    from sa2va_rl.rl.trainer import refuse_unguarded_engine
+    cfg = Sa2VAGRPOConfig(output_dir=str(tmp_path), num_generations=2)
+    with pytest.raises(ValueError, match="DeepSpeed is not guarded.*--allow_unguarded_deepspeed"):
+        refuse_unguarded_engine(DistributedType.DEEPSPEED, cfg)
+    for engine in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP):
+        refuse_unguarded_engine(engine, cfg)  # guarded engines pass
+    cfg.allow_unguarded_deepspeed = True
+    refuse_unguarded_engine(DistributedType.DEEPSPEED, cfg)  # an explicit opt-in, never a silent one

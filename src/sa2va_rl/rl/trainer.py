@@ -55,6 +55,21 @@ __all__ = ["RewardError", "Sa2VAGRPOTrainer", "group_advantages", "guarded_rewar
 logger = logging.getLogger(__name__)
 
 
+def refuse_unguarded_engine(distributed_type, args: Sa2VAGRPOConfig) -> None:
+    """At start, never mid-run: an engine where the GradGuard cannot run is refused unless the user opted in.
+
+    DeepSpeed (ZeRO-1/2/3): accelerate's backward runs the engine's step, so transformers' clipping seam, where the
+    GradGuard runs, comes after the update; a NaN/inf gradient under bf16/fp32 would be applied, not skipped, counted
+    or named. Guarding DeepSpeed (reading the engine's global norm before its step) is not implemented."""
+    if distributed_type == DistributedType.DEEPSPEED and not args.allow_unguarded_deepspeed:
+        raise ValueError(
+            "DeepSpeed is not guarded by sa2va-rl: DeepSpeed steps the optimizer inside backward, before the "
+            "GradGuard could check the gradients, so a NaN/inf gradient would be applied and nothing skipped or "
+            "counted. Use DDP (configs/ddp.yaml) or FSDP2 (configs/fsdp.yaml), whose steps are guarded; or pass "
+            "--allow_unguarded_deepspeed true to run with DeepSpeed's own overflow handling only (fp16 loss scaling "
+            "skips overflowed steps; bf16/fp32 skip nothing). See docs/distributed.md.")
+
+
 class Sa2VAGRPOTrainer(GRPOTrainer):
     def __init__(self, model, reward_funcs, args: Sa2VAGRPOConfig | None = None, policy: Policy | None = None,
                  **kwargs) -> None:
@@ -80,6 +95,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             super().__init__(model=model, reward_funcs=funcs, args=args, **kwargs)
         finally:
             args.cast_lm_head_to_fp32 = cast_head
+        refuse_unguarded_engine(self.accelerator.distributed_type, args)
         self.policy = policy or CausalLMPolicy(pad_token_id=self._tokenizer.pad_token_id)
         self.logits_guard = (LogitsGuard(eos_token_id=self.generation_config.eos_token_id,
                                          max_abs_logit=args.max_abs_logit) if args.logits_guard else None)
