@@ -19,7 +19,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch without gloo")
+gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch without gloo")
+
+
+def launch(model, data, out, *extra):
+    """`sa2va-rl train` in 2 CPU processes (DDP on gloo through accelerate); returns (process, stability.json)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "sa2va_rl.cli", "train", "--model_path", model, "--data_dir", data, "--output_dir", str(out),
+           "--batch_size", "2", "--num_generations", "4", "--max_completion_length", "6", "--warmup_steps", "0",
+           "--learning_rate", "1e-2", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
+           "--seed", "0", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    report = None
+    if (out / "stability.json").exists():
+        with open(out / "stability.json") as f:
+            report = json.load(f)
+    return proc, report
+
+
+@gloo
+def test_two_ranks_roll_back_then_resume_and_agree(tiny_causal, prompt_dir, tmp_path):
+    """DDP: NaN gradients on rank 1 only at steps 3 and 4 (2 in a row = max_consecutive_skips): both ranks roll back
+    to checkpoint-2 together and finish; then a resume from the latest checkpoint runs on; ranks agree throughout."""
+    out = tmp_path / "o"
+    proc, report = launch(tiny_causal, prompt_dir, out, "--max_steps", "5", "--save_strategy", "steps",
+                          "--save_steps", "2", "--max_consecutive_skips", "2", "--on_persistent_nonfinite", "rollback",
+                          "--inject", "nan_grads@3:1", "--inject", "nan_grads@4:1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert report["rollbacks"] == 1 and report["skipped_steps"] == 2 and report["ranks_agree"] is True
+    rollback = [e for e in report["events"] if e["kind"] == "rollback"]
+    assert rollback and rollback[0]["checkpoint"] == "checkpoint-2"
+    assert report["first_nonfinite"]["ranks"] == {"1": [report["first_nonfinite"]["params"][0]]}
+    assert proc.stderr.count("rolled back to") == 2  # both ranks
+
+    proc, report = launch(tiny_causal, prompt_dir, out, "--max_steps", "7", "--save_strategy", "steps",
+                          "--save_steps", "2", "--resume_from_checkpoint", "latest")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert report["ranks_agree"] is True and report["final_weights_finite"] is True
+    assert report["rollbacks"] == 1 and report["skipped_steps"] == 2  # the resumed run carries the counters on
+    with open(out / "checkpoint-7" / "trainer_state.json") as f:
+        assert json.load(f)["global_step"] == 7
+
+
+@gloo
 def test_two_ranks_skip_the_same_step_and_agree(tiny_causal, prompt_dir, tmp_path):
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
