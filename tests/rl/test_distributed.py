@@ -5,6 +5,8 @@ Launched with torch.distributed.run, the launcher `accelerate launch` itself use
 runs multi-CPU jobs only through MPI. Inside, accelerate's Accelerator sets up the gloo process group."""
 
 import json
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,7 +21,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch without gloo")
+gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch without gloo")
+
+
+def launch(model, data, out, *extra, script=None, env=None):
+    """`sa2va-rl train` in 2 CPU processes (DDP on gloo through accelerate, or what ``script`` launches); returns
+    (process, stability.json)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           *(["-m", "sa2va_rl.cli"] if script is None else [script]), "train", "--model_path", model, "--data_dir", data, "--output_dir", str(out),
+           "--batch_size", "2", "--num_generations", "4", "--max_completion_length", "6", "--warmup_steps", "0",
+           "--learning_rate", "1e-2", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
+           "--seed", "0", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    report = None
+    if (out / "stability.json").exists():
+        with open(out / "stability.json") as f:
+            report = json.load(f)
+    return proc, report
+
+
+@gloo
+def test_two_ranks_roll_back_then_resume_and_agree(tiny_causal, prompt_dir, tmp_path):
+    """DDP: NaN gradients on rank 1 only at steps 3 and 4 (2 in a row = max_consecutive_skips): both ranks roll back
+    to checkpoint-2 together and finish; then a resume from the latest checkpoint runs on; ranks agree throughout."""
+    out = tmp_path / "o"
+    proc, report = launch(tiny_causal, prompt_dir, out, "--max_steps", "5", "--save_strategy", "steps",
+                          "--save_steps", "2", "--max_consecutive_skips", "2", "--on_persistent_nonfinite", "rollback",
+                          "--inject", "nan_grads@3:1", "--inject", "nan_grads@4:1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert report["rollbacks"] == 1 and report["skipped_steps"] == 2 and report["ranks_agree"] is True
+    rollback = [e for e in report["events"] if e["kind"] == "rollback"]
+    assert rollback and rollback[0]["checkpoint"] == "checkpoint-2"
+    assert report["first_nonfinite"]["ranks"] == {"1": [report["first_nonfinite"]["params"][0]]}
+    assert proc.stderr.count("rolled back to") == 2  # both ranks
+
+    proc, report = launch(tiny_causal, prompt_dir, out, "--max_steps", "7", "--save_strategy", "steps",
+                          "--save_steps", "2", "--resume_from_checkpoint", "latest")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert report["ranks_agree"] is True and report["final_weights_finite"] is True
+    assert report["rollbacks"] == 1 and report["skipped_steps"] == 2  # the resumed run carries the counters on
+    with open(out / "checkpoint-7" / "trainer_state.json") as f:
+        assert json.load(f)["global_step"] == 7
+
+
+@gloo
 def test_two_ranks_skip_the_same_step_and_agree(tiny_causal, prompt_dir, tmp_path):
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -33,5 +78,47 @@ def test_two_ranks_skip_the_same_step_and_agree(tiny_causal, prompt_dir, tmp_pat
         report = json.load(f)
     assert report["ranks_agree"] is True  # per-tensor weight sums gathered from both ranks: identical
     assert report["steps"] == 4 and report["skipped_steps"] == 1 and report["first_nonfinite"]["step"] == 2
-    assert report["first_nonfinite"]["params"] == []  # rank 0 (which writes the report) saw no NaN itself
+    # rank 0 writes the report, yet it names the parameter that rank 1 saw, and the rank
+    assert report["first_nonfinite"]["params"] == ["model.embed_tokens.weight"]
+    assert report["first_nonfinite"]["ranks"] == {"1": ["model.embed_tokens.weight"]}
     assert "on rank 1" in proc.stderr and proc.stderr.count("GradGuard: non-finite gradients (nan) at check 2") == 2
+
+
+@gloo
+def test_fsdp2_through_accelerate_skip_rollback_resume(tiny_causal, prompt_dir, tmp_path):
+    """FSDP2 (accelerate's fully_shard, DTensor weights, gradients and optimizer state, sharded checkpoints), driven
+    through the trainer on 2 CPU processes by a stand-in launcher that lets accelerate build FSDP on CPU (see
+    tests/rl/fsdp_cpu_launch.py). NaN on rank 1 only at steps 5 and 6: both ranks skip and name the rank-1 parameter,
+    then roll back to checkpoint-3 (step 4 updated the weights since: each rank's shards go back to those saved at
+    step 3) and finish; a resume from the latest checkpoint runs on; ranks agree at the end of both runs."""
+    env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP",
+           "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT", "FSDP_RESHARD_AFTER_FORWARD": "true"}
+    launcher = os.path.join(os.path.dirname(__file__), "fsdp_cpu_launch.py")
+    out = tmp_path / "o"
+    common = ["--save_strategy", "steps", "--save_steps", "3"]
+    proc, report = launch(tiny_causal, prompt_dir, out, "--max_steps", "7", *common, "--max_consecutive_skips", "2",
+                          "--on_persistent_nonfinite", "rollback", "--inject", "nan_grads@5:1",
+                          "--inject", "nan_grads@6:1", script=launcher, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    engines = set(re.findall(r"ENGINE (\S+) dtensor_grads=(\d+)/(\d+) rank=", proc.stdout))
+    assert engines and all(e == "DistributedType.FSDP" and n == m != "0" for e, n, m in engines), engines
+    assert report["skipped_steps"] == 2 and report["rollbacks"] == 1 and report["ranks_agree"] is True
+    name = report["first_nonfinite"]["params"][0]
+    assert report["first_nonfinite"]["ranks"] == {"1": [name]} and report["final_weights_finite"] is True
+    assert [e["checkpoint"] for e in report["events"] if e["kind"] == "rollback"] == ["checkpoint-3"]
+
+    def shards(tag, step):
+        return {r: d for d, r in re.findall(rf"{tag} {step} ([\w-]+) rank=(\d)", proc.stdout)}
+    saved, before, restored = shards("SAVED", 3), shards("BEFORE", 6), shards("RESTORED", 3)
+    assert len(saved) == 2 and saved["0"] != saved["1"], saved  # shards: each rank holds a different part
+    # weights and optimizer state: back to what each rank saved at step 3, and step 4 had changed both of them
+    assert restored == saved, (saved, restored)
+    assert all(b != s for r in saved for b, s in zip(before[r].split("-"), saved[r].split("-"))), (saved, before)
+    assert (out / "checkpoint-3" / "optimizer_0").is_dir()  # the optimizer state was saved sharded
+
+    proc, report = launch(tiny_causal, prompt_dir, out, "--max_steps", "8", *common, "--resume_from_checkpoint",
+                          "latest", script=launcher, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert report["ranks_agree"] is True and report["rollbacks"] == 1 and report["final_weights_finite"] is True
+    with open(out / "checkpoint-8" / "trainer_state.json") as f:
+        assert json.load(f)["global_step"] == 8

@@ -309,3 +309,44 @@ def test_progress_lines_are_readable():
     assert format_logs(3, 40, logs) == ("step 3/40  reward 0.459 (caption_meteor 0.426, mask_iou 0.33)  loss -0.0823  "
                                         "grad 0.733  entropy 0.887  len 8.31  skipped 0, repaired rows 2")
     assert format_logs(40, 40, {"train_runtime": 3.0, "loss": 0.1}) is None  # the end-of-run summary dict
+
+
+# (G) end of run: nothing in train()'s finally masks the real error or fails a finished run ----------------------
+def test_failing_end_of_run_check_does_not_fail_a_finished_run(tiny_causal, prompt_dir, tmp_path, monkeypatch):
+    def broken(model, accelerator):
+        raise NotImplementedError("Operator c10d.allreduce_.default does not have a sharding strategy registered")
+
+    monkeypatch.setattr("sa2va_rl.rl.trainer.ranks_agree", broken)
+    trainer = make_trainer(tiny_causal, prompt_dir, tmp_path, max_steps=1)
+    trainer.train()  # finishes: the check's failure is recorded, not raised
+    report = stability_json(tmp_path)
+    assert report["ranks_agree"] is None and "NotImplementedError" in report["ranks_agree_error"]
+    assert report["steps"] == 1 and report["final_weights_finite"] is True
+
+
+def test_training_error_is_not_masked_by_the_end_of_run(tiny_causal, prompt_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_causal, prompt_dir, tmp_path, max_steps=1)
+
+    def boom(*a, **k):
+        raise RuntimeError("the real error")
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trainer, "training_step", boom)
+    monkeypatch.setattr(trainer.stability, "write_report", broken)
+    with pytest.raises(RuntimeError, match="the real error"):
+        trainer.train()
+
+
+def test_deepspeed_is_refused_at_start_unless_opted_in(tmp_path):
+    from accelerate.utils import DistributedType
+
+    from sa2va_rl.rl.trainer import refuse_unguarded_engine
+    cfg = Sa2VAGRPOConfig(output_dir=str(tmp_path), num_generations=2)
+    with pytest.raises(ValueError, match="DeepSpeed is not guarded.*--allow_unguarded_deepspeed"):
+        refuse_unguarded_engine(DistributedType.DEEPSPEED, cfg)
+    for engine in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP):
+        refuse_unguarded_engine(engine, cfg)  # guarded engines pass
+    cfg.allow_unguarded_deepspeed = True
+    refuse_unguarded_engine(DistributedType.DEEPSPEED, cfg)  # an explicit opt-in, never a silent one

@@ -90,6 +90,12 @@ class Sa2VAGRPOConfig(GRPOConfig):
         metadata={"help": "On SIGINT/SIGTERM: finish the step, save a checkpoint, stop with exit 128 + signal "
                           "(resume with --resume_from_checkpoint latest). A second signal stops at once."},
     )
+    allow_unguarded_deepspeed: bool = field(
+        default=False,
+        metadata={"help": "DeepSpeed steps the optimizer inside backward, where the GradGuard cannot run: a NaN/inf "
+                          "gradient under bf16/fp32 would be applied, not skipped or counted. A DeepSpeed run is "
+                          "refused at start unless this is set (then only DeepSpeed's own overflow handling applies)."},
+    )
     stability_summary_steps: int = field(
         default=10, metadata={"help": "Log a one-line stability summary every N optimizer steps (0: never)."}
     )

@@ -159,8 +159,11 @@ class FaultInjector:
             if f.arg is not None and int(f.arg) != rank:
                 f.fired = True  # another rank's fault
                 continue
-            p = next(p for p in model.parameters() if p.grad is not None)
-            p.grad.view(-1)[0] = GRAD_KINDS[f.kind]
+            # this rank's part of the gradient (a DTensor's local shard: indexing the DTensor would be a collective
+            # that only this rank joins); under FSDP1 a rank's part of a parameter may be empty
+            p, g = next((p, g) for p in model.parameters() if p.grad is not None
+                        for g in [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad] if g.numel())
+            g.view(-1)[0] = GRAD_KINDS[f.kind]
             self._fire(f, f"one gradient element of a {tuple(p.shape)} tensor on rank {rank}")
 
     # ---------------------------------------------------------------- rewards

@@ -12,6 +12,7 @@ import torch
 from transformers import TrainerCallback
 
 from sa2va_rl.numerics import GradGuard, GradReport, LogitsGuard
+from sa2va_rl.numerics.grads import fsdp1_sharded_ids, local_part
 
 logger = logging.getLogger(__name__)
 
@@ -59,21 +60,38 @@ def write_json_atomic(path: str, payload: dict) -> None:
         raise
 
 
-def weights_finite(model: torch.nn.Module) -> bool:
-    """One pass over the parameters, one sync: end of run and failure path only."""
-    params = [p.detach() for p in model.parameters()]
-    if not params:
-        return True
-    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+def _local_params(model: torch.nn.Module) -> list[tuple[torch.Tensor, bool]]:
+    """(this rank's part of each parameter, sharded?) - FSDP1 flat/orig params and DTensors read locally."""
+    sharded_ids = fsdp1_sharded_ids(model)
+    return [local_part(p.detach(), p, sharded_ids) for p in model.parameters()]
+
+
+def weights_finite(model: torch.nn.Module, all_ranks: bool = False) -> bool:
+    """One pass over the parameters, one sync: end of run and failure path only. Reads each rank's own part of
+    sharded parameters; ``all_ranks`` (a collective: every rank must call it) makes the answer every rank's."""
+    params = [t for t, _ in _local_params(model)]
+    flag = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.tensor(True)
+    if all_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+        device = params[0].device if params else torch.device("cpu")
+        if torch.distributed.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        flag = flag.to(device=device, dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag)
 
 
 def ranks_agree(model: torch.nn.Module, accelerator) -> bool | None:
-    """Whether every process holds the same weights (None with one process): per-tensor sums, gathered."""
+    """Whether every process holds the same weights (None with one process): per-tensor sums of the replicated
+    tensors (DDP; NO_SHARD or non-managed parameters under FSDP; Replicate DTensors), gathered. A sharded tensor
+    (FSDP1 with a sharded strategy, Shard DTensors) has one owner per element: there is no copy to disagree, and
+    it is read locally (never gathered). A collective: every rank must call it."""
     if accelerator.num_processes == 1:
         return None
     with torch.no_grad():
-        sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
-        every = accelerator.gather(sums[None])  # [ranks, tensors]
+        parts = _local_params(model)
+        sums = [t.double().sum() for t, sharded in parts if not sharded]
+        sums = torch.stack(sums) if sums else torch.zeros(1, dtype=torch.float64)
+        every = accelerator.gather(sums.to(accelerator.device)[None])  # [ranks, tensors]
     return bool((every == every[:1]).all())
 
 
@@ -106,6 +124,10 @@ class StabilityCallback(TrainerCallback):
         c.skipped_steps += int(skipped)
         event = {"step": step, "kind": report.kind, "params": report.nonfinite_params,
                  "num_params": report.num_nonfinite_params}
+        if report.world_size > 1:  # several processes: every rank's
+            by_rank = report.nonfinite_by_rank  # names, whatever rank writes the report
+            event["params"] = list(dict.fromkeys(n for r in sorted(by_rank) for n in by_rank[r]))
+            event["ranks"] = {str(r): names for r, names in sorted(by_rank.items())}
         if c.first_nonfinite is None:
             c.first_nonfinite = event
         self.record_event(event)

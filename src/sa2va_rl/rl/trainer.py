@@ -49,12 +49,27 @@ from sa2va_rl.rl.config import Sa2VAGRPOConfig
 from sa2va_rl.rl.progress import ReadableProgress
 from sa2va_rl.rl.faults import FaultInjector
 from sa2va_rl.rl.reward_guard import RewardError, guarded_reward
-from sa2va_rl.rl.stability import StabilityCallback, ranks_agree, weights_finite
+from sa2va_rl.rl.stability import NonFiniteTrainingError, StabilityCallback, ranks_agree, weights_finite
 from sa2va_rl.rl.step_record import StepRecord, drop_tensor
 
 __all__ = ["RewardError", "Sa2VAGRPOTrainer", "group_advantages", "guarded_reward"]
 
 logger = logging.getLogger(__name__)
+
+
+def refuse_unguarded_engine(distributed_type, args: Sa2VAGRPOConfig) -> None:
+    """At start, never mid-run: an engine where the GradGuard cannot run is refused unless the user opted in.
+
+    DeepSpeed (ZeRO-1/2/3): accelerate's backward runs the engine's step, so transformers' clipping seam, where the
+    GradGuard runs, comes after the update; a NaN/inf gradient under bf16/fp32 would be applied, not skipped, counted
+    or named. Guarding DeepSpeed (reading the engine's global norm before its step) is not implemented."""
+    if distributed_type == DistributedType.DEEPSPEED and not args.allow_unguarded_deepspeed:
+        raise ValueError(
+            "DeepSpeed is not guarded by sa2va-rl: DeepSpeed steps the optimizer inside backward, before the "
+            "GradGuard could check the gradients, so a NaN/inf gradient would be applied and nothing skipped or "
+            "counted. Use DDP (configs/ddp.yaml) or FSDP2 (configs/fsdp.yaml), whose steps are guarded; or pass "
+            "--allow_unguarded_deepspeed true to run with DeepSpeed's own overflow handling only (fp16 loss scaling "
+            "skips overflowed steps; bf16/fp32 skip nothing). See docs/distributed.md.")
 
 
 class Sa2VAGRPOTrainer(GRPOTrainer):
@@ -82,6 +97,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             super().__init__(model=model, reward_funcs=funcs, args=args, **kwargs)
         finally:
             args.cast_lm_head_to_fp32 = cast_head
+        refuse_unguarded_engine(self.accelerator.distributed_type, args)
         self.policy = policy or CausalLMPolicy(pad_token_id=self._tokenizer.pad_token_id)
         self.logits_guard = (LogitsGuard(eos_token_id=self.generation_config.eos_token_id,
                                          max_abs_logit=args.max_abs_logit) if args.logits_guard else None)
@@ -274,7 +290,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             self.rollback.on_persistent_nonfinite(step, (
                 f"non-finite gradients ({report.kind}) at step {step}, {k} step(s) in a row (max_consecutive_skips="
                 f"{self.args.max_consecutive_skips}); first offending parameters: "
-                f"{report.nonfinite_params or 'on another rank'}; the weights were not updated by these steps"))
+                f"{report.all_nonfinite_params}; the weights were not updated by these steps"))
         return torch.tensor(float("nan"))
 
     # ------------------------------------------------------------------ logging and checkpoints
@@ -296,24 +312,56 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
     def train(self, *args, **kwargs):
         if self.args.should_save:
             checkpoints.remove_stale_staging(self.args.output_dir)
+        error: BaseException | None = None
         try:
             result = super().train(*args, **kwargs)
+        except BaseException as e:
+            error = e
+            raise
         finally:
-            agree = ranks_agree(self.model, self.accelerator)
-            if self.args.should_save:
+            finite = self._end_of_run(error)
+        if not finite:  # defence in depth: a run never ends "done" with NaN weights
+            self.rollback.halt(f"training ended at step {self.state.global_step} with non-finite weights")
+        return result
+
+    def _end_of_run(self, error: BaseException | None) -> bool:
+        """stability.json, with ranks_agree and the final weights check. Never masks ``error`` (the exception that
+        ended training, if any) and never fails a finished run for a check that cannot run: such a failure is
+        logged and recorded as ``ranks_agree_error``. Collectives run only when every rank is known to be here: a
+        finished run, or a halt (a decision every rank took together); another exception may be rank-local, and a
+        collective there would hang the ranks that did not raise. Returns whether the weights are finite."""
+        collective = error is None or isinstance(error, NonFiniteTrainingError)
+        agree, finite, problem = None, None, None
+        if collective:
+            try:
+                agree = ranks_agree(self.model, self.accelerator)
+                finite = weights_finite(self.model, all_ranks=True)
+            except Exception as e:  # noqa: BLE001 - recorded and logged; training's own result stands
+                problem = f"{type(e).__name__}: {e}"
+                logger.exception("end of run: checking the weights across ranks failed; the run's result stands")
+        elif self.accelerator.num_processes > 1:
+            problem = f"not checked: training failed with {type(error).__name__} (possibly on this rank only)"
+        if self.args.should_save:
+            try:
                 self.stability.counters.nonfinite_losses = int(self._nonfinite_losses)
-                self.stability.extras.setdefault("ranks_agree", lambda: agree)
+                self.stability.extras["ranks_agree"] = lambda: agree
+                if problem is not None:
+                    self.stability.extras["ranks_agree_error"] = lambda: problem
+                if finite is not None:
+                    self.stability.extras["final_weights_finite"] = lambda: finite
                 payload = self.stability.write_report(self.args.output_dir, self.model)
                 logger.info("%s; weights finite: %s", self.stability.summary_line(self.state.global_step),
                             payload["final_weights_finite"])
-        if not weights_finite(self.model):  # defence in depth: a run never ends "done" with NaN weights
-            self.rollback.halt(f"training ended at step {self.state.global_step} with non-finite weights")
-        return result
+            except Exception:
+                if error is None:
+                    raise
+                logger.exception("could not write stability.json after training failed (that error follows)")
+        return True if finite is None else finite
 
     def _save_checkpoint(self, model, trial):
         """Atomic (see rl/checkpoints.py): TRL writes into output_dir/.staging, which is fsynced and renamed into
         place. Weights that are not finite are never saved."""
-        if not weights_finite(self.model):  # never save them; they are a persistent fault
+        if not weights_finite(self.model, all_ranks=True):  # never save them; they are a persistent fault
             self.stability.counters.unsaved_checkpoints += 1
             what = f"the weights are not finite at step {self.state.global_step} (checkpoint not saved)"
             self.rollback.on_persistent_nonfinite(self.state.global_step, what)

@@ -1,0 +1,82 @@
+"""Stand-in launcher for the FSDP2 trainer drill on CPU: `python tests/rl/fsdp_cpu_launch.py train ...` under
+torch.distributed.run, with ACCELERATE_USE_FSDP=true FSDP_VERSION=2 in the environment.
+
+accelerate builds FSDP only for accelerator devices: AcceleratorState lists the multi-device types it turns into FSDP
+and MULTI_CPU is not among them, so with --use_cpu true the FSDP settings silently fall back to DDP. This launcher
+adds MULTI_CPU to that list (nothing else in accelerate changes: its FSDP2 preparation, fully_shard and sharded
+checkpoints run as on GPUs), then runs the CLI. It also prints what the test needs as evidence:
+  ENGINE <distributed type> dtensor_grads=<n>/<m> rank=<r>   at each guarded step (FSDP2: every gradient a DTensor)
+  SAVED <step> <digest> rank=<r> / RESTORED <step> <digest> rank=<r>   this rank's weight-optimizer shards, at save and after
+  a rollback; BEFORE <step> <digest> rank=<r>: the shards just before that rollback
+"""
+
+import hashlib
+import inspect
+import os
+import re
+import sys
+import textwrap
+
+import accelerate.state as st
+import torch
+
+src = textwrap.dedent(inspect.getsource(st.AcceleratorState.__init__))
+src, n = re.subn(r"(elif self\.distributed_type in \[\n(\s+))DistributedType\.MULTI_GPU,",
+                 r"\1DistributedType.MULTI_CPU,\n\2DistributedType.MULTI_GPU,", src, count=1)
+assert n == 1, "accelerate's AcceleratorState changed: update the stand-in launcher"
+ns: dict = {}
+exec(compile(src, st.__file__, "exec"), st.__dict__, ns)
+st.AcceleratorState.__init__ = ns["__init__"]
+
+from sa2va_rl import cli  # noqa: E402
+from sa2va_rl.rl import checkpoints  # noqa: E402
+from sa2va_rl.rl.trainer import Sa2VAGRPOTrainer  # noqa: E402
+
+
+def say(line: str) -> None:
+    """One write per line (atomic on a pipe): the two ranks share the launcher's stdout."""
+    os.write(1, f"{line} rank={os.environ.get('RANK', '0')}\n".encode())
+
+
+def _hash(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach()
+        t = t.to_local() if hasattr(t, "to_local") else t
+        h.update(t.float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def digest(trainer) -> str:
+    """this rank's weight shards, then its optimizer state shards (AdamW's moments and steps)"""
+    state = [v for p in trainer.model.parameters() for v in trainer.optimizer.state.get(p, {}).values()
+             if torch.is_tensor(v)]
+    return f"{_hash(trainer.model.parameters())}-{_hash(state)}"
+
+
+_clip, _save, _restore = Sa2VAGRPOTrainer._clip_grad_norm, Sa2VAGRPOTrainer._save_checkpoint, checkpoints.Rollback.restore
+
+
+def clip(self, model):
+    from torch.distributed.tensor import DTensor
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    say(f"ENGINE {self.accelerator.distributed_type} dtensor_grads={sum(isinstance(g, DTensor) for g in grads)}"
+        f"/{len(grads)}")
+    return _clip(self, model)
+
+
+def save(self, model, trial):
+    say(f"SAVED {self.state.global_step} {digest(self)}")
+    return _save(self, model, trial)
+
+
+def restore(self, checkpoint, step):
+    say(f"BEFORE {step} {digest(self.trainer)}")
+    _restore(self, checkpoint, step)
+    say(f"RESTORED {checkpoint.rsplit('-', 1)[1]} {digest(self.trainer)}")
+
+
+Sa2VAGRPOTrainer._clip_grad_norm, Sa2VAGRPOTrainer._save_checkpoint = clip, save
+checkpoints.Rollback.restore = restore
+torch.set_num_threads(1)
+sys.exit(cli.main(sys.argv[1:]))
