@@ -17,6 +17,7 @@ ROWS = {
     "zero learning rate": lambda _: (["--learning_rate", "0"], "learning_rate=0.0: use a positive rate"),
     "zero max_steps": lambda _: (["--max_steps", "0"], "max_steps=0: use a positive number"),
     "--task with a causal model": lambda _: (["--task", "both"], "--task both: "),
+    "max_grad_norm 0 (guard off)": lambda _: (["--max_grad_norm", "0"], "max_grad_norm=0.0: transformers calls"),
 }
 
 

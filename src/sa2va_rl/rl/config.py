@@ -151,6 +151,9 @@ class Sa2VAGRPOConfig(GRPOConfig):
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             problems.append(f"learning_rate={self.learning_rate}: use a positive rate (1e-5 is the original "
                             "recipe's); 0 would train nothing and report success")
+        if not (self.max_grad_norm is not None and self.max_grad_norm > 0):
+            problems.append(f"max_grad_norm={self.max_grad_norm}: transformers calls the gradient seam only when it "
+                            "is > 0, so this would switch the GradGuard off; use inf to check without clipping")
         if self.max_steps == 0 or self.max_steps < -1:
             problems.append(f"max_steps={self.max_steps}: use a positive number of optimizer steps, or -1 (the "
                             "default) to train for num_train_epochs")
