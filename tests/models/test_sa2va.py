@@ -102,6 +102,19 @@ def test_lora_freezes_vision_and_decoder_and_save_merges(tiny_sa2va, tmp_path):
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_bf16_checkpoint_trains_fp32_master_weights_frozen_stay_bf16(tiny_sa2va, lora_r):
+    """bf16 on: the model loads in bf16; what trains is fp32 (LoRA adapters, or the whole LLM with lora_r 0, and the
+    vision tower when asked), what is frozen stays bf16."""
+    model, _tok = load_sa2va(tiny_sa2va, dtype=torch.bfloat16)
+    prepare_for_training(model, Sa2VAModelArgs(lora_r=lora_r, lora_alpha=8, train_vision=True))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert all(p.dtype == torch.float32 for p in model.vision_model.parameters())
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+
+
 # ----------------------------------------------------------------------------------------- generate
 def test_generate_new_tokens_only_non_empty(loaded):
     model, tok, policy = loaded

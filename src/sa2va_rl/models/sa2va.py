@@ -33,6 +33,7 @@ from sa2va_rl.models.sa2va_inputs import (IMG_CONTEXT, IMG_END, IMG_START, SEG, 
 from sa2va_rl.models.layout import ReleaseLayout
 from sa2va_rl.models.upstream import INTERNVL, QWEN_VL, load_upstream, read_config
 from sa2va_rl.numerics import LogitsGuard
+from sa2va_rl.numerics.precision import fp32_master_weights
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,10 @@ def _unwrap(lm):
 
 
 def prepare_for_training(model, args: Sa2VAModelArgs):
-    """Freeze what the args keep frozen and put LoRA on the LLM (peft). Returns the model."""
+    """Freeze what the args keep frozen and put LoRA on the LLM (peft). Returns the model.
+
+    Trainable parameters end up fp32 whatever the checkpoint's dtype (numerics/precision.py: AdamW's small updates
+    vanish in bf16 weights); frozen ones keep it (bf16 for the releases), and bf16 compute comes from autocast."""
     for p in model.parameters():
         p.requires_grad_(False)
     owner, attr = _llm_slot(model)
@@ -178,6 +182,7 @@ def prepare_for_training(model, args: Sa2VAModelArgs):
             ["text_hidden_fcs", "grounding_encoder"] if args.train_mask_decoder else []):
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
+    fp32_master_weights(model)
     return model
 
 

@@ -42,6 +42,7 @@ from trl.models import unwrap_model_for_generation
 from sa2va_rl.models.policy import CausalLMPolicy, Policy
 from sa2va_rl.numerics import GradGuard, LogitsGuard
 from sa2va_rl.numerics.clamp import straight_through_clamp as _straight_through_clamp
+from sa2va_rl.numerics.precision import fp32_master_weights
 from sa2va_rl.rl import checkpoints
 from sa2va_rl.rl.advantages import group_advantages
 from sa2va_rl.rl.config import Sa2VAGRPOConfig
@@ -80,6 +81,10 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             super().__init__(model=model, reward_funcs=funcs, args=args, **kwargs)
         finally:
             args.cast_lm_head_to_fp32 = cast_head
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+            # fp32 master weights (numerics/precision.py); DeepSpeed's bf16 optimizer keeps its own fp32 copies, and
+            # ZeRO-3 needs one dtype across its persistent parameters
+            fp32_master_weights(self.model)
         self.policy = policy or CausalLMPolicy(pad_token_id=self._tokenizer.pad_token_id)
         self.logits_guard = (LogitsGuard(eos_token_id=self.generation_config.eos_token_id,
                                          max_abs_logit=args.max_abs_logit) if args.logits_guard else None)
@@ -116,6 +121,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             ) as unwrapped_model,
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
+            self.accelerator.autocast(),  # bf16 compute over fp32 master weights; nothing when bf16 is off
         ):
             # contexts only when the rows carry them: a text-only Policy need not take the argument
             extra = {} if self.record.contexts is None else {"contexts": self.record.contexts}
