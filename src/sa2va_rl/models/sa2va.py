@@ -27,7 +27,7 @@ import torch
 from transformers import GenerationConfig
 
 from sa2va_rl.models.policy import Generation, eos_set
-from sa2va_rl.models.sampling import BannedTokens, GroundedPolicy, StopWords, generate_groups, head_logits_fp32
+from sa2va_rl.models.sampling import BannedTokens, GroundedPolicy, StopWords, generate_groups
 from sa2va_rl.models.sa2va_inputs import (IMG_CONTEXT, IMG_END, IMG_START, SEG, VP_END, VP_START, VisualInputs,
                                           encode_sample, single_token_ids, splice_features, template, visual_features)
 from sa2va_rl.models.layout import ReleaseLayout
@@ -304,17 +304,19 @@ class Sa2VAPolicy(GroundedPolicy):
         return None if found is None else f"language_model.{found}".rstrip(".")
 
     # ------------------------------------------------------------------ scoring
-    def _logits(self, model, ids, att, keep, contexts) -> torch.Tensor:
-        """fp32 logits [B, keep, V] of the last ``keep`` positions; banned ids (padded rows, image tokens) -inf."""
-        _lm, backbone, head = lm_parts(model)
+    def _tail_hidden(self, model, ids, att, keep, contexts) -> torch.Tensor:
+        """Last-layer hidden states [B, keep, C] of the last ``keep`` positions, visual features spliced in."""
+        _lm, backbone, _head = lm_parts(model)
         embeds = self.embed(model, ids, contexts)
         if torch.is_grad_enabled() and not embeds.requires_grad:
             # reentrant activation checkpointing (upstream's InternLM2 calls torch.utils.checkpoint without
             # use_reentrant=False) drops the gradient of a segment whose inputs need none: peft's
             # enable_input_require_grads, done here because the embeddings are built outside the LLM
             embeds = embeds.detach().requires_grad_(True)
-        hidden = backbone(inputs_embeds=embeds, attention_mask=att, use_cache=False).last_hidden_state[:, -keep:]
-        return head_logits_fp32(hidden, head, self.banned)
+        return backbone(inputs_embeds=embeds, attention_mask=att, use_cache=False).last_hidden_state[:, -keep:]
+
+    def _lm_head(self, model) -> torch.nn.Module:
+        return lm_parts(model)[2]
 
     # ------------------------------------------------------------------ masks
     def _seg_hidden(self, model, ids: torch.Tensor, context: VisualInputs) -> torch.Tensor:

@@ -32,7 +32,7 @@ from PIL import Image
 
 from sa2va_rl.models.policy import Generation
 from sa2va_rl.models.sa2va_inputs import SEG, TEMPLATES, template
-from sa2va_rl.models.sampling import (BannedTokens, GroundedPolicy, StopWords, generate_groups, head_logits_fp32,
+from sa2va_rl.models.sampling import (BannedTokens, GroundedPolicy, StopWords, generate_groups,
                                       token_ids)
 from sa2va_rl.numerics import LogitsGuard
 
@@ -209,10 +209,11 @@ class Sa2VAQwenPolicy(GroundedPolicy):
         vl = qwen_parts(model)[1]
         return vl(**self.model_inputs(ids, contexts), attention_mask=att, use_cache=False).last_hidden_state
 
-    def _logits(self, model, ids, att, keep, contexts) -> torch.Tensor:
-        """fp32 logits [B, keep, V] of the last ``keep`` positions; banned ids (padded rows, vision tokens) -inf."""
-        hidden = self._hidden(model, ids, att, contexts)[:, -keep:]
-        return head_logits_fp32(hidden, qwen_parts(model)[2], self.banned)
+    def _tail_hidden(self, model, ids, att, keep, contexts) -> torch.Tensor:
+        return self._hidden(model, ids, att, contexts)[:, -keep:]
+
+    def _lm_head(self, model) -> torch.nn.Module:
+        return qwen_parts(model)[2]
 
     # ------------------------------------------------------------------ masks
     def _seg_hidden(self, model, ids: torch.Tensor, context: QwenVisualInputs) -> torch.Tensor:

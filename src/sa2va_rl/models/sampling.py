@@ -142,9 +142,10 @@ def head_logits_fp32(hidden: torch.Tensor, head: torch.nn.Module, banned: Banned
 class GroundedPolicy:
     """What the Sa2VA policies share once a family knows how to run its model: scoring and ``[SEG]`` -> masks.
 
-    A subclass provides ``_logits(model, ids, att, keep, contexts)`` (fp32 [B, keep, V],
-    banned ids -inf) and ``_seg_hidden(model, ids [1, L], context)`` (last-layer hidden states [1, L, C]), and sets
-    ``pad_token_id`` and ``seg_id``.
+    A subclass provides ``_tail_hidden(model, ids, att, keep, contexts)`` (last-layer hidden states of the last
+    ``keep`` positions [B, keep, C]), ``_lm_head(model)`` and ``_seg_hidden(model, ids [1, L], context)``
+    (last-layer hidden states [1, L, C]), and sets ``pad_token_id``, ``seg_id`` and ``banned``. Scoring runs the head
+    (fp32, banned ids -inf) a chunk of positions at a time (``right_aligned_logprobs``).
     """
 
     def _require(self, contexts, n: int) -> list:
@@ -154,12 +155,18 @@ class GroundedPolicy:
                              f"{None if contexts is None else len(contexts)}. Train on a GARTaskDataset.")
         return contexts
 
+    def _logits(self, model, ids, att, keep, contexts) -> torch.Tensor:
+        """fp32 logits [B, keep, V] of the last ``keep`` positions; banned ids (padded rows, image tokens) -inf."""
+        return head_logits_fp32(self._tail_hidden(model, ids, att, keep, contexts), self._lm_head(model), self.banned)
+
     def logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
-                 drop_mask=None, contexts=None):
+                 drop_mask=None, contexts=None, compute_entropy=True):
         contexts = self._require(contexts, prompt_ids.shape[0])
-        return right_aligned_logprobs(lambda ids, att, keep: self._logits(model, ids, att, keep, contexts),
+        head = self._lm_head(model)
+        return right_aligned_logprobs(lambda ids, att, keep: self._tail_hidden(model, ids, att, keep, contexts),
                                       prompt_ids, prompt_mask, completion_ids, completion_mask, self.pad_token_id,
-                                      temperature, drop_mask)
+                                      temperature, drop_mask, head=lambda h: head_logits_fp32(h, head, self.banned),
+                                      head_rows=head.weight.shape[0], compute_entropy=compute_entropy)
 
     @torch.no_grad()
     def segment(self, model, prompt_ids: list[list[int]], completion_ids: list[list[int]], contexts

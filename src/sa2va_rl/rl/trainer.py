@@ -86,6 +86,8 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             # ZeRO-3 needs one dtype across its persistent parameters
             fp32_master_weights(self.model)
         self.policy = policy or CausalLMPolicy(pad_token_id=self._tokenizer.pad_token_id)
+        # entropies only when TRL asks for them, where the Policy can skip them (a third-party one may not take it)
+        self._policy_entropy_flag = "compute_entropy" in inspect.signature(self.policy.logprobs).parameters
         self.logits_guard = (LogitsGuard(eos_token_id=self.generation_config.eos_token_id,
                                          max_abs_logit=args.max_abs_logit) if args.logits_guard else None)
         self.grad_guard = GradGuard()
@@ -232,6 +234,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                     attention_mask[s:e, P:], temperature=self.temperature,
                     drop_mask=None if drop is None else drop[s:e],
                     **({} if record.contexts is None else {"contexts": record.contexts[s:e]}),
+                    **({"compute_entropy": compute_entropy} if self._policy_entropy_flag else {}),
                 )
             logps.append(lp)
             ents.append(ent)
