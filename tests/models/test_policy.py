@@ -226,3 +226,43 @@ def test_chunked_scoring_nan_in_dropped_logits_and_entropy_on_request():
         assert all(torch.isfinite(p.grad).all() for p in lm.parameters())
         lp_nodrop, _ = right_aligned_logprobs(poisoned, *batch[:4], 0, 1.0, None, chunk_elements=chunk)
         assert torch.isnan(lp_nodrop[0, 1])  # the fault is real: without the drop mask it shows
+
+
+# ------------------------------------------------------------------ one generate() for every group of a step
+@pytest.mark.parametrize("from_embeds", [False, True])
+def test_batched_generation_greedy_equals_one_call_per_group(model, from_embeds):
+    """Groups of different prompt lengths, left-padded into one generate(): greedy completions are those of one
+    unpadded generate() per group, and the guard's per-row flags stay aligned with them."""
+    prompts = [[10, 11, 12, 13, 14, 15, 16]] * 2 + [[20, 21]] * 3 + [[30, 31, 32, 33]] * 2
+    gc = GenerationConfig(do_sample=False, max_new_tokens=8, eos_token_id=2, pad_token_id=0)
+    reference = []
+    for start, end in prompt_groups(prompts):
+        ids = torch.tensor(prompts[start:end])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+        rows = out[:, ids.shape[1]:].tolist()
+        reference += [r[:n] for r, n in zip(rows, cut_after_eos(rows, {2}))]
+    guard = LogitsGuard(eos_token_id=2)
+    gen = CausalLMPolicy(pad_token_id=0, generate_from_embeds=from_embeds).generate(model, prompts, gc, guard)
+    assert gen.completion_ids == reference
+    assert [len(r) for r in gen.repaired] == [len(c) for c in reference] and not any(map(any, gen.repaired))
+    assert guard.stats.rows_seen == len(prompts) * max(map(len, reference))  # one batched call: every row, each step
+
+
+def test_batched_generation_flags_only_the_broken_row(model):
+    """A NaN logit row in one row of the batch is repaired and flagged in that row alone."""
+    prompts = [[10, 11, 12]] * 2 + [[20, 21, 22, 23, 24]] * 2
+    calls = []
+
+    def hook(module, inputs, out):
+        calls.append(1)
+        if len(calls) == 2:  # the second decoding step, third row
+            out = out.clone()
+            out[2, -1] = math.nan
+        return out
+
+    handle = model.lm_head.register_forward_hook(hook)
+    try:
+        gen = CausalLMPolicy(pad_token_id=0).generate(model, prompts, gen_config(), LogitsGuard(eos_token_id=2))
+    finally:
+        handle.remove()
+    assert [any(r) for r in gen.repaired] == [False, False, True, False]

@@ -13,10 +13,12 @@ Two root causes of the original trainer's NaNs are fixed here, for every policy:
   prompt length off that gives empty completions, 0/0 in the loss and NaN
   weights. The number of decoding steps, counted by the logits processor, says
   which case we are in.
-* **No padding in front of real tokens.** Prompts of one GRPO group are
-  identical, so each group is generated without padding; for scoring, each row
-  is laid out as [prompt, completion, right padding], so no real token sits
-  behind a pad and no query row is fully masked.
+* **Padding never shifts a real token's position.** Generation runs every row of
+  a step in one generate() call, prompts left-padded with attention mask 0
+  (transformers derives the positions from the mask, so greedy decoding gives
+  the tokens of one call per group); for scoring, each row is laid out as
+  [prompt, completion, right padding], so no real token sits behind a pad and no
+  query row is fully masked.
 """
 
 from __future__ import annotations
@@ -130,6 +132,14 @@ def _token_stats(logits: torch.Tensor, tokens: torch.Tensor, drop: torch.Tensor,
     return logps, ent
 
 
+def left_pad(rows: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (ids [N, P] left-padded with ``pad_token_id``, attention mask [N, P], 0 on the padding)."""
+    P = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_token_id] * (P - len(r)) + list(r) for r in rows], device=device)
+    mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
 def right_aligned_logprobs(
     forward, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
     completion_mask: torch.Tensor, pad_token_id: int, temperature: float = 1.0, drop_mask: torch.Tensor | None = None,
@@ -224,25 +234,21 @@ class CausalLMPolicy:
         self.generate_from_embeds = generate_from_embeds
 
     def generate(self, model, prompt_ids, generation_config, logits_guard, contexts=None) -> Generation:
+        """Every row in one generate() call (prompts left-padded); the LogitsGuard's per-row flags as before."""
         device = next(model.parameters()).device
-        eos = eos_set(generation_config)
         completions: list[list[int]] = []
         repaired: list[list[bool]] = []
-        for start, end in prompt_groups(prompt_ids):
-            prompt = torch.tensor([prompt_ids[start]] * (end - start), device=device)
-            counter = logits_guard if logits_guard is not None else StepCounter()
-            inputs = ({"inputs_embeds": model.get_input_embeddings()(prompt)} if self.generate_from_embeds
-                      else {"input_ids": prompt})
-            out = model.generate(**inputs, attention_mask=torch.ones_like(prompt),
-                                 generation_config=generation_config,
-                                 logits_processor=LogitsProcessorList([counter]))
-            if logits_guard is not None:
-                rec = logits_guard.pop_repaired()
-                steps = rec.shape[1]
-            else:
-                steps = counter.steps
-                rec = torch.zeros(end - start, steps, dtype=torch.bool)
-            self._collect(new_tokens(out, prompt, steps), rec, eos, completions, repaired)
+        prompt, mask = left_pad(prompt_ids, self.pad_token_id, device)
+        counter = logits_guard if logits_guard is not None else StepCounter()
+        inputs = ({"inputs_embeds": model.get_input_embeddings()(prompt)} if self.generate_from_embeds
+                  else {"input_ids": prompt})
+        out = model.generate(**inputs, attention_mask=mask, generation_config=generation_config,
+                             logits_processor=LogitsProcessorList([counter]))
+        if logits_guard is not None:
+            rec = logits_guard.pop_repaired()
+        else:
+            rec = torch.zeros(len(prompt_ids), counter.steps, dtype=torch.bool)
+        self._collect(new_tokens(out, prompt, rec.shape[1]), rec, eos_set(generation_config), completions, repaired)
         return Generation(completions, repaired)
 
     @staticmethod

@@ -4,7 +4,8 @@ One code path serves both: it uses only what a Sa2VA checkpoint exposes (``extra
 ``text_hidden_fcs``, ``grounding_encoder.get_sam2_embeddings`` / ``language_embd_inference``) and builds the
 ``inputs_embeds`` itself (models/sa2va_inputs.py), as upstream's ``generate`` does, but with a count check.
 
-* ``generate``: one group at a time (G identical prompts share one image), from ``inputs_embeds``, so the
+* ``generate``: every row of a step in one call (the G rows of a group share one image's features; prompts
+  left-padded with the pad token's embedding and attention mask 0), from ``inputs_embeds``, so the
   output holds the new tokens only (``new_tokens`` checks it). The vocabulary's padded rows (ids >=
   len(tokenizer)) are masked with -inf before the LogitsGuard sees the row; stop words that are not single
   tokens (phi3_chat's ``<|end|>`` on a Qwen vocabulary) stop generation and cut the completion.
@@ -27,7 +28,7 @@ import torch
 from transformers import GenerationConfig
 
 from sa2va_rl.models.policy import Generation, eos_set
-from sa2va_rl.models.sampling import BannedTokens, GroundedPolicy, StopWords, generate_groups
+from sa2va_rl.models.sampling import BannedTokens, GroundedPolicy, StopWords, generate_groups, grouped_prompts
 from sa2va_rl.models.sa2va_inputs import (IMG_CONTEXT, IMG_END, IMG_START, SEG, VP_END, VP_START, VisualInputs,
                                           encode_sample, single_token_ids, splice_features, template, visual_features)
 from sa2va_rl.models.layout import ReleaseLayout
@@ -270,11 +271,12 @@ class Sa2VAPolicy(GroundedPolicy):
         device = next(model.parameters()).device
         lm, _backbone, _head = lm_parts(model)
 
-        def run(prompt_row, context, n, gc, processors, extra):
-            prompt = torch.tensor([prompt_row] * n, device=device)  # [n, P]
-            embeds = self.embed(model, prompt[:1], [context]).expand(n, -1, -1)
-            return lm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), generation_config=gc,
-                               logits_processor=processors, **extra), prompt
+        def run(groups, gc, processors, extra):
+            ids, mask, n = grouped_prompts(groups, self.pad_token_id, device)  # [G, P]: one row per group
+            embeds = self.embed(model, ids, [g[1] for g in groups])  # each group's visual features once
+            ids, mask, embeds = (t.repeat_interleave(n, dim=0) for t in (ids, mask, embeds))
+            return lm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gc,
+                               logits_processor=processors, **extra), ids
 
         return generate_groups(prompt_ids, contexts, generation_config, logits_guard, self.banned, self.stops, run)
 
