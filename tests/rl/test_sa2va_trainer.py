@@ -172,3 +172,26 @@ def test_demo_runs_and_writes_pngs(tmp_path, capsys):
     for name, min_w in (("samples.png", 600), ("curves.png", 600)):
         with Image.open(tmp_path / name) as im:
             assert im.width >= min_w and np.asarray(im.convert("L")).std() > 5  # not blank
+
+
+def test_caption2mask_step_encodes_each_distinct_image_once(tiny_sa2va, gar_dir, tmp_path):
+    """G=4 completions of each of two images, every one with [SEG]: the grounding encoder (SAM2's forward_image)
+    runs once per distinct image in the step, not once per completion."""
+    trainer = make(tiny_sa2va, gar_dir, tmp_path, task="caption2mask")
+    seg = trainer.policy.seg_id
+    head = trainer.model.language_model.lm_head
+    hook = head.register_forward_hook(lambda m, a, o: o.index_fill(-1, torch.tensor([seg]), 60.0))
+    sam2 = trainer.model.grounding_encoder.sam2_model
+    encodes = []
+    forward_image = sam2.forward_image
+    sam2.forward_image = lambda pixels: encodes.append(pixels.shape) or forward_image(pixels)
+    try:
+        rows = batch(trainer, rows=(0, 1))
+        trainer._generate_and_score_completions(rows)
+    finally:
+        hook.remove()
+        del sam2.forward_image
+    images = {id(r["visual"].image) for r in rows}
+    assert len(images) == 2 and len(rows) == 8
+    assert trainer._metrics["train"]["seg/no_seg_frac"][-1] == 0.0  # all 8 completions were segmented
+    assert len(encodes) == len(images)
