@@ -5,13 +5,14 @@ vs one plain batched ``model.generate()`` over the same left-padded rows, and vs
 variant decodes the same number of steps), on the tiny causal LM and on a random ~40M-parameter Qwen2 with Qwen's
 151,936-row vocabulary. Medians of interleaved repeats in one run. Greedy tokens are checked equal across variants.
 
-Run: python benchmarks/generation.py [--repeats 5 --big_repeats 3]
+Run: python benchmarks/generation.py [--repeats 5 --big_repeats 3]   (--big_repeats 0: the tiny model only)
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 
 import torch
@@ -68,9 +69,12 @@ def main() -> None:
     ap.add_argument("--big_repeats", type=int, default=3)
     args = ap.parse_args()
     logging.disable(logging.WARNING)
+    sys.stdout.reconfigure(line_buffering=True)
     torch.set_grad_enabled(False)
     tiny = AutoModelForCausalLM.from_pretrained(make_tiny_causal(tempfile.mkdtemp())).eval()
     bench("tiny causal LM", tiny, tiny.config.vocab_size, args.repeats)
+    if args.big_repeats < 1:
+        return
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=151_936, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
