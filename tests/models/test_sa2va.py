@@ -102,6 +102,19 @@ def test_lora_freezes_vision_and_decoder_and_save_merges(tiny_sa2va, tmp_path):
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_bf16_checkpoint_trains_fp32_master_weights_frozen_stay_bf16(tiny_sa2va, lora_r):
+    """bf16 on: the model loads in bf16; what trains is fp32 (LoRA adapters, or the whole LLM with lora_r 0, and the
+    vision tower when asked), what is frozen stays bf16."""
+    model, _tok = load_sa2va(tiny_sa2va, dtype=torch.bfloat16)
+    prepare_for_training(model, Sa2VAModelArgs(lora_r=lora_r, lora_alpha=8, train_vision=True))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert all(p.dtype == torch.float32 for p in model.vision_model.parameters())
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+
+
 # ----------------------------------------------------------------------------------------- generate
 def test_generate_new_tokens_only_non_empty(loaded):
     model, tok, policy = loaded
@@ -112,6 +125,31 @@ def test_generate_new_tokens_only_non_empty(loaded):
     gen = policy.generate(model, [ids] * 3, gc, LogitsGuard(eos_token_id=2), contexts=[visual] * 3)
     assert [len(c) for c in gen.completion_ids] == [5, 5, 5]  # new tokens only, never prompt + new, never empty
     assert all(not any(r) for r in gen.repaired)
+
+
+def test_batched_generation_greedy_equals_one_call_per_group(loaded):
+    """Two groups (different images, regions and prompt lengths) in one generate() from left-padded inputs_embeds:
+    greedy completions equal one unpadded generate() per group."""
+    model, tok, policy = loaded
+    (img_a, mask_a), (img_b, _mask_b) = sample(0), sample(1, h=48, w=32)
+    prompt_a, vis_a = policy.encode(img_a, "Describe the region.", [mask_a], key="a")
+    prompt_b, vis_b = policy.encode(img_b, "What is in this picture? Answer briefly.", None, key="b")
+    ids_a, ids_b = tok(prompt_a).input_ids, tok(prompt_b).input_ids
+    assert len(ids_a) != len(ids_b)
+    gc = GenerationConfig(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=2)
+    gen = policy.generate(model, [ids_a] * 2 + [ids_b] * 3, gc, LogitsGuard(eos_token_id=2),
+                          contexts=[vis_a] * 2 + [vis_b] * 3)
+    lm = lm_parts(model)[0]
+    reference = []
+    for ids, vis, n in ((ids_a, vis_a, 2), (ids_b, vis_b, 3)):
+        t = torch.tensor([ids] * n)
+        with torch.no_grad():
+            out = lm.generate(inputs_embeds=policy.embed(model, t[:1], [vis]).expand(n, -1, -1),
+                              attention_mask=torch.ones_like(t), generation_config=gc,
+                              logits_processor=[policy.banned])
+        reference += [r[:next((i + 1 for i, x in enumerate(r) if x == 2), len(r))] for r in out.tolist()]
+    assert gen.completion_ids == reference and reference[0] != reference[-1] and all(reference)
+    assert [len(r) for r in gen.repaired] == [len(c) for c in reference]
 
 
 def test_banned_tokens_never_sampled_and_never_scored(loaded):

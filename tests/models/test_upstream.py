@@ -218,3 +218,34 @@ def test_doctor_and_train_both_tasks_and_caption2mask_with_seg(ckpts, family, tm
     assert logged["seg/no_seg_frac"] == 0.0  # every completion had a [SEG], each became a mask
     assert logged["rewards/mask_iou/mean"] == logged["rewards/mask_iou/mean"]  # scored (not NaN)
     assert file_keys(out_seg) == file_keys(path)
+
+
+@pytest.mark.parametrize("family", ["v1_internlm2", "v2", "qwen2_5_vl"])
+def test_batched_generation_greedy_equals_one_call_per_group_on_released_code(ckpts, family):
+    """The released LLMs (InternLM2 remote code, Qwen2 in InternVL, Qwen2.5-VL with M-RoPE) take left padding in
+    one generate() for every group: greedy tokens equal one unpadded call per group."""
+    from transformers import GenerationConfig
+
+    path = ckpts(family)
+    model, tok = load_sa2va(path, trust_remote_code=True)
+    policy = make_policy(model, tok, path, trust_remote_code=True)
+    torch.manual_seed(1)
+    with torch.no_grad():  # random weights at scale 0.02 make every greedy token the same: spread them
+        policy._lm_head(model).weight.normal_()
+    rng = np.random.default_rng(0)
+    samples = [(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8), "Describe the image.", "a"),
+               (rng.integers(0, 255, (48, 32, 3), dtype=np.uint8), "What is in this picture? Answer in a word.", "b")]
+    prompts, contexts = [], []
+    for image, question, key in samples:
+        text, visual = policy.encode(image, question, None, key=key)
+        prompts.append(tok(text).input_ids)
+        contexts.append(visual)
+    assert len(prompts[0]) != len(prompts[1])
+    gc = GenerationConfig(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=policy.pad_token_id,
+                          eos_token_id=None)
+    model.eval()
+    batched = policy.generate(model, [prompts[0]] * 2 + [prompts[1]] * 2, gc, None, contexts=[contexts[0]] * 2 +
+                              [contexts[1]] * 2).completion_ids
+    single = [c for p, v in zip(prompts, contexts)
+              for c in policy.generate(model, [p] * 2, gc, None, contexts=[v] * 2).completion_ids]
+    assert batched == single and batched[0] != batched[-1]

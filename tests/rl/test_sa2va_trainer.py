@@ -202,3 +202,26 @@ def test_runaway_caption_prompt_is_skipped_and_counted(tiny_sa2va, tmp_path):
     data = GARTaskDataset(reader, Sa2VAPolicy(model, tok), ["caption2mask"], max_prompt_tokens=512)
     assert data[1]["source"].endswith(":2") and len(tok(data[1]["prompt"]).input_ids) <= 512
     assert dict(reader.bad_counts) == {("x.arrow", "conversations"): 1}
+
+
+def test_caption2mask_step_encodes_each_distinct_image_once(tiny_sa2va, gar_dir, tmp_path):
+    """G=4 completions of each of two images, every one with [SEG]: the grounding encoder (SAM2's forward_image)
+    runs once per distinct image in the step, not once per completion."""
+    trainer = make(tiny_sa2va, gar_dir, tmp_path, task="caption2mask")
+    seg = trainer.policy.seg_id
+    head = trainer.model.language_model.lm_head
+    hook = head.register_forward_hook(lambda m, a, o: o.index_fill(-1, torch.tensor([seg]), 60.0))
+    sam2 = trainer.model.grounding_encoder.sam2_model
+    encodes = []
+    forward_image = sam2.forward_image
+    sam2.forward_image = lambda pixels: encodes.append(pixels.shape) or forward_image(pixels)
+    try:
+        rows = batch(trainer, rows=(0, 1))
+        trainer._generate_and_score_completions(rows)
+    finally:
+        hook.remove()
+        del sam2.forward_image
+    images = {id(r["visual"].image) for r in rows}
+    assert len(images) == 2 and len(rows) == 8
+    assert trainer._metrics["train"]["seg/no_seg_frac"][-1] == 0.0  # all 8 completions were segmented
+    assert len(encodes) == len(images)

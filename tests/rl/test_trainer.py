@@ -350,3 +350,26 @@ def test_deepspeed_is_refused_at_start_unless_opted_in(tmp_path):
         refuse_unguarded_engine(engine, cfg)  # guarded engines pass
     cfg.allow_unguarded_deepspeed = True
     refuse_unguarded_engine(DistributedType.DEEPSPEED, cfg)  # an explicit opt-in, never a silent one
+
+
+def test_bf16_run_keeps_fp32_master_weights_and_every_trainable_tensor_moves(tiny_causal, prompt_dir, tmp_path):
+    """A model loaded in bf16 with bf16 on: trainable weights become fp32 (bf16 is autocast), so AdamW at lr 1e-5
+    moves every one of them in one step (in bf16 storage most of them would round back: numerics/precision.py)."""
+    torch.manual_seed(0)
+    cfg = Sa2VAGRPOConfig(output_dir=str(tmp_path), max_steps=1, batch_size=4, num_generations=2,
+                          max_completion_length=8, warmup_steps=0, learning_rate=1e-5, save_strategy="no",
+                          disable_tqdm=True, seed=0, bf16=True, use_cpu=True, report_to=[])
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal, dtype=torch.bfloat16)
+
+    def varied(completions, **kwargs):  # non-zero advantages in every group
+        return [float(i % 2) for i in range(len(completions))]
+
+    trainer = Sa2VAGRPOTrainer(model=model, reward_funcs=[varied], args=cfg,
+                               train_dataset=load_prompt_dataset(prompt_dir),
+                               processing_class=AutoTokenizer.from_pretrained(tiny_causal))
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
+    before = params(trainer.model)
+    trainer.train()
+    unchanged = [n for n, p in trainer.model.named_parameters() if torch.equal(p.detach(), before[n])]
+    assert not unchanged

@@ -13,10 +13,12 @@ Two root causes of the original trainer's NaNs are fixed here, for every policy:
   prompt length off that gives empty completions, 0/0 in the loss and NaN
   weights. The number of decoding steps, counted by the logits processor, says
   which case we are in.
-* **No padding in front of real tokens.** Prompts of one GRPO group are
-  identical, so each group is generated without padding; for scoring, each row
-  is laid out as [prompt, completion, right padding], so no real token sits
-  behind a pad and no query row is fully masked.
+* **Padding never shifts a real token's position.** Generation runs every row of
+  a step in one generate() call, prompts left-padded with attention mask 0
+  (transformers derives the positions from the mask, so greedy decoding gives
+  the tokens of one call per group); for scoring, each row is laid out as
+  [prompt, completion, right padding], so no real token sits behind a pad and no
+  query row is fully masked.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from sa2va_rl.numerics import LogitsGuard
@@ -107,17 +110,58 @@ def prompt_groups(prompt_ids: list[list[int]]) -> list[tuple[int, int]]:
     return groups
 
 
+# fp32 elements of one scoring chunk's logits: 2**24 (64 MiB) is 110 tokens at Qwen's 151,936-row vocabulary
+CHUNK_ELEMENTS = 2 ** 24
+
+
+def _token_stats(logits: torch.Tensor, tokens: torch.Tensor, drop: torch.Tensor, temperature: float,
+                 entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits [..., V] -> (fp32 log-prob of each position's token [...], its entropy [...] or None, no grad).
+    Dropped positions get zero logits before the log_softmax, so a NaN there reaches neither value nor gradient."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logits = torch.where(drop.unsqueeze(-1), 0.0, logits)
+    logp_all = F.log_softmax(logits, dim=-1)  # fp32 whatever the model's dtype
+    logps = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    if not entropy:
+        return logps, None
+    with torch.no_grad():  # a metric (and TRL's entropy mask): no graph, no saved [n, V] tensors
+        logp_all = logp_all.detach()
+        ent = -(logp_all.exp() * logp_all.clamp(min=torch.finfo(torch.float32).min)).sum(-1)
+    return logps, ent
+
+
+def left_pad(rows: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (ids [N, P] left-padded with ``pad_token_id``, attention mask [N, P], 0 on the padding)."""
+    P = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_token_id] * (P - len(r)) + list(r) for r in rows], device=device)
+    mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
 def right_aligned_logprobs(
     forward, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
     completion_mask: torch.Tensor, pad_token_id: int, temperature: float = 1.0, drop_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token logprobs and entropies of the completion, fp32, computed on a right-padded layout.
+    head=None, head_rows: int | None = None, compute_entropy: bool = True, chunk_elements: int = CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token logprobs and entropies of the completion, fp32, computed on a right-padded layout, in chunks.
 
-    ``forward(input_ids, attention_mask, logits_to_keep) -> logits [B, keep, V]``.
-    Inputs arrive in TRL's layout: prompts left-padded [B, P], completions right-padded [B, K].
-    Each row is shifted left by its prompt padding so it reads [prompt, completion, pad...].
-    Dropped positions (padding, and ``drop_mask``, e.g. repaired tokens) get zero logits before
-    log_softmax and zero logprob after, so a NaN there can reach neither the loss nor its gradient.
+    ``forward(input_ids, attention_mask, keep)``: the model's output at the last ``keep`` positions, [B, keep, V]
+    logits, or, with ``head``, last-layer hidden states [B, keep, C] that ``head(hidden [r, w, C]) -> logits
+    [r, w, V]`` turns into logits a chunk at a time (``head_rows``: V, which sizes the chunks). Inputs arrive in TRL's
+    layout: prompts left-padded [B, P], completions right-padded [B, K]. Each row is shifted left by its prompt
+    padding so it reads [prompt, completion, pad...].
+
+    Memory: the fp32 log_softmax runs over chunks of at most ``chunk_elements`` logits (whole rows of the [B, keep]
+    grid while one fits, else windows of one row's positions), never over [B, K, V] at once. With ``head``, each
+    chunk's logits are recomputed in the backward (activation checkpointing of the head and the softmax), so the
+    peak is a few chunks with or without grad; with full logits from ``forward``, those logits are the one
+    [B, keep, V] copy (in the model's dtype). Entropies (only when ``compute_entropy``) carry no gradient.
+
+    Dropped positions (padding, and ``drop_mask``, e.g. repaired tokens) get zero logits before log_softmax and zero
+    logprob after, so a NaN there can reach neither the loss nor its gradient. Returns (logps [B, K],
+    entropies [B, K] or None).
     """
     B, P = prompt_ids.shape
     K = completion_ids.shape[1]
@@ -132,23 +176,50 @@ def right_aligned_logprobs(
     att = att.gather(1, src) * inside
 
     first = P - int(pad_left.max())  # earliest completion position over rows (one sync per forward)
-    keep = L - first + 1  # logits for positions [first - 1, L)
-    logits = forward(ids, att, keep)  # [B, keep, V]
-    V = logits.shape[-1]
+    keep = L - first + 1  # outputs for positions [first - 1, L)
+    out = forward(ids, att, keep)  # [B, keep, V] logits, or [B, keep, C] hidden states with head
     # completion token j of row b sits at P - pad_left[b] + j and is predicted one position earlier
     pos = (P - pad_left)[:, None] + torch.arange(K, device=ids.device)[None, :] - 1 - (L - keep)  # [B, K]
-    logits = logits.gather(1, pos.unsqueeze(-1).expand(B, K, V)).float()
-    if temperature != 1.0:
-        logits = logits / temperature
     drop = completion_mask == 0
     if drop_mask is not None:
         drop = drop | drop_mask.to(drop.device)
-    logits = torch.where(drop.unsqueeze(-1), 0.0, logits)
-    logp_all = F.log_softmax(logits, dim=-1)  # fp32 whatever the model's dtype
-    logps = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all.clamp(min=torch.finfo(torch.float32).min)).sum(-1)
-    zero = torch.zeros((), device=logps.device)
-    return torch.where(drop, zero, logps), torch.where(drop, zero, entropy)
+    # per output position t of the tail: the token it predicts and whether it is dropped (prompt positions are)
+    j = torch.arange(keep, device=ids.device)[None, :] - pos[:, :1]  # completion index predicted at t, [B, keep]
+    valid = (j >= 0) & (j < K)
+    jc = j.clamp(0, K - 1)
+    tail_tokens = completion_ids.gather(1, jc)
+    tail_drop = drop.gather(1, jc) | ~valid
+    vocab = out.shape[-1] if head is None else head_rows
+    if not vocab:
+        raise ValueError("right_aligned_logprobs: pass head_rows (the vocabulary size) with head")
+    # chunks of the [B, keep] grid: whole rows while a row fits the budget, else windows of one row's positions
+    rows = max(1, chunk_elements // (keep * vocab))
+    width = keep if rows > 1 or keep * vocab <= chunk_elements else max(1, chunk_elements // vocab)
+    checkpoint = head is not None and torch.is_grad_enabled()
+
+    def chunk_stats(x, toks, dropped):
+        return _token_stats(x if head is None else head(x), toks, dropped, temperature, compute_entropy)
+
+    lp_rows, ent_rows = [], []
+    for b0 in range(0, B, rows):
+        lp_win, ent_win = [], []
+        for t0 in range(0, keep, width):
+            sl = (slice(b0, b0 + rows), slice(t0, t0 + width))
+            args = (out[sl], tail_tokens[sl], tail_drop[sl])
+            if checkpoint:  # the backward recomputes this chunk's logits instead of keeping them
+                lp, ent = torch.utils.checkpoint.checkpoint(chunk_stats, *args, use_reentrant=False)
+            else:
+                lp, ent = chunk_stats(*args)
+            lp_win.append(lp)
+            ent_win.append(ent)
+        lp_rows.append(torch.cat(lp_win, dim=1))
+        ent_rows.append(torch.cat(ent_win, dim=1) if compute_entropy else None)
+    lp_tail = torch.cat(lp_rows)  # [B, keep]
+    zero = torch.zeros((), device=completion_ids.device)
+    logps = torch.where(drop, zero, lp_tail.gather(1, pos))
+    if not compute_entropy:
+        return logps, None
+    return logps, torch.where(drop, zero, torch.cat(ent_rows).gather(1, pos))
 
 
 class CausalLMPolicy:
@@ -163,25 +234,21 @@ class CausalLMPolicy:
         self.generate_from_embeds = generate_from_embeds
 
     def generate(self, model, prompt_ids, generation_config, logits_guard, contexts=None) -> Generation:
+        """Every row in one generate() call (prompts left-padded); the LogitsGuard's per-row flags as before."""
         device = next(model.parameters()).device
-        eos = eos_set(generation_config)
         completions: list[list[int]] = []
         repaired: list[list[bool]] = []
-        for start, end in prompt_groups(prompt_ids):
-            prompt = torch.tensor([prompt_ids[start]] * (end - start), device=device)
-            counter = logits_guard if logits_guard is not None else StepCounter()
-            inputs = ({"inputs_embeds": model.get_input_embeddings()(prompt)} if self.generate_from_embeds
-                      else {"input_ids": prompt})
-            out = model.generate(**inputs, attention_mask=torch.ones_like(prompt),
-                                 generation_config=generation_config,
-                                 logits_processor=LogitsProcessorList([counter]))
-            if logits_guard is not None:
-                rec = logits_guard.pop_repaired()
-                steps = rec.shape[1]
-            else:
-                steps = counter.steps
-                rec = torch.zeros(end - start, steps, dtype=torch.bool)
-            self._collect(new_tokens(out, prompt, steps), rec, eos, completions, repaired)
+        prompt, mask = left_pad(prompt_ids, self.pad_token_id, device)
+        counter = logits_guard if logits_guard is not None else StepCounter()
+        inputs = ({"inputs_embeds": model.get_input_embeddings()(prompt)} if self.generate_from_embeds
+                  else {"input_ids": prompt})
+        out = model.generate(**inputs, attention_mask=mask, generation_config=generation_config,
+                             logits_processor=LogitsProcessorList([counter]))
+        if logits_guard is not None:
+            rec = logits_guard.pop_repaired()
+        else:
+            rec = torch.zeros(len(prompt_ids), counter.steps, dtype=torch.bool)
+        self._collect(new_tokens(out, prompt, rec.shape[1]), rec, eos_set(generation_config), completions, repaired)
         return Generation(completions, repaired)
 
     @staticmethod
@@ -197,9 +264,42 @@ class CausalLMPolicy:
         return first_nonfinite_module(model, input_ids=torch.tensor(prompt_ids[:1], device=device), use_cache=False)
 
     def logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
-                 drop_mask=None, contexts=None):
-        def forward(ids, att, keep):
-            return model(input_ids=ids, attention_mask=att, logits_to_keep=keep, use_cache=False).logits
+                 drop_mask=None, contexts=None, compute_entropy=True):
+        args = (prompt_ids, prompt_mask, completion_ids, completion_mask, self.pad_token_id, temperature, drop_mask)
+        split = split_head(model)
+        if split is None:  # a wrapper (DDP, FSDP, DeepSpeed) or scaled logits: the model's own forward, full logits
+            def forward(ids, att, keep):
+                return model(input_ids=ids, attention_mask=att, logits_to_keep=keep, use_cache=False).logits
 
-        return right_aligned_logprobs(forward, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                      self.pad_token_id, temperature, drop_mask)
+            return right_aligned_logprobs(forward, *args, compute_entropy=compute_entropy)
+        backbone, head = split
+
+        def hidden(ids, att, keep):
+            return backbone(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state[:, -keep:]
+
+        return right_aligned_logprobs(hidden, *args, head=head, head_rows=head.weight.shape[0],
+                                      compute_entropy=compute_entropy)
+
+
+# logit scalings a plain ``lm_head(hidden)`` would skip (TRL's add_fused_lm_head lists the same attributes)
+_LOGIT_SCALES = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                 "logits_scaling")
+
+
+def split_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(backbone, LM head) of a plain Hugging Face causal LM (a peft wrapper is looked through), so that scoring can
+    run the head a chunk at a time; None where the model's own forward must run: a DDP/FSDP/DeepSpeed wrapper (their
+    hooks fire on the root forward), or logits the model scales or soft-caps after the head."""
+    from transformers import PreTrainedModel
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    if not isinstance(base, PreTrainedModel) or type(base).__name__.startswith("FSDP"):
+        return None
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    if any(getattr(cfg, a, None) not in (None, 1.0) for a in _LOGIT_SCALES):
+        return None
+    head = base.get_output_embeddings()
+    backbone = getattr(base, base.base_model_prefix, None)
+    if head is None or backbone is None or backbone is base or not hasattr(head, "weight"):
+        return None
+    return backbone, head

@@ -4,7 +4,8 @@ One code path serves both: it uses only what a Sa2VA checkpoint exposes (``extra
 ``text_hidden_fcs``, ``grounding_encoder.get_sam2_embeddings`` / ``language_embd_inference``) and builds the
 ``inputs_embeds`` itself (models/sa2va_inputs.py), as upstream's ``generate`` does, but with a count check.
 
-* ``generate``: one group at a time (G identical prompts share one image), from ``inputs_embeds``, so the
+* ``generate``: every row of a step in one call (the G rows of a group share one image's features; prompts
+  left-padded with the pad token's embedding and attention mask 0), from ``inputs_embeds``, so the
   output holds the new tokens only (``new_tokens`` checks it). The vocabulary's padded rows (ids >=
   len(tokenizer)) are masked with -inf before the LogitsGuard sees the row; stop words that are not single
   tokens (phi3_chat's ``<|end|>`` on a Qwen vocabulary) stop generation and cut the completion.
@@ -27,12 +28,13 @@ import torch
 from transformers import GenerationConfig
 
 from sa2va_rl.models.policy import Generation, eos_set
-from sa2va_rl.models.sampling import BannedTokens, GroundedPolicy, StopWords, generate_groups, head_logits_fp32
+from sa2va_rl.models.sampling import BannedTokens, GroundedPolicy, StopWords, generate_groups, grouped_prompts
 from sa2va_rl.models.sa2va_inputs import (IMG_CONTEXT, IMG_END, IMG_START, SEG, VP_END, VP_START, VisualInputs,
                                           encode_sample, single_token_ids, splice_features, template, visual_features)
 from sa2va_rl.models.layout import ReleaseLayout, verify_weight_files
 from sa2va_rl.models.upstream import INTERNVL, QWEN_VL, load_upstream, read_config
 from sa2va_rl.numerics import LogitsGuard
+from sa2va_rl.numerics.precision import fp32_master_weights
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +160,10 @@ def _unwrap(lm):
 
 
 def prepare_for_training(model, args: Sa2VAModelArgs):
-    """Freeze what the args keep frozen and put LoRA on the LLM (peft). Returns the model."""
+    """Freeze what the args keep frozen and put LoRA on the LLM (peft). Returns the model.
+
+    Trainable parameters end up fp32 whatever the checkpoint's dtype (numerics/precision.py: AdamW's small updates
+    vanish in bf16 weights); frozen ones keep it (bf16 for the releases), and bf16 compute comes from autocast."""
     for p in model.parameters():
         p.requires_grad_(False)
     owner, attr = _llm_slot(model)
@@ -179,6 +184,7 @@ def prepare_for_training(model, args: Sa2VAModelArgs):
             ["text_hidden_fcs", "grounding_encoder"] if args.train_mask_decoder else []):
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
+    fp32_master_weights(model)
     return model
 
 
@@ -266,11 +272,12 @@ class Sa2VAPolicy(GroundedPolicy):
         device = next(model.parameters()).device
         lm, _backbone, _head = lm_parts(model)
 
-        def run(prompt_row, context, n, gc, processors, extra):
-            prompt = torch.tensor([prompt_row] * n, device=device)  # [n, P]
-            embeds = self.embed(model, prompt[:1], [context]).expand(n, -1, -1)
-            return lm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), generation_config=gc,
-                               logits_processor=processors, **extra), prompt
+        def run(groups, gc, processors, extra):
+            ids, mask, n = grouped_prompts(groups, self.pad_token_id, device)  # [G, P]: one row per group
+            embeds = self.embed(model, ids, [g[1] for g in groups])  # each group's visual features once
+            ids, mask, embeds = (t.repeat_interleave(n, dim=0) for t in (ids, mask, embeds))
+            return lm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gc,
+                               logits_processor=processors, **extra), ids
 
         return generate_groups(prompt_ids, contexts, generation_config, logits_guard, self.banned, self.stops, run)
 
@@ -300,17 +307,19 @@ class Sa2VAPolicy(GroundedPolicy):
         return None if found is None else f"language_model.{found}".rstrip(".")
 
     # ------------------------------------------------------------------ scoring
-    def _logits(self, model, ids, att, keep, contexts) -> torch.Tensor:
-        """fp32 logits [B, keep, V] of the last ``keep`` positions; banned ids (padded rows, image tokens) -inf."""
-        _lm, backbone, head = lm_parts(model)
+    def _tail_hidden(self, model, ids, att, keep, contexts) -> torch.Tensor:
+        """Last-layer hidden states [B, keep, C] of the last ``keep`` positions, visual features spliced in."""
+        _lm, backbone, _head = lm_parts(model)
         embeds = self.embed(model, ids, contexts)
         if torch.is_grad_enabled() and not embeds.requires_grad:
             # reentrant activation checkpointing (upstream's InternLM2 calls torch.utils.checkpoint without
             # use_reentrant=False) drops the gradient of a segment whose inputs need none: peft's
             # enable_input_require_grads, done here because the embeddings are built outside the LLM
             embeds = embeds.detach().requires_grad_(True)
-        hidden = backbone(inputs_embeds=embeds, attention_mask=att, use_cache=False).last_hidden_state[:, -keep:]
-        return head_logits_fp32(hidden, head, self.banned)
+        return backbone(inputs_embeds=embeds, attention_mask=att, use_cache=False).last_hidden_state[:, -keep:]
+
+    def _lm_head(self, model) -> torch.nn.Module:
+        return lm_parts(model)[2]
 
     # ------------------------------------------------------------------ masks
     def _seg_hidden(self, model, ids: torch.Tensor, context: VisualInputs) -> torch.Tensor:

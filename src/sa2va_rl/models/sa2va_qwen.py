@@ -32,7 +32,7 @@ from PIL import Image
 
 from sa2va_rl.models.policy import Generation
 from sa2va_rl.models.sa2va_inputs import SEG, TEMPLATES, template
-from sa2va_rl.models.sampling import (BannedTokens, GroundedPolicy, StopWords, generate_groups, head_logits_fp32,
+from sa2va_rl.models.sampling import (BannedTokens, GroundedPolicy, StopWords, generate_groups, grouped_prompts,
                                       token_ids)
 from sa2va_rl.numerics import LogitsGuard
 
@@ -176,11 +176,13 @@ class Sa2VAQwenPolicy(GroundedPolicy):
         device = next(model.parameters()).device
         lm = qwen_parts(model)[0]
 
-        def run(prompt_row, context, n, gc, processors, extra):
-            prompt = torch.tensor([prompt_row] * n, device=device)  # [n, P]
-            out = lm.generate(**self.model_inputs(prompt, [context] * n), attention_mask=torch.ones_like(prompt),
-                              generation_config=gc, logits_processor=processors, **extra)
-            return out, prompt
+        def run(groups, gc, processors, extra):
+            ids, mask, n = grouped_prompts(groups, self.pad_token_id, device)
+            ids, mask = ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)  # [N, P], left-padded
+            rows = [g[1] for g in groups for _ in range(g[2])]
+            out = lm.generate(**self.model_inputs(ids, rows), attention_mask=mask, generation_config=gc,
+                              logits_processor=processors, **extra)
+            return out, ids
 
         return generate_groups(prompt_ids, contexts, generation_config, logits_guard, self.banned, self.stops, run)
 
@@ -209,10 +211,11 @@ class Sa2VAQwenPolicy(GroundedPolicy):
         vl = qwen_parts(model)[1]
         return vl(**self.model_inputs(ids, contexts), attention_mask=att, use_cache=False).last_hidden_state
 
-    def _logits(self, model, ids, att, keep, contexts) -> torch.Tensor:
-        """fp32 logits [B, keep, V] of the last ``keep`` positions; banned ids (padded rows, vision tokens) -inf."""
-        hidden = self._hidden(model, ids, att, contexts)[:, -keep:]
-        return head_logits_fp32(hidden, qwen_parts(model)[2], self.banned)
+    def _tail_hidden(self, model, ids, att, keep, contexts) -> torch.Tensor:
+        return self._hidden(model, ids, att, contexts)[:, -keep:]
+
+    def _lm_head(self, model) -> torch.nn.Module:
+        return qwen_parts(model)[2]
 
     # ------------------------------------------------------------------ masks
     def _seg_hidden(self, model, ids: torch.Tensor, context: QwenVisualInputs) -> torch.Tensor:

@@ -5,8 +5,9 @@ scores the same way, in one place:
   scoring alike, so the scored policy is the sampled one.
 * ``StopWords``: the chat template's stop words; those that are single tokens become EOS ids, the others stop
   strings that stop generation and cut the completion (phi3_chat's ``<|end|>`` on a Qwen vocabulary).
-* ``generate_groups``: one generate() call per GRPO group (G identical prompts sharing one image), new tokens
-  only whatever generate() returns, cut after the first EOS or stop string, repaired-token flags kept aligned.
+* ``generate_groups``: one generate() call for every row of a step (groups of G identical prompts sharing one
+  image, left-padded to the longest prompt), new tokens only whatever generate() returns, cut after the first EOS
+  or stop string, repaired-token flags kept aligned.
 * ``head_logits_fp32``: the LM head in fp32 outside autocast, banned ids masked.
 """
 
@@ -24,7 +25,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 import numpy as np
 
 from sa2va_rl.models.grounding import decode_masks, encode_image
-from sa2va_rl.models.policy import (Generation, StepCounter, cut_after_eos, eos_set, new_tokens,
+from sa2va_rl.models.policy import (Generation, StepCounter, cut_after_eos, eos_set, left_pad, new_tokens,
                                     right_aligned_logprobs)
 from sa2va_rl.numerics import LogitsGuard
 
@@ -94,19 +95,21 @@ class StopWords:
         return lo
 
 
-# run(prompt ids, context, n rows, generation config, logits processors, extra kwargs) -> (output [n, T], prompt [n, P])
-GroupRunner = Callable[[list[int], Any, int, GenerationConfig, LogitsProcessorList, dict],
+# run([(prompt ids, context, n rows) per group], generation config, logits processors, extra kwargs)
+#   -> (output [N, T], prompt [N, P]): every group's rows in order, prompts left-padded (``left_pad``)
+GroupRunner = Callable[[list[tuple[list[int], Any, int]], GenerationConfig, LogitsProcessorList, dict],
                        tuple[torch.Tensor, torch.Tensor]]
 
 
 def generate_groups(prompt_ids: list[list[int]], contexts: list, generation_config: GenerationConfig,
                     logits_guard: LogitsGuard | None, banned: BannedTokens, stops: StopWords,
                     run: GroupRunner) -> Generation:
-    """Sample every row, one ``run`` per group of consecutive rows with the same prompt and sample (``key``).
+    """Sample every row in one ``run``, given the groups of consecutive rows with the same prompt and sample
+    (``key``): each group's visual inputs are built once, its rows share them.
 
-    ``run`` calls the model's generate() with the processors it is given (banned ids first, then the guard,
-    which must see the final row) and returns its output and the prompt tensor; the completions are the new
-    tokens only (``new_tokens``), cut after the first EOS id and the first stop string.
+    ``run`` calls the model's generate() once with the processors it is given (banned ids first, then the guard,
+    which must see the final row) and returns its output and the (left-padded) prompt tensor; the completions are the
+    new tokens only (``new_tokens``), cut after the first EOS id and the first stop string.
     """
     eos = eos_set(generation_config)
     gc, extra = stops.generation_config(generation_config)
@@ -114,21 +117,26 @@ def generate_groups(prompt_ids: list[list[int]], contexts: list, generation_conf
     repaired: list[list[bool]] = []
     starts = [0] + [i for i in range(1, len(prompt_ids))
                     if prompt_ids[i] != prompt_ids[i - 1] or contexts[i].key != contexts[i - 1].key]
-    for start, end in zip(starts, starts[1:] + [len(prompt_ids)]):
-        n = end - start
-        counter = logits_guard if logits_guard is not None else StepCounter()
-        out, prompt = run(prompt_ids[start], contexts[start], n, gc, LogitsProcessorList([banned, counter]), extra)
-        if logits_guard is not None:
-            rec = logits_guard.pop_repaired()
-        else:
-            rec = torch.zeros(n, counter.steps, dtype=torch.bool)
-        new = new_tokens(out, prompt, rec.shape[1]).tolist()
-        flags = rec.tolist()
-        for row, flag, cut in zip(new, flags, cut_after_eos(new, eos), strict=True):
-            cut = min(cut, stops.cut(row[:cut]))
-            completions.append(row[:cut])
-            repaired.append([bool(f) for f in flag[:cut]])
+    groups = [(prompt_ids[s], contexts[s], e - s) for s, e in zip(starts, starts[1:] + [len(prompt_ids)])]
+    counter = logits_guard if logits_guard is not None else StepCounter()
+    out, prompt = run(groups, gc, LogitsProcessorList([banned, counter]), extra)
+    if logits_guard is not None:
+        rec = logits_guard.pop_repaired()
+    else:
+        rec = torch.zeros(len(prompt_ids), counter.steps, dtype=torch.bool)
+    new = new_tokens(out, prompt, rec.shape[1]).tolist()
+    flags = rec.tolist()
+    for row, flag, cut in zip(new, flags, cut_after_eos(new, eos), strict=True):
+        cut = min(cut, stops.cut(row[:cut]))
+        completions.append(row[:cut])
+        repaired.append([bool(f) for f in flag[:cut]])
     return Generation(completions, repaired)
+
+
+def grouped_prompts(groups, pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(one left-padded prompt per group [G, P], its mask [G, P], rows per group [G]) for ``run``s."""
+    ids, mask = left_pad([g[0] for g in groups], pad_token_id, device)
+    return ids, mask, torch.tensor([g[2] for g in groups], device=device)
 
 
 def head_logits_fp32(hidden: torch.Tensor, head: torch.nn.Module, banned: BannedTokens) -> torch.Tensor:
@@ -142,9 +150,10 @@ def head_logits_fp32(hidden: torch.Tensor, head: torch.nn.Module, banned: Banned
 class GroundedPolicy:
     """What the Sa2VA policies share once a family knows how to run its model: scoring and ``[SEG]`` -> masks.
 
-    A subclass provides ``_logits(model, ids, att, keep, contexts)`` (fp32 [B, keep, V],
-    banned ids -inf) and ``_seg_hidden(model, ids [1, L], context)`` (last-layer hidden states [1, L, C]), and sets
-    ``pad_token_id`` and ``seg_id``.
+    A subclass provides ``_tail_hidden(model, ids, att, keep, contexts)`` (last-layer hidden states of the last
+    ``keep`` positions [B, keep, C]), ``_lm_head(model)`` and ``_seg_hidden(model, ids [1, L], context)``
+    (last-layer hidden states [1, L, C]), and sets ``pad_token_id``, ``seg_id`` and ``banned``. Scoring runs the head
+    (fp32, banned ids -inf) a chunk of positions at a time (``right_aligned_logprobs``).
     """
 
     def _require(self, contexts, n: int) -> list:
@@ -154,12 +163,18 @@ class GroundedPolicy:
                              f"{None if contexts is None else len(contexts)}. Train on a GARTaskDataset.")
         return contexts
 
+    def _logits(self, model, ids, att, keep, contexts) -> torch.Tensor:
+        """fp32 logits [B, keep, V] of the last ``keep`` positions; banned ids (padded rows, image tokens) -inf."""
+        return head_logits_fp32(self._tail_hidden(model, ids, att, keep, contexts), self._lm_head(model), self.banned)
+
     def logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
-                 drop_mask=None, contexts=None):
+                 drop_mask=None, contexts=None, compute_entropy=True):
         contexts = self._require(contexts, prompt_ids.shape[0])
-        return right_aligned_logprobs(lambda ids, att, keep: self._logits(model, ids, att, keep, contexts),
+        head = self._lm_head(model)
+        return right_aligned_logprobs(lambda ids, att, keep: self._tail_hidden(model, ids, att, keep, contexts),
                                       prompt_ids, prompt_mask, completion_ids, completion_mask, self.pad_token_id,
-                                      temperature, drop_mask)
+                                      temperature, drop_mask, head=lambda h: head_logits_fp32(h, head, self.banned),
+                                      head_rows=head.weight.shape[0], compute_entropy=compute_entropy)
 
     @torch.no_grad()
     def segment(self, model, prompt_ids: list[list[int]], completion_ids: list[list[int]], contexts

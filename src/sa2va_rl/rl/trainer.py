@@ -43,6 +43,7 @@ from trl.models import unwrap_model_for_generation
 from sa2va_rl.models.policy import CausalLMPolicy, Policy
 from sa2va_rl.numerics import GradGuard, LogitsGuard
 from sa2va_rl.numerics.clamp import straight_through_clamp as _straight_through_clamp
+from sa2va_rl.numerics.precision import fp32_master_weights
 from sa2va_rl.rl import checkpoints
 from sa2va_rl.rl.advantages import group_advantages
 from sa2va_rl.rl.config import Sa2VAGRPOConfig
@@ -98,7 +99,13 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         finally:
             args.cast_lm_head_to_fp32 = cast_head
         refuse_unguarded_engine(self.accelerator.distributed_type, args)
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+            # fp32 master weights (numerics/precision.py); DeepSpeed's bf16 optimizer keeps its own fp32 copies, and
+            # ZeRO-3 needs one dtype across its persistent parameters
+            fp32_master_weights(self.model)
         self.policy = policy or CausalLMPolicy(pad_token_id=self._tokenizer.pad_token_id)
+        # entropies only when TRL asks for them, where the Policy can skip them (a third-party one may not take it)
+        self._policy_entropy_flag = "compute_entropy" in inspect.signature(self.policy.logprobs).parameters
         self.logits_guard = (LogitsGuard(eos_token_id=self.generation_config.eos_token_id,
                                          max_abs_logit=args.max_abs_logit) if args.logits_guard else None)
         self.grad_guard = GradGuard()
@@ -137,6 +144,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             ) as unwrapped_model,
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
+            self.accelerator.autocast(),  # bf16 compute over fp32 master weights; nothing when bf16 is off
         ):
             # contexts only when the rows carry them: a text-only Policy need not take the argument
             extra = {} if self.record.contexts is None else {"contexts": self.record.contexts}
@@ -247,6 +255,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                     attention_mask[s:e, P:], temperature=self.temperature,
                     drop_mask=None if drop is None else drop[s:e],
                     **({} if record.contexts is None else {"contexts": record.contexts[s:e]}),
+                    **({"compute_entropy": compute_entropy} if self._policy_entropy_flag else {}),
                 )
             logps.append(lp)
             ents.append(ent)
