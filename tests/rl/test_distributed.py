@@ -111,9 +111,10 @@ def test_fsdp2_through_accelerate_skip_rollback_resume(tiny_causal, prompt_dir, 
         return {r: d for d, r in re.findall(rf"{tag} {step} ([\w-]+) rank=(\d)", proc.stdout)}
     saved, before, restored = shards("SAVED", 3), shards("BEFORE", 6), shards("RESTORED", 3)
     assert len(saved) == 2 and saved["0"] != saved["1"], saved  # shards: each rank holds a different part
-    # weights and optimizer state: back to what each rank saved at step 3, and step 4 had changed both of them
+    # weights and optimizer state: back to what each rank saved at step 3, and step 4 had moved that state (the
+    # optimizer's at least: the weights move only when step 4's group rewards differ, which sampling decides)
     assert restored == saved, (saved, restored)
-    assert all(b != s for r in saved for b, s in zip(before[r].split("-"), saved[r].split("-"))), (saved, before)
+    assert all(before[r] != saved[r] for r in saved), (saved, before)
     assert (out / "checkpoint-3" / "optimizer_0").is_dir()  # the optimizer state was saved sharded
 
     proc, report = launch(tiny_causal, prompt_dir, out, "--max_steps", "8", *common, "--resume_from_checkpoint",
