@@ -100,14 +100,36 @@ def eos_set(generation_config: GenerationConfig) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
-def prompt_groups(prompt_ids: list[list[int]]) -> list[tuple[int, int]]:
-    """[start, end) runs of identical consecutive prompts: TRL's sampler puts a GRPO group side by side."""
+def prompt_groups(prompt_ids: list[list[int]], keys: list | None = None) -> list[tuple[int, int]]:
+    """[start, end) runs of identical consecutive prompts (and ``keys``, e.g. the sample a Sa2VA row's image comes
+    from): TRL's sampler puts a GRPO group side by side."""
     groups, start = [], 0
     for i in range(1, len(prompt_ids) + 1):
-        if i == len(prompt_ids) or prompt_ids[i] != prompt_ids[start]:
+        if i == len(prompt_ids) or prompt_ids[i] != prompt_ids[start] or (keys is not None
+                                                                           and keys[i] != keys[start]):
             groups.append((start, i))
             start = i
     return groups
+
+
+def collect_generation(out: torch.Tensor, prompt: torch.Tensor, logits_guard: LogitsGuard | None,
+                       counter: StepCounter | LogitsGuard, eos: set[int], cut=None) -> Generation:
+    """generate()'s output -> completions: new tokens only (``new_tokens``), cut after the first EOS id and, with
+    ``cut(row) -> length``, a further rule (stop strings); each row's repaired flags (the guard's, else all False)
+    cut alike."""
+    if logits_guard is not None:
+        rec = logits_guard.pop_repaired()
+    else:
+        rec = torch.zeros(prompt.shape[0], counter.steps, dtype=torch.bool)
+    new = new_tokens(out, prompt, rec.shape[1]).tolist()
+    completions: list[list[int]] = []
+    repaired: list[list[bool]] = []
+    for row, flag, n in zip(new, rec.tolist(), cut_after_eos(new, eos), strict=True):
+        if cut is not None:
+            n = min(n, cut(row[:n]))
+        completions.append(row[:n])
+        repaired.append([bool(f) for f in flag[:n]])
+    return Generation(completions, repaired)
 
 
 # fp32 elements of one scoring chunk's logits: 2**24 (64 MiB) is 110 tokens at Qwen's 151,936-row vocabulary
@@ -236,27 +258,13 @@ class CausalLMPolicy:
     def generate(self, model, prompt_ids, generation_config, logits_guard, contexts=None) -> Generation:
         """Every row in one generate() call (prompts left-padded); the LogitsGuard's per-row flags as before."""
         device = next(model.parameters()).device
-        completions: list[list[int]] = []
-        repaired: list[list[bool]] = []
         prompt, mask = left_pad(prompt_ids, self.pad_token_id, device)
         counter = logits_guard if logits_guard is not None else StepCounter()
         inputs = ({"inputs_embeds": model.get_input_embeddings()(prompt)} if self.generate_from_embeds
                   else {"input_ids": prompt})
         out = model.generate(**inputs, attention_mask=mask, generation_config=generation_config,
                              logits_processor=LogitsProcessorList([counter]))
-        if logits_guard is not None:
-            rec = logits_guard.pop_repaired()
-        else:
-            rec = torch.zeros(len(prompt_ids), counter.steps, dtype=torch.bool)
-        self._collect(new_tokens(out, prompt, rec.shape[1]), rec, eos_set(generation_config), completions, repaired)
-        return Generation(completions, repaired)
-
-    @staticmethod
-    def _collect(new: torch.Tensor, rec: torch.Tensor, eos: set[int], completions: list, repaired: list) -> None:
-        rows, flags = new.tolist(), rec.tolist()
-        for row, flag, n in zip(rows, flags, cut_after_eos(rows, eos), strict=True):
-            completions.append(row[:n])
-            repaired.append([bool(f) for f in flag[:n]])
+        return collect_generation(out, prompt, logits_guard, counter, eos_set(generation_config))
 
     def trace(self, model, prompt_ids: list[list[int]], contexts=None) -> str | None:
         """Failure path only: re-run the forward of one prompt; the first module whose output is non-finite."""

@@ -18,14 +18,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-import numpy as np
-
 from sa2va_rl.models.grounding import decode_masks, encode_image
-from sa2va_rl.models.policy import (Generation, StepCounter, cut_after_eos, eos_set, left_pad, new_tokens,
+from sa2va_rl.models.policy import (Generation, StepCounter, collect_generation, eos_set, left_pad, prompt_groups,
                                     right_aligned_logprobs)
 from sa2va_rl.numerics import LogitsGuard
 
@@ -111,26 +110,12 @@ def generate_groups(prompt_ids: list[list[int]], contexts: list, generation_conf
     which must see the final row) and returns its output and the (left-padded) prompt tensor; the completions are the
     new tokens only (``new_tokens``), cut after the first EOS id and the first stop string.
     """
-    eos = eos_set(generation_config)
     gc, extra = stops.generation_config(generation_config)
-    completions: list[list[int]] = []
-    repaired: list[list[bool]] = []
-    starts = [0] + [i for i in range(1, len(prompt_ids))
-                    if prompt_ids[i] != prompt_ids[i - 1] or contexts[i].key != contexts[i - 1].key]
-    groups = [(prompt_ids[s], contexts[s], e - s) for s, e in zip(starts, starts[1:] + [len(prompt_ids)])]
+    groups = [(prompt_ids[s], contexts[s], e - s)
+              for s, e in prompt_groups(prompt_ids, [c.key for c in contexts])]
     counter = logits_guard if logits_guard is not None else StepCounter()
     out, prompt = run(groups, gc, LogitsProcessorList([banned, counter]), extra)
-    if logits_guard is not None:
-        rec = logits_guard.pop_repaired()
-    else:
-        rec = torch.zeros(len(prompt_ids), counter.steps, dtype=torch.bool)
-    new = new_tokens(out, prompt, rec.shape[1]).tolist()
-    flags = rec.tolist()
-    for row, flag, cut in zip(new, flags, cut_after_eos(new, eos), strict=True):
-        cut = min(cut, stops.cut(row[:cut]))
-        completions.append(row[:cut])
-        repaired.append([bool(f) for f in flag[:cut]])
-    return Generation(completions, repaired)
+    return collect_generation(out, prompt, logits_guard, counter, eos_set(generation_config), cut=stops.cut)
 
 
 def grouped_prompts(groups, pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

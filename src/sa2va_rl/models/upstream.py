@@ -295,21 +295,13 @@ TIED_SOURCES = {"output.weight": "model.tok_embeddings.weight", "lm_head.weight"
 
 def _fix_tied_weights_keys(cls: type, applied: list[str]) -> None:
     """transformers 5 wants ``_tied_weights_keys`` as {tied: source}; upstream's LLM classes have lists."""
-    from transformers import PreTrainedModel
-
-    package = cls.__module__.rsplit(".", 1)[0]
     fixed = False
-    for name, module in list(sys.modules.items()):
-        if not name.startswith(package + ".") or module is None:
-            continue
-        for obj in vars(module).values():
-            keys = getattr(obj, "_tied_weights_keys", None) if isinstance(obj, type) else None
-            if not (isinstance(obj, type) and issubclass(obj, PreTrainedModel)):
-                continue
-            if isinstance(keys, list) and "_tied_weights_keys" in vars(obj):
-                obj._tied_weights_keys = {k: TIED_SOURCES[k] for k in keys if k in TIED_SOURCES}
-                obj._sa2va_rl_tied_fixed = True
-            fixed = fixed or vars(obj).get("_sa2va_rl_tied_fixed", False)
+    for obj in _dynamic_classes(cls):
+        keys = vars(obj).get("_tied_weights_keys")
+        if isinstance(keys, list):
+            obj._tied_weights_keys = {k: TIED_SOURCES[k] for k in keys if k in TIED_SOURCES}
+            obj._sa2va_rl_tied_fixed = True
+        fixed = fixed or vars(obj).get("_sa2va_rl_tied_fixed", False)
     if fixed:
         applied.append("tied_weights_keys")
 
