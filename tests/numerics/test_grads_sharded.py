@@ -13,6 +13,7 @@ and agree across ranks, and both ranks name the rank-1 parameter.
 
 import math
 import os
+import warnings
 import socket
 
 import pytest
@@ -166,7 +167,15 @@ def results():
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         res = manager.dict()
-        mp.start_processes(_worker, args=(2, _free_port(), res), nprocs=2, join=True, start_method="spawn")
+        try:
+            mp.start_processes(_worker, args=(2, _free_port(), res), nprocs=2, join=True, start_method="spawn")
+        except mp.ProcessExitedException:
+            # gloo can abort one process while the two tear the group down ("terminate called without an active
+            # exception", seen once in CI): harmless once every engine's result of both ranks has been delivered
+            # (the tests check them all); a crash before that still fails here
+            if len(res) < 2 * len(ENGINES):
+                raise
+            warnings.warn("a worker aborted after delivering every result (gloo teardown)")
         return dict(res)
 
 
