@@ -104,7 +104,23 @@ def _train(argv: list[str]) -> int:
     if isinstance(built, int):
         return built
     trainer, save = built
-    return _run_training(trainer, config, save)
+    rc = _run_training(trainer, config, save)
+    _close_process_group(rc == EXIT_OK)
+    return rc
+
+
+def _close_process_group(ok: bool) -> None:
+    """Tear the process group down before the interpreter exits: left to exit-time destructors, gloo can abort
+    one rank ("terminate called without an active exception") after a run that finished. Ranks that finished
+    meet at a barrier first, so none closes its side while another still talks to it; after a failure there is
+    no barrier (the other ranks may never arrive)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _build_causal_run(script, margs, config):
@@ -266,8 +282,9 @@ def _train_and_save(trainer, config, save) -> int:
         return _fail(stop.exit_code, f"stopped by {signal.Signals(stop.received).name} after step "
                                      f"{trainer.state.global_step}: {saved}")
     save()
-    print(trainer.stability.summary_line(trainer.state.global_step))
-    print(f"model and stability.json written to {config.output_dir}")
+    if trainer.accelerator.is_main_process:
+        print(trainer.stability.summary_line(trainer.state.global_step))
+        print(f"model and stability.json written to {config.output_dir}")
     return EXIT_OK
 
 
