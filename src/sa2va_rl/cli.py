@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger("sa2va_rl")
 
-EXIT_OK, EXIT_USAGE, EXIT_DATA, EXIT_NONFINITE, EXIT_REWARD = 0, 2, 3, 4, 5
+EXIT_OK, EXIT_USAGE, EXIT_DATA, EXIT_NONFINITE, EXIT_REWARD, EXIT_IO = 0, 2, 3, 4, 5, 6
 
 
 @dataclass
@@ -99,6 +99,10 @@ def _train(argv: list[str]) -> int:
         return _fail(EXIT_USAGE, f"--task {script.task}: {script.model_path} is a causal LM, not a Sa2VA checkpoint; "
                                  "--task applies to Sa2VA only (drop it, or point --model_path at a Sa2VA model)")
     script.task = script.task or "both"
+    try:  # before any model loads (the trainer would create it, with a traceback)
+        os.makedirs(config.output_dir, exist_ok=True)
+    except OSError as e:
+        return _fail(EXIT_IO, _io_error(e, config.output_dir))
     run = _build_sa2va_run if sa2va else _build_causal_run
     built = run(script, margs, config)
     if isinstance(built, int):
@@ -224,12 +228,14 @@ def _run_training(trainer, config, save) -> int:
             lock.acquire()
     except OutputDirBusy as e:
         busy[0] = str(e)
+    except OSError as e:  # output_dir not writable: the first write of the run
+        busy[0] = _io_error(e, config.output_dir)
     if trainer.accelerator.num_processes > 1:  # every rank stops, or none does
         from accelerate.utils import broadcast_object_list
 
         broadcast_object_list(busy, from_process=0)
     if busy[0] is not None:
-        return _fail(EXIT_USAGE, busy[0])
+        return _fail(EXIT_IO if busy[0].startswith("I/O error") else EXIT_USAGE, busy[0])
     try:
         return _train_and_save(trainer, config, save)
     finally:
@@ -271,6 +277,8 @@ def _train_and_save(trainer, config, save) -> int:
         return _fail(EXIT_DATA, f"bad data row (pass --bad_rows skip to count and skip such rows): {e}")
     except RewardError as e:
         return _fail(EXIT_REWARD, str(e))
+    except OSError as e:  # a full, failing or read-only disk under output_dir
+        return _fail(EXIT_IO, _io_error(e, config.output_dir))
     finally:
         stop.uninstall()
     if stop.received is not None:
@@ -281,11 +289,34 @@ def _train_and_save(trainer, config, save) -> int:
                  "(--save_on_signal false)")
         return _fail(stop.exit_code, f"stopped by {signal.Signals(stop.received).name} after step "
                                      f"{trainer.state.global_step}: {saved}")
-    save()
+    try:
+        save()
+    except OSError as e:
+        return _fail(EXIT_IO, _io_error(e, config.output_dir, "the final model was not saved"))
     if trainer.accelerator.is_main_process:
         print(trainer.stability.summary_line(trainer.state.global_step))
         print(f"model and stability.json written to {config.output_dir}")
     return EXIT_OK
+
+
+def _io_error(e: OSError, output_dir: str, what: str = "") -> str:
+    """The first I/O error of the run, then what is left and how to go on."""
+    import errno
+
+    from sa2va_rl.rl.checkpoints import last_good_checkpoint
+
+    name = errno.errorcode.get(e.errno, "") if e.errno is not None else ""
+    try:
+        good = last_good_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    except OSError:
+        good = None
+    kept = (f"the last complete checkpoint, {good}, is intact (a checkpoint whose writing failed is never used)"
+            if good else "no complete checkpoint in the output directory")
+    fix = {"ENOSPC": "free space", "EACCES": "make it writable", "EROFS": "make it writable",
+           "EPERM": "make it writable"}.get(name, "check the disk")
+    return (f"I/O error: {e.strerror or e} ({name or type(e).__name__}) at {e.filename or output_dir}"
+            f"{'; ' + what if what else ''}; {kept}. {fix.capitalize()} under {output_dir} and continue with "
+            "--resume_from_checkpoint latest")
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -364,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # TRL 1.16 calls transformers 5's deprecated gradient-checkpointing names around every generation (and passes
+    # the deprecated config field): harmless, not ours to fix, and repeated per rank; docs/troubleshooting.md
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "train":

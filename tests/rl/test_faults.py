@@ -39,8 +39,10 @@ ROWS = {
     "reward_raises": (["--inject", "reward_raises@2"], cli.EXIT_REWARD, None),
     "reward_nan": (["--inject", "reward_nan@2"], 0, dict(nonfinite_rewards=1)),
     "reward_none": (["--inject", "reward_none@2"], 0, {}),
-    "force_token": (["--inject", "force_token@2:red"], 0, {}),
-    "signal": (["--inject", "signal@2"], 143, None),  # stopped cleanly after step 2: tests/rl/test_signals.py  # finite: nothing to repair (the mask path's drill)
+    "force_token": (["--inject", "force_token@2:red"], 0, {}),  # finite: nothing to repair (the mask path's drill)
+    "signal": (["--inject", "signal@2"], 143, None),  # stopped cleanly after step 2: tests/rl/test_signals.py
+    "io_error": (["--inject", "io_error@2", "--save_strategy", "steps", "--save_steps", "2"], cli.EXIT_IO,
+                 None),  # the checkpoint-2 write fails: tests/rl/test_io_errors.py
 }
 
 

@@ -119,6 +119,8 @@ class Sa2VAGRPOConfig(GRPOConfig):
             self.per_device_train_batch_size = self.batch_size * (self.num_generations or 1)
         if self.bf16 is None:
             self.bf16 = False if self.fp16 else bf16_supported()
+        if self.dataloader_pin_memory and not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinned memory without an accelerator: a warning, nothing gained
         problems = []
         if self.num_generations is None or self.num_generations < 2:
             problems.append(

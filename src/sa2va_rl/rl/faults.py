@@ -20,6 +20,8 @@ reward_nan         ... returns NaN for the first sample
 reward_none        ... returns None ("no opinion") for the first sample
 signal             the process sends itself SIGTERM (ARG: INT for SIGINT) as the step starts, as a scheduler
                    would: the step finishes, a checkpoint is saved, the run stops with exit 128 + signal
+io_error           the checkpoint save of step STEP fails writing the optimizer state, after the weights were
+                   written, with OSError ARG (ENOSPC, the default; EIO; EACCES), as a full or failing disk would
 force_token        every completion of the step starts with token ARG (default ``[SEG]``): its logit is raised
                    by 50 at the first sampled position (finite; the LogitsGuard leaves the row alone). Not a
                    fault: it exercises a path random weights rarely take (a ``[SEG]`` -> SAM2 mask)
@@ -45,7 +47,9 @@ logger = logging.getLogger(__name__)
 LOGIT_KINDS = {"nan_logits": math.nan, "posinf_logits": math.inf, "huge_logits": 1e30}
 GRAD_KINDS = {"nan_grads": math.nan, "inf_grads": math.inf}
 REWARD_KINDS = ("reward_raises", "reward_nan", "reward_none")
-KINDS = (*LOGIT_KINDS, "empty_completion", *GRAD_KINDS, "nan_weights", *REWARD_KINDS, "force_token", "signal")
+IO_ERRNOS = ("ENOSPC", "EIO", "EACCES")
+KINDS = (*LOGIT_KINDS, "empty_completion", *GRAD_KINDS, "nan_weights", *REWARD_KINDS, "force_token", "signal",
+         "io_error")
 _SPEC = re.compile(r"^(?P<kind>[a-z_]+)(?:@(?P<step>\d+))?(?::(?P<arg>[^:]+))?$")
 
 
@@ -68,6 +72,8 @@ class Fault:
         step = int(m["step"]) if m["step"] else 1
         if step < 1:
             raise ValueError(f"--inject {spec!r}: STEP counts optimizer steps from 1")
+        if m["kind"] == "io_error" and m["arg"] is not None and m["arg"].upper() not in IO_ERRNOS:
+            raise ValueError(f"--inject {spec!r}: ARG is one of {', '.join(IO_ERRNOS)}")
         return cls(m["kind"], step, m["arg"])
 
 
@@ -165,6 +171,16 @@ class FaultInjector:
                         for g in [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad] if g.numel())
             g.view(-1)[0] = GRAD_KINDS[f.kind]
             self._fire(f, f"one gradient element of a {tuple(p.shape)} tensor on rank {rank}")
+
+    def checkpoint_write(self, step: int, path: str) -> None:
+        """Called as the checkpoint of ``step`` writes ``path``: raise the due ``io_error``."""
+        for f in self._due(step, ("io_error",)):
+            import errno
+            import os
+
+            code = getattr(errno, (f.arg or "ENOSPC").upper())
+            self._fire(f, f"writing {path}")
+            raise OSError(code, os.strerror(code), path)
 
     # ---------------------------------------------------------------- rewards
     def wrap_reward(self, fn, step_of):

@@ -107,6 +107,7 @@ class StabilityCallback(TrainerCallback):
         self.grad_guard = grad_guard or GradGuard()
         self.counters = StabilityCounters()
         self.extras: dict = {}  # name -> callable returning JSON-able data for the report (e.g. bad data rows)
+        self.grad_guard_off: str | None = None  # why the GradGuard does not run in this setup (fp16), if it does not
 
     # ---------------------------------------------------------------- feeding
     def record_generation(self, repaired_rows: int, dropped_tokens: int, empty: int) -> None:
@@ -114,6 +115,10 @@ class StabilityCallback(TrainerCallback):
         c.repaired_rows += repaired_rows
         c.dropped_tokens += dropped_tokens
         c.empty_completions += empty
+
+    def record_unguarded_step(self) -> None:
+        """An optimizer step the GradGuard did not check (see ``grad_guard_off``)."""
+        self.counters.steps += 1
 
     def record_grads(self, step: int, report: GradReport, skipped: bool) -> None:
         c = self.counters
@@ -159,15 +164,20 @@ class StabilityCallback(TrainerCallback):
         lg = self.logits_guard.stats if self.logits_guard is not None else None
         rows = f"{lg.rows_repaired}/{lg.rows_seen} logit rows repaired" if lg else "logits guard off"
         rollbacks = f", {c.rollbacks} rollbacks" if c.rollbacks else ""
-        return (f"stability @ step {step}: {c.skipped_steps} skipped of {c.steps} steps{rollbacks} "
-                f"({c.nonfinite_grad_steps} non-finite grads), {rows}, {c.dropped_tokens} tokens dropped, "
-                f"{c.empty_completions} empty completions, {c.nonfinite_losses} non-finite losses, "
-                f"grad norm mean {g.norm_mean:.4g} max {g.norm_max:.4g}")
+        if self.grad_guard_off is not None:
+            steps = f"{c.steps} steps, grad guard off ({self.grad_guard_off})"
+            norms = ""
+        else:
+            steps = f"{c.skipped_steps} skipped of {c.steps} steps{rollbacks} ({c.nonfinite_grad_steps} non-finite grads)"
+            norms = f", grad norm mean {g.norm_mean:.4g} max {g.norm_max:.4g}"
+        return (f"stability @ step {step}: {steps}, {rows}, {c.dropped_tokens} tokens dropped, "
+                f"{c.empty_completions} empty completions, {c.nonfinite_losses} non-finite losses{norms}")
 
     def report(self, model: torch.nn.Module | None) -> dict:
         out = asdict(self.counters)
         out["grad_guard"] = self.grad_guard.state_dict()["stats"]
         out["logits_guard"] = self.logits_guard.stats.as_dict() if self.logits_guard is not None else None
+        out["grad_guard_off"] = self.grad_guard_off
         out["final_weights_finite"] = weights_finite(model) if model is not None else None
         for name, get in self.extras.items():
             out[name] = get()

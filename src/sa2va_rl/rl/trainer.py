@@ -111,6 +111,9 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self.grad_guard = GradGuard()
         self.stability = StabilityCallback(args.stability_summary_steps, self.logits_guard, self.grad_guard)
         self.add_callback(self.stability)
+        if args.fp16:
+            self.stability.grad_guard_off = ("fp16: torch's GradScaler skips overflowed steps and lowers its scale "
+                                             "itself; use bf16 for the guarded step")
         if any(isinstance(cb, ProgressCallback) for cb in self.callback_handler.callbacks):
             self.remove_callback(ProgressCallback)  # the raw metric dicts -> one readable line (rl/progress.py)
             self.add_callback(ReadableProgress)
@@ -281,6 +284,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
     def _clip_grad_norm(self, model):
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED or self.args.fp16:
             # DeepSpeed owns clipping and the step; fp16's GradScaler already skips inf/NaN steps.
+            self.stability.record_unguarded_step()
             return super()._clip_grad_norm(model)
         step = self.state.global_step + 1
         self.faults.grads(step, model, self.accelerator.process_index)
@@ -361,10 +365,12 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                 payload = self.stability.write_report(self.args.output_dir, self.model)
                 logger.info("%s; weights finite: %s", self.stability.summary_line(self.state.global_step),
                             payload["final_weights_finite"])
-            except Exception:
+            except Exception as e:
                 if error is None:
                     raise
-                logger.exception("could not write stability.json after training failed (that error follows)")
+                # one line, naming the error that stopped training first (a full disk fails this write too)
+                logger.error("training stopped by %s: %s; stability.json could not be written either (%s: %s)",
+                             type(error).__name__, error, type(e).__name__, e)
         return True if finite is None else finite
 
     def _save_checkpoint(self, model, trial):
@@ -388,6 +394,10 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             self.stability.save(os.path.join(run_dir, checkpoints.STAGING, name), weights_finite=True)
             checkpoints.publish(run_dir, name, self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        self.faults.checkpoint_write(self.state.global_step, os.path.join(output_dir, "optimizer.pt"))
+        super()._save_optimizer_and_scheduler(output_dir)
 
     def _get_output_dir(self, trial):
         staging = getattr(self, "_staging_dir", None)
