@@ -79,6 +79,24 @@ def test_resume_with_another_lora_rank_or_model_is_named_before_training(tiny_sa
     assert rc == cli.EXIT_USAGE and "this model does not have" in err, err
 
 
+def test_resume_with_another_world_size_is_named_before_training(tiny_causal, prompt_dir, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "o"
+    common = ["train", "--model_path", tiny_causal, "--data_dir", prompt_dir, "--output_dir", str(out),
+              "--report_to", "none", "--disable_tqdm", "true", "--max_completion_length", "4", "--save_steps", "1"]
+    assert cli.main([*common, "--max_steps", "1"]) == 0
+    state = out / "checkpoint-1" / "stability_state.json"
+    saved = json.loads(state.read_text())
+    assert saved["world_size"] == 1  # recorded by the run that wrote it
+    state.write_text(json.dumps(dict(saved, world_size=2)))  # as if 2 processes had written it
+    capsys.readouterr()
+    rc = cli.main([*common, "--max_steps", "2", "--resume_from_checkpoint", "latest"])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_USAGE and "2 process(es) wrote it, this run has 1" in err, err
+    assert not (out / "checkpoint-2").exists()
+
+
 def test_remote_code_causal_model_needs_the_flag(tiny_causal, prompt_dir, tmp_path, capsys):
     import json
     import shutil

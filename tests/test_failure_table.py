@@ -95,6 +95,8 @@ ELSEWHERE = {  # table row -> the test that runs it end to end (exit code, names
     "remote-code causal model without the flag": "tests.test_cli_errors:test_remote_code_causal_model_needs_the_flag",
     "resume with another LoRA rank / model kind":
         "tests.test_cli_errors:test_resume_with_another_lora_rank_or_model_is_named_before_training",
+    "resume with another number of processes":
+        "tests.test_cli_errors:test_resume_with_another_world_size_is_named_before_training",
     "same seed, same weights (causal)": "tests.test_cli_errors:test_same_seed_same_weights_causal",
     "full disk / EIO / EACCES": "tests.rl.test_io_errors:test_io_error_exits_6_keeps_the_last_checkpoint_and_resumes",
     "output dir not writable": "tests.rl.test_io_errors:test_unwritable_output_dir_is_exit_6_before_training",

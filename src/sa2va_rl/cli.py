@@ -260,10 +260,14 @@ def _train_and_save(trainer, config, save) -> int:
         from sa2va_rl.models.layout import resume_mismatch
 
         why = resume_mismatch(resume, trainer.accelerator.unwrap_model(trainer.model))
+        written_by = _checkpoint_world_size(resume)
+        if why is None and written_by not in (None, trainer.accelerator.num_processes):
+            why = (f"{written_by} process(es) wrote it, this run has {trainer.accelerator.num_processes}: the global "
+                   "batch, the data order and the per-rank RNG states depend on it")
         if why:
             return _fail(EXIT_USAGE, f"--resume_from_checkpoint {resume}: it was written by another setup ({why}); "
-                                     "resume with the flags of that run (--lora_r, --model_path, ...) or start a new "
-                                     "--output_dir")
+                                     "resume with that run's setup (--lora_r, --model_path, number of processes, "
+                                     "...) or start a new --output_dir")
     stop = GracefulStop(config.save_on_signal)
     trainer.add_callback(stop)
     stop.install()
@@ -297,6 +301,19 @@ def _train_and_save(trainer, config, save) -> int:
         print(trainer.stability.summary_line(trainer.state.global_step))
         print(f"model and stability.json written to {config.output_dir}")
     return EXIT_OK
+
+
+def _checkpoint_world_size(checkpoint: str) -> int | None:
+    """How many processes wrote ``checkpoint`` (recorded with its stability state; None for older ones)."""
+    import json
+
+    from sa2va_rl.rl.stability import STATE_FILE
+
+    try:
+        with open(os.path.join(checkpoint, STATE_FILE)) as f:
+            return json.load(f).get("world_size")
+    except (OSError, ValueError):
+        return None
 
 
 def _io_error(e: OSError, output_dir: str, what: str = "") -> str:

@@ -205,9 +205,10 @@ class StabilityCallback(TrainerCallback):
     def record_event(self, event: dict) -> None:
         self.counters.events = (self.counters.events + [event])[-self.MAX_EVENTS:]
 
-    def save(self, checkpoint_dir: str, weights_finite: bool = True) -> None:
+    def save(self, checkpoint_dir: str, weights_finite: bool = True, world_size: int = 1) -> None:
         write_json_atomic(os.path.join(checkpoint_dir, STATE_FILE), {**self.state_dict(),
-                                                                      "weights_finite": weights_finite})
+                                                                      "weights_finite": weights_finite,
+                                                                      "world_size": world_size})
 
     def load(self, checkpoint_dir: str) -> bool:
         path = os.path.join(checkpoint_dir, STATE_FILE)

@@ -391,7 +391,8 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             self.stability.counters.nonfinite_losses = int(self._nonfinite_losses)
-            self.stability.save(os.path.join(run_dir, checkpoints.STAGING, name), weights_finite=True)
+            self.stability.save(os.path.join(run_dir, checkpoints.STAGING, name), weights_finite=True,
+                                world_size=self.accelerator.num_processes)
             checkpoints.publish(run_dir, name, self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
