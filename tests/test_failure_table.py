@@ -98,6 +98,7 @@ ELSEWHERE = {  # table row -> the test that runs it end to end (exit code, names
     "resume with another number of processes":
         "tests.test_cli_errors:test_resume_with_another_world_size_is_named_before_training",
     "same seed, same weights (causal)": "tests.test_cli_errors:test_same_seed_same_weights_causal",
+    "same seed, same weights (Sa2VA, LoRA init included)": "tests.rl.test_sa2va_trainer:test_same_seed_same_weights",
     "full disk / EIO / EACCES": "tests.rl.test_io_errors:test_io_error_exits_6_keeps_the_last_checkpoint_and_resumes",
     "output dir not writable": "tests.rl.test_io_errors:test_unwritable_output_dir_is_exit_6_before_training",
     "--fp16 on CPU": "tests.rl.test_io_errors:test_fp16_summary_says_the_grad_guard_is_off",
