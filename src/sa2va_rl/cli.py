@@ -205,7 +205,7 @@ def _build_sa2va_run(script, margs, config, jargs=None):
     if "tensorboard" in (config.report_to or []):
         from sa2va_rl.eval.callbacks import SampleImagesCallback
 
-        trainer.add_callback(SampleImagesCallback(policy, dataset))
+        trainer.add_callback(SampleImagesCallback(policy, dataset, callbacks=trainer.callback_handler.callbacks))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("training Sa2VA %s (%s trainable parameters, LoRA r=%d) on %d GAR samples x tasks %s from %s",
                 script.model_path, f"{trainable:,}", margs.lora_r, len(reader), tasks, script.data_dir)
