@@ -128,8 +128,10 @@ def test_eval_usage_errors(tiny_sa2va, gar_dir, tmp_path, capsys):
     assert "mask2caption, caption2mask or both" in capsys.readouterr().err
     assert cli.main(["eval", "--model_path", str(tmp_path), "--data_dir", gar_dir]) == cli.EXIT_USAGE
     assert "has no config.json" in capsys.readouterr().err
-    assert cli.main(["eval", "--model_path", tiny_sa2va, "--data_dir", str(tmp_path)]) == cli.EXIT_DATA
-    assert "no GAR files" in capsys.readouterr().err
+    out = tmp_path / "e"
+    assert cli.main(["eval", "--model_path", tiny_sa2va, "--data_dir", str(tmp_path), "--out_dir", str(out)]) == \
+        cli.EXIT_DATA
+    assert "no GAR files" in capsys.readouterr().err and not out.exists()  # nothing written on failure
 
 
 def test_train_with_tensorboard_logs_sample_images(tiny_sa2va, gar_dir, tmp_path, monkeypatch):

@@ -170,3 +170,26 @@ def test_template_file_and_validation(stub, tmp_path):
 def test_parse_score():
     assert parse_score(" 7.5\n") == 0.75 and parse_score("Score: 10") == 1.0 and parse_score("8/10") == 0.8
     assert parse_score("eleven") is None and parse_score("11") is None and parse_score("-1") is None
+
+
+def test_train_with_judge_reports_its_calls(stub, tiny_sa2va, gar_dir, tiny_causal, prompt_dir, tmp_path, capsys):
+    """`train --judge_url`: the judge is a reward (0.25 METEOR + 0.75 judge), its counts land in stability.json;
+    it needs captions to judge."""
+    import os
+
+    from sa2va_rl import cli
+
+    out = str(tmp_path / "o")
+    assert cli.main(["train", "--model_path", tiny_sa2va, "--data_dir", gar_dir, "--task", "mask2caption",
+                     "--max_steps", "1", "--output_dir", out, "--max_completion_length", "4", "--lora_r", "4",
+                     "--lora_alpha", "8", "--report_to", "none", "--disable_tqdm", "true",
+                     "--judge_url", stub.url]) == 0
+    with open(os.path.join(out, "stability.json")) as f:
+        report = json.load(f)["judge"]
+    assert report["url"] == stub.url + "/chat/completions" and report.get("failed", 0) == 0
+    assert report["scored"] == report["requests"] == len(stub.requests) >= 1  # one request per distinct pair
+    for argv in (["--model_path", tiny_sa2va, "--data_dir", gar_dir, "--task", "caption2mask"],
+                 ["--model_path", tiny_causal, "--data_dir", prompt_dir]):
+        assert cli.main(["train", *argv, "--output_dir", str(tmp_path / "x"), "--judge_url", stub.url]) == \
+            cli.EXIT_USAGE
+        assert "--judge_url scores captions" in capsys.readouterr().err

@@ -241,13 +241,14 @@ def run_eval(args: EvalArgs, judge=None) -> dict:
     logger.info("METEOR: %s", backend.note)
     paths = [args.model_path] + ([args.compare] if args.compare else [])
     labels = _labels(paths)
-    os.makedirs(args.out_dir, exist_ok=True)
     results, all_preds, samples = {}, {}, {}
     for label, path in zip(labels, paths, strict=True):
         set_seed(args.seed)
         results[label], all_preds[label], samples = evaluate_checkpoint(path, args, tasks, judge, backend)
+    os.makedirs(args.out_dir, exist_ok=True)
+    for label, preds in all_preds.items():
         with open(os.path.join(args.out_dir, f"predictions-{label.replace(' ', '_')}.jsonl"), "w") as f:
-            for p in all_preds[label]:
+            for p in preds:
                 f.write(json.dumps(_jsonable(p)) + "\n")
     payload = {
         "models": {lab: {"model_path": p, **results[lab]} for lab, p in zip(labels, paths, strict=True)},
