@@ -116,7 +116,7 @@ def test_predict_segments_the_seg_answers(tiny_sa2va, gar_dir):
     preds = predict(model, policy, rows)
     assert preds[0]["text"] == "a red circle" and preds[0]["mask"] is None
     s = samples[rows[1]["source"]]
-    assert preds[1]["has_seg"] and preds[1]["mask"].dtype == bool and preds[1]["mask"].shape == s.mask.shape
+    assert preds[1]["text"] == "[SEG]" and preds[1]["has_seg"] and preds[1]["mask"].dtype == bool and preds[1]["mask"].shape == s.mask.shape
     assert not preds[2]["has_seg"] and preds[2]["mask"] is None
     m = score(preds, samples, meteor_backend())
     assert m["caption2mask"]["n"] == 2 and m["caption2mask"]["no_seg"] == 0.5

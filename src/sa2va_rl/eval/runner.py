@@ -99,9 +99,21 @@ def predict(model, policy, rows: list[dict], batch_size: int = 8, max_new_tokens
     import torch
     from transformers import GenerationConfig
 
+    from sa2va_rl.models.policy import eos_set
+
     gc = GenerationConfig(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=policy.pad_token_id,
                           eos_token_id=getattr(model.generation_config, "eos_token_id", None))
     tok = policy.tokenizer
+    drop = eos_set(gc) | {policy.pad_token_id}
+    stops = getattr(getattr(policy, "stops", None), "strings", [])
+
+    def text_of(ids: list[int]) -> str:
+        """The answer as written, [SEG] kept (it may be a special token), EOS and stop strings removed."""
+        text = tok.decode([t for t in ids if t not in drop], skip_special_tokens=False)
+        for s in stops:
+            text = text.split(s)[0]
+        return text.strip()
+
     out = []
     was_training = model.training
     model.eval()
@@ -121,7 +133,7 @@ def predict(model, policy, rows: list[dict], batch_size: int = 8, max_new_tokens
                         masks[i] = m
                 for r, c, m in zip(chunk, gen.completion_ids, masks, strict=True):
                     out.append({"source": r["source"], "task": r["task"], "reference": r["caption"],
-                                "text": tok.decode(c, skip_special_tokens=True).strip(),
+                                "text": text_of(c),
                                 "has_seg": policy.seg_id in c, "mask": m})
                 if progress is not None:
                     progress.update(len(chunk))
