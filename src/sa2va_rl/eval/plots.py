@@ -78,12 +78,16 @@ def plot_training_curves(history: list[dict], path: str | None = None, title: st
         else:
             ax.text(0.5, 0.5, f"no {key} logged", ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.set_ylabel(label)
-    drawn = 0
+    drawn, top = 0, 0.0
     for i, name in enumerate(STABILITY_KEYS):
         xs, ys = _series(train, f"stability/{name}")
         if xs and (any(ys) or name in ("skipped_steps", "repaired_rows")):
             axes[3].step(xs, ys, where="post", color=colors[i % 10], linewidth=1.5, label=name)
-            drawn += 1
+            drawn, top = drawn + 1, max([top, *ys])
+    from matplotlib.ticker import MaxNLocator
+
+    axes[3].yaxis.set_major_locator(MaxNLocator(integer=True))  # counts
+    axes[3].set_ylim(-0.05 * max(1.0, top), max(1.0, top) * 1.08)
     if not drawn:
         axes[3].text(0.5, 0.5, "no stability counters logged", ha="center", va="center",
                      transform=axes[3].transAxes, color="gray")
