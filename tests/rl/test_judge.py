@@ -14,7 +14,7 @@ from sa2va_rl.rl.tasks import task_rewards
 
 class Stub:
     """Replies by the hypothesis in the prompt: 'score N' -> content 'N'; 'slow' sleeps past the client's timeout;
-    'fail' -> HTTP 500; 'notjson' -> a body that is not JSON; 'nochoices' -> JSON without choices; 'words' -> a
+    'fail' -> HTTP 500; 'notjson' -> a body that is not JSON; 'truncated' -> a body cut short; 'nochoices' -> JSON without choices; 'words' -> a
     reply with no number; 'flaky' -> 500 on the first request, '6' after; 'meet' -> waits at a barrier of 4
     (500 if the other three never come: a client that sends one request at a time fails)."""
 
@@ -40,6 +40,12 @@ class Stub:
                     return self._reply(200, {"choices": [{"message": {"content": "9"}}]})
                 if hyp == "fail" or (hyp == "flaky" and stub.by_hyp[hyp] == 1):
                     return self._reply(500, {"error": "boom"})
+                if hyp == "truncated":  # promises 100 bytes, sends 10, closes
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    self.wfile.write(b'{"choices"')
+                    return None
                 if hyp == "notjson":
                     return self._raw(200, b"<html>gateway</html>")
                 if hyp == "nochoices":
@@ -119,7 +125,8 @@ def test_requests_run_concurrently(stub):
 
 
 @pytest.mark.parametrize("hyp,kind", [("fail", "http_error"), ("notjson", "malformed"), ("nochoices", "malformed"),
-                                      ("words", "malformed"), ("slow", "timeout")])
+                                      ("words", "malformed"), ("slow", "timeout"),
+                                      ("truncated", "connection")])
 def test_failures_give_none_after_the_retries_and_are_counted(stub, hyp, kind):
     j = judge(stub, retries=2, timeout=0.3)
     assert j.score([hyp, "score 5"], ["ref", "ref"]) == [None, 0.5]

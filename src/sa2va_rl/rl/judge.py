@@ -16,6 +16,7 @@ library is used (urllib).
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -169,8 +170,8 @@ class LLMJudge:
         except urllib.error.URLError as e:
             kind = "timeout" if isinstance(e.reason, TimeoutError) else "connection"
             raise JudgeFailure(kind, f"{self.url}: {e.reason}") from None
-        except OSError as e:  # connection reset and the like
-            raise JudgeFailure("connection", f"{self.url}: {e}") from None
+        except (OSError, http.client.HTTPException) as e:  # connection reset, a truncated body and the like
+            raise JudgeFailure("connection", f"{self.url}: {type(e).__name__}: {e}") from None
         try:
             reply = json.loads(raw)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
