@@ -313,13 +313,6 @@ def _eval(argv: list[str]) -> int:
     except ValueError as e:
         print(f"sa2va-rl eval: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if not args.model_path or not args.data_dir:
-        print("sa2va-rl eval: --model_path and --data_dir are required", file=sys.stderr)
-        return EXIT_USAGE
-    for flag, path in (("--model_path", args.model_path), ("--compare", args.compare)):
-        if path and not os.path.isfile(os.path.join(path, "config.json")):
-            print(f"sa2va-rl eval: {flag} {path!r} has no config.json", file=sys.stderr)
-            return EXIT_USAGE
     from sa2va_rl.data.gar import BadRow, NoGoodRows
     from sa2va_rl.models.layout import LayoutError
     from sa2va_rl.models.upstream import UpstreamLoadError

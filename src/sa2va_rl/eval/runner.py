@@ -58,6 +58,12 @@ class EvalArgs:
     def __post_init__(self) -> None:
         from sa2va_rl.rl.tasks import task_list
 
+        if not self.model_path or not self.data_dir:
+            raise ValueError("--model_path and --data_dir are required")
+        for flag, path in (("model_path", self.model_path), ("compare", self.compare)):
+            if path and not os.path.isfile(os.path.join(path, "config.json")):
+                raise ValueError(f"{flag} {path!r} has no config.json: pass a checkpoint directory (saved with "
+                                 "save_pretrained, or a run's --output_dir)")
         task_list(self.task)  # raises with the choices
         for name in ("max_samples", "sample_images"):
             if getattr(self, name) < 0:
