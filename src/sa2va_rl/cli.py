@@ -1,4 +1,4 @@
-"""The ``sa2va-rl`` command line: train | make-tiny | make-data | demo | doctor."""
+"""The ``sa2va-rl`` command line: train | eval | make-tiny | make-data | demo | doctor."""
 
 from __future__ import annotations
 
@@ -75,12 +75,13 @@ def _train(argv: list[str]) -> int:
 
     from sa2va_rl.models.sa2va import Sa2VAModelArgs, is_sa2va_checkpoint
     from sa2va_rl.rl.config import Sa2VAGRPOConfig
+    from sa2va_rl.rl.judge import JudgeArgs
 
     argv = _join_negative_numbers(_merge_repeated(argv, "--inject"))
-    parser = TrlParser((TrainArgs, Sa2VAModelArgs, Sa2VAGRPOConfig), prog="sa2va-rl train",
+    parser = TrlParser((TrainArgs, Sa2VAModelArgs, Sa2VAGRPOConfig, JudgeArgs), prog="sa2va-rl train",
                        description="GRPO with guarded sampling and steps. Flags after --config FILE.yaml override it.")
     try:
-        script, margs, config = parser.parse_args_and_config(args=argv)
+        script, margs, config, jargs = parser.parse_args_and_config(args=argv)
     except ValueError as e:  # config validation: the message says how to fix
         return _fail(EXIT_USAGE, str(e))
     except yaml.YAMLError as e:  # --config FILE.yaml that does not parse: file and line
@@ -99,12 +100,15 @@ def _train(argv: list[str]) -> int:
         return _fail(EXIT_USAGE, f"--task {script.task}: {script.model_path} is a causal LM, not a Sa2VA checkpoint; "
                                  "--task applies to Sa2VA only (drop it, or point --model_path at a Sa2VA model)")
     script.task = script.task or "both"
+    if jargs.judge_url and (not sa2va or script.task == "caption2mask"):
+        return _fail(EXIT_USAGE, "--judge_url scores captions: it needs a Sa2VA checkpoint and --task mask2caption "
+                                 "or both")
     try:  # before any model loads (the trainer would create it, with a traceback)
         os.makedirs(config.output_dir, exist_ok=True)
     except OSError as e:
         return _fail(EXIT_IO, _io_error(e, config.output_dir))
     run = _build_sa2va_run if sa2va else _build_causal_run
-    built = run(script, margs, config)
+    built = run(script, margs, config, jargs)
     if isinstance(built, int):
         return built
     trainer, save = built
@@ -127,7 +131,7 @@ def _close_process_group(ok: bool) -> None:
     dist.destroy_process_group()
 
 
-def _build_causal_run(script, margs, config):
+def _build_causal_run(script, margs, config, jargs=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -161,7 +165,7 @@ def _build_causal_run(script, margs, config):
     return trainer, lambda: trainer.save_model(config.output_dir)
 
 
-def _build_sa2va_run(script, margs, config):
+def _build_sa2va_run(script, margs, config, jargs=None):
     import torch
 
     from sa2va_rl.data.gar import GARReader
@@ -189,7 +193,8 @@ def _build_sa2va_run(script, margs, config):
 
     set_seed(config.seed)  # the LoRA init draws before the trainer seeds anything: same --seed, same run
     prepare_for_training(model, margs)
-    funcs, weights = task_rewards(tasks)
+    judge = jargs.build() if jargs is not None else None
+    funcs, weights = task_rewards(tasks, judge=judge)
     if config.reward_weights is None:
         config.reward_weights = weights
     elif len(config.reward_weights) != len(funcs):
@@ -199,6 +204,12 @@ def _build_sa2va_run(script, margs, config):
     trainer = Sa2VAGRPOTrainer(model=model, reward_funcs=funcs, args=config, train_dataset=dataset.to_dataset(),
                                processing_class=tokenizer, policy=policy)
     trainer.stability.extras["bad_rows"] = lambda: {f"{f}:{fld}": n for (f, fld), n in reader.bad_counts.items()}
+    if judge is not None:
+        trainer.stability.extras["judge"] = judge.report
+    if "tensorboard" in (config.report_to or []):
+        from sa2va_rl.eval.callbacks import SampleImagesCallback
+
+        trainer.add_callback(SampleImagesCallback(policy, dataset, callbacks=trainer.callback_handler.callbacks))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("training Sa2VA %s (%s trainable parameters, LoRA r=%d) on %d GAR samples x tasks %s from %s",
                 script.model_path, f"{trainable:,}", margs.lora_r, len(reader), tasks, script.data_dir)
@@ -336,6 +347,44 @@ def _io_error(e: OSError, output_dir: str, what: str = "") -> str:
             "--resume_from_checkpoint latest")
 
 
+def _eval(argv: list[str]) -> int:
+    """``sa2va-rl eval``: the library is sa2va_rl.eval.runner; here only flags and exit codes."""
+    from transformers import HfArgumentParser
+
+    from sa2va_rl.eval.runner import EvalArgs, run_eval
+    from sa2va_rl.rl.judge import JudgeArgs
+
+    parser = HfArgumentParser((EvalArgs, JudgeArgs), prog="sa2va-rl eval",
+                              description="Score a Sa2VA checkpoint (and --compare another) on a held-out GAR split.")
+    try:
+        args, jargs = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as e:
+        print(f"sa2va-rl eval: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    from sa2va_rl.data.gar import BadRow, NoGoodRows
+    from sa2va_rl.models.layout import LayoutError
+    from sa2va_rl.models.upstream import UpstreamLoadError
+
+    judge = jargs.build()
+    try:
+        payload = run_eval(args, judge)
+    except (FileNotFoundError, NoGoodRows, BadRow) as e:
+        print(f"sa2va-rl eval: {e}", file=sys.stderr)
+        return EXIT_DATA
+    except (ValueError, UpstreamLoadError, LayoutError) as e:
+        print(f"sa2va-rl eval: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        if judge is not None:
+            judge.close()
+    meteor = payload["settings"]["meteor"]
+    print(f"METEOR: {meteor['implementation']}" + ("" if meteor["implementation"].startswith("pycoco")
+                                                   else f" ({meteor['note']})"))
+    print(payload["table"], end="")
+    print(f"wrote metrics.json, metrics.md, predictions-*.jsonl and samples.png to {args.out_dir}")
+    return EXIT_OK
+
+
 def _make_tiny(args: argparse.Namespace) -> int:
     if args.kind == "sa2va":
         from sa2va_rl.models.tiny_sa2va import make_tiny_sa2va
@@ -383,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("train", help="GRPO training: --model_path M --data_dir D [--config FILE.yaml] [--flag value ...]",
                    add_help=False)
+    sub.add_parser("eval", help="score a checkpoint on a held-out GAR split (METEOR, CIDEr-D, judge, gIoU, cIoU): "
+                                "--model_path M --data_dir D [--compare OTHER]", add_help=False)
     tiny = sub.add_parser("make-tiny", help="write a tiny model built in code (no download) to OUT_DIR")
     tiny.add_argument("--kind", choices=["causal", "sa2va"], default="causal",
                       help="causal: a Qwen2 LM; sa2va: a Sa2VA-compatible model (vision, LM, [SEG] decoder)")
@@ -421,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "train":
         return _train(argv[1:])
+    if argv and argv[0] == "eval":
+        return _eval(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

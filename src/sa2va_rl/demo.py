@@ -5,7 +5,8 @@ GARTaskDataset, Sa2VAGRPOTrainer, save_sa2va), with settings sized for a laptop 
 (no LoRA) at a high learning rate, so the rewards move within a few dozen steps. It writes
 
 * ``samples.png``: a few held-out samples: image, reference mask, predicted mask, reference and predicted caption;
-* ``curves.png``: mean reward (overall and per reward function) and gradient norm per step;
+* ``curves.png``: mean reward (overall and per reward function, smoothed), gradient norm, entropy and the
+  stability counters per step (matplotlib);
 * ``run/stability.json`` and the trained model in ``run/``.
 """
 
@@ -15,11 +16,8 @@ import logging
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 logger = logging.getLogger(__name__)
-
-SERIES_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
 
 
 def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = 40, seed: int = 0, warm_start_steps: int = 60,
@@ -128,83 +126,23 @@ def warm_start(model, tokenizer, policy, rows, steps: int, seed: int, batch: int
 
 
 # ------------------------------------------------------------------------------------------------ plots
-def _font(size: int = 12):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def _panel(draw: ImageDraw.ImageDraw, box, title: str, series: dict[str, list[tuple[float, float]]]) -> None:
-    x0, y0, x1, y1 = box
-    font = _font(12)
-    draw.text((x0, y0 - 18), title, fill="black", font=font)
-    draw.rectangle(box, outline="black")
-    points = [p for pts in series.values() for p in pts]
-    if not points:
-        draw.text((x0 + 10, y0 + 10), "no data", fill="gray", font=font)
-        return
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    xmin, xmax = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    ymin, ymax = min(ys), max(ys)
-    if ymax - ymin < 1e-9:
-        ymin, ymax = ymin - 0.5, ymax + 0.5
-    pad = 0.05 * (ymax - ymin)
-    ymin, ymax = ymin - pad, ymax + pad
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return x0 + (x - xmin) / (xmax - xmin) * (x1 - x0), y1 - (y - ymin) / (ymax - ymin) * (y1 - y0)
-
-    for frac in (0.0, 0.5, 1.0):  # y grid and labels
-        y = ymin + frac * (ymax - ymin)
-        _, py = at(xmin, y)
-        draw.line([(x0, py), (x1, py)], fill=(225, 225, 225))
-        draw.text((x0 - 44, py - 6), f"{y:.3g}", fill="black", font=font)
-    for x in (xmin, (xmin + xmax) / 2, xmax):
-        px, _ = at(x, ymin)
-        draw.text((px - 8, y1 + 4), f"{x:.0f}", fill="black", font=font)
-    draw.text(((x0 + x1) / 2 - 12, y1 + 18), "step", fill="black", font=font)
-    for i, (name, pts) in enumerate(series.items()):
-        color = SERIES_COLORS[i % len(SERIES_COLORS)]
-        xy = [at(x, y) for x, y in pts]
-        if len(xy) > 1:
-            draw.line(xy, fill=color, width=2)
-        for px, py in xy:
-            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
-        draw.text((x1 + 10, y0 + 16 * i), name, fill=color, font=font)
-
-
 def plot_curves(history: list[dict], path: str) -> str:
-    """Mean reward (total and per function) and gradient norm per step, from the trainer's log history."""
-    def series(key: str) -> list[tuple[float, float]]:
-        return [(h["step"], float(h[key])) for h in history
-                if h.get(key) is not None and np.isfinite(float(h[key]))]
+    """Reward per reward function (smoothed), gradient norm, entropy and the stability counters per step, from
+    the trainer's log history (matplotlib: eval/plots.py)."""
+    from sa2va_rl.eval.plots import plot_training_curves
 
-    reward_keys = ["reward"] + sorted(k for h in history for k in h
-                                      if k.startswith("rewards/") and k.endswith("/mean"))
-    reward_series = {k.replace("rewards/", "").replace("/mean", ""): series(k) for k in dict.fromkeys(reward_keys)}
-    img = Image.new("RGB", (900, 560), "white")
-    draw = ImageDraw.Draw(img)
-    _panel(draw, (70, 40, 680, 250), "mean reward per step (GRPO on the tiny Sa2VA)", reward_series)
-    _panel(draw, (70, 320, 680, 520), "gradient norm per step (before clipping)", {"grad_norm": series("grad_norm")})
-    img.save(path)
-    return path
+    return plot_training_curves(history, path, title="GRPO on the tiny Sa2VA")
 
 
-def _mask_view(image: np.ndarray, mask: np.ndarray) -> Image.Image:
-    """The mask in white over a darkened image: readable whatever the shape's colour."""
-    out = image.astype(np.float32) * 0.3
-    out[mask] = 255.0
-    return Image.fromarray(out.astype(np.uint8))
-
-
-def plot_samples(model, tokenizer, reader, path: str, scale: int = 3) -> str:
+def plot_samples(model, tokenizer, reader, path: str) -> str:
     """Per held-out sample: the image, the reference mask, the mask the model predicts from the reference
     caption (caption2mask), and the caption it writes for the reference mask (mask2caption)."""
+    from sa2va_rl.eval.plots import draw_samples
+    from sa2va_rl.rl.rewards import mask_overlap
     from sa2va_rl.rl.tasks import DEFAULT_QUESTION, caption2mask_question
 
     model.eval()
-    rows = []
+    entries = []
     for i in range(len(reader)):
         s = reader.get(i)
         if s is None:
@@ -214,30 +152,8 @@ def plot_samples(model, tokenizer, reader, path: str, scale: int = 3) -> str:
         seg = model.predict_forward(image=s.image, text="<image>\n" + caption2mask_question(s.caption),
                                     tokenizer=tokenizer)
         pred = seg["prediction_masks"][0][0] if seg["prediction_masks"] else None
-        rows.append((s, pred, caption))
-    h, w = rows[0][0].image.shape[:2] if rows else (64, 64)
-    cw, ch = w * scale, h * scale
-    img = Image.new("RGB", (3 * (cw + 10) + 420, len(rows) * (ch + 20) + 30), "white")
-    draw = ImageDraw.Draw(img)
-    font = _font(12)
-    for j, title in enumerate(["image", "reference mask", "predicted mask ([SEG])"]):
-        draw.text((10 + j * (cw + 10), 8), title, fill="black", font=font)
-    draw.text((10 + 3 * (cw + 10), 8), "captions: reference / model", fill="black", font=font)
-    for r, (s, pred, caption) in enumerate(rows):
-        y = 28 + r * (ch + 20)
-        tiles = [Image.fromarray(s.image), _mask_view(s.image, s.mask),
-                 _mask_view(s.image, pred) if pred is not None else _no_mask(s.image)]
-        for j, tile in enumerate(tiles):
-            img.paste(tile.resize((cw, ch), Image.NEAREST), (10 + j * (cw + 10), y))
-        text = caption.replace("<|im_end|>", "").strip() or "(empty)"
-        draw.text((10 + 3 * (cw + 10), y + 10), f"ref:   {s.caption}", fill=(0, 120, 0), font=font)
-        text = text if len(text) <= 60 else text[:57] + "..."
-        draw.text((10 + 3 * (cw + 10), y + 30), f"model: {text}", fill=(160, 0, 160), font=font)
-    img.save(path)
-    return path
-
-
-def _no_mask(image: np.ndarray) -> Image.Image:
-    tile = Image.fromarray((image * 0.4).astype(np.uint8))
-    ImageDraw.Draw(tile).text((4, 4), "no [SEG]", fill="white", font=_font(10))
-    return tile
+        inter, union = mask_overlap(pred, s.mask)
+        entries.append({"image": s.image, "gt_mask": s.mask, "reference": s.caption,
+                        "models": [{"label": "model", "mask": pred, "iou": inter / union if union else 0.0,
+                                    "caption": caption.replace("<|im_end|>", "").strip()}]})
+    return draw_samples(entries, path, title="held-out samples after GRPO (greedy)")

@@ -172,6 +172,7 @@ def test_demo_runs_and_writes_pngs(tmp_path, capsys):
     for name, min_w in (("samples.png", 600), ("curves.png", 600)):
         with Image.open(tmp_path / name) as im:
             assert im.width >= min_w and np.asarray(im.convert("L")).std() > 5  # not blank
+            assert im.info.get("Software", "").startswith("Matplotlib")
 
 
 def test_same_seed_same_weights(tiny_sa2va, gar_dir, tmp_path):

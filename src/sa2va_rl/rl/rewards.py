@@ -73,17 +73,23 @@ def _wordnet():
 _WORDNET = None
 
 
+def wordnet_available() -> bool:
+    """Whether nltk's WordNet corpus is installed, so that METEOR matches synonyms (else exact + stem only)."""
+    global _WORDNET
+    if _WORDNET is None:
+        _WORDNET = _wordnet()
+    return not isinstance(_WORDNET, _NoWordNet)
+
+
 def caption_meteor(completions, caption=None, **kwargs) -> list[float | None]:
     """METEOR of the completion against the reference ``caption`` (nltk), in [0, 1]; None without one.
 
     WordNet synonyms are used when the corpus is installed (``python -m nltk.downloader wordnet``),
     exact + stem matching otherwise.
     """
-    global _WORDNET
     from nltk.translate.meteor_score import meteor_score
 
-    if _WORDNET is None:
-        _WORDNET = _wordnet()
+    wordnet_available()  # loads _WORDNET once
 
     def score(text: str, ref: str) -> float:
         hyp = _tokens(text)
@@ -92,12 +98,24 @@ def caption_meteor(completions, caption=None, **kwargs) -> list[float | None]:
     return _against_references(completions, caption, score)
 
 
+def mask_overlap(pred, gt) -> tuple[int, int]:
+    """(intersection, union) pixel counts of two bool masks of one size; a missing prediction (None) overlaps
+    nothing. IoU is their ratio (0 on an empty union); cIoU sums both over a data set first."""
+    import numpy as np
+
+    gt = np.asarray(gt, dtype=bool)
+    if pred is None:
+        return 0, int(gt.sum())
+    pred = np.asarray(pred, dtype=bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"mask_iou: predicted mask {pred.shape} and reference {gt.shape} differ in size")
+    return int(np.logical_and(pred, gt).sum()), int(np.logical_or(pred, gt).sum())
+
+
 def mask_iou(completions, pred_mask=None, gt_mask=None, **kwargs) -> list[float | None]:
     """IoU of the predicted (``pred_mask``: the trainer's mask of each completion's first [SEG]) and reference
     bool masks; 0 when the union is empty or no mask was predicted (a completion without [SEG]); None when
     there is no reference."""
-    import numpy as np
-
     if gt_mask is None:
         return [None] * len(completions)
     if pred_mask is None:
@@ -107,15 +125,8 @@ def mask_iou(completions, pred_mask=None, gt_mask=None, **kwargs) -> list[float 
         if gt is None:
             out.append(None)
             continue
-        gt = np.asarray(gt, dtype=bool)
-        if pred is None:
-            out.append(0.0)
-            continue
-        pred = np.asarray(pred, dtype=bool)
-        if pred.shape != gt.shape:
-            raise ValueError(f"mask_iou: predicted mask {pred.shape} and reference {gt.shape} differ in size")
-        union = np.logical_or(pred, gt).sum()
-        out.append(float(np.logical_and(pred, gt).sum() / union) if union else 0.0)
+        inter, union = mask_overlap(pred, gt)
+        out.append(inter / union if union else 0.0)
     return out
 
 

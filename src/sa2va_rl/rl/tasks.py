@@ -33,10 +33,17 @@ def task_list(task: str) -> list[str]:
     return [task]
 
 
-def task_rewards(tasks: list[str], format_weight: float = 0.2) -> tuple[list, list[float]]:
-    """(reward functions, weights) for the tasks. Each function returns None on rows of the other task."""
+def task_rewards(tasks: list[str], format_weight: float = 0.2, judge=None) -> tuple[list, list[float]]:
+    """(reward functions, weights) for the tasks. Each function returns None on rows of the other task. With an
+    LLM judge (rl/judge.py), mask2caption is rewarded 0.25 x METEOR + 0.75 x the judge's score / 10, as the
+    original trainer did."""
     funcs, weights = [], []
-    if "mask2caption" in tasks:
+    if "mask2caption" in tasks and judge is not None:
+        from sa2va_rl.rl.judge import judge_reward
+
+        funcs += [caption_meteor, judge_reward(judge)]
+        weights += [0.25, 0.75]
+    elif "mask2caption" in tasks:
         funcs.append(caption_meteor)
         weights.append(1.0)
     if "caption2mask" in tasks:

@@ -1,0 +1,287 @@
+"""``sa2va-rl eval``: a checkpoint (or two, side by side) over a held-out GAR split, scored as the field reports.
+
+For each GAR sample (the first ``max_samples`` good rows) and task, the model answers the same prompt the trainer
+builds (rl/tasks.py), decoded greedily through the model's Policy (models/sa2va.py ``make_policy``: the tiny Sa2VA
+and every released family):
+
+* ``mask2caption``: image + region mask -> a caption, scored by METEOR (which implementation: eval/metrics.py),
+  CIDEr-D and, with ``--judge_url``, the LLM judge's score / 10 (rl/judge.py; samples it could not score are left
+  out of its mean and counted);
+* ``caption2mask``: image + reference caption -> ``[SEG]`` -> a mask, scored by gIoU and cIoU, with the share of
+  answers without ``[SEG]``.
+
+Writes ``OUT/metrics.json`` (every number, the settings and the METEOR implementation), ``OUT/metrics.md`` (the
+table it prints), ``OUT/predictions-LABEL.jsonl`` (each answer) and ``OUT/samples.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalArgs:
+    """What ``sa2va-rl eval`` scores and where it writes."""
+
+    model_path: str = field(default=None, metadata={"help": "Sa2VA checkpoint directory: a run's input or its "
+                                                          "output (any family; released ones need "
+                                                          "--trust_remote_code)."})
+    data_dir: str = field(default=None, metadata={"help": "Held-out GAR directory (*.arrow, *.parquet or *.jsonl)."})
+    task: str = field(default="both", metadata={"help": "mask2caption, caption2mask or both."})
+    compare: str | None = field(default=None, metadata={"help": "A second checkpoint, scored on the same samples and "
+                                                               "shown side by side (e.g. the run's input)."})
+    max_samples: int = field(default=100, metadata={"help": "Score the first N good GAR samples (each once per "
+                                                            "task); 0: all."})
+    out_dir: str = field(default="sa2va-rl-eval", metadata={"help": "Where metrics.json, metrics.md, "
+                                                                    "predictions-*.jsonl and samples.png go."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest answer, in tokens."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding (greedy, the "
+                                                             "default, is deterministic)."})
+    seed: int = field(default=0, metadata={"help": "Seed (matters only with --do_sample)."})
+    sample_images: int = field(default=4, metadata={"help": "Samples drawn in samples.png."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow a released checkpoint's own code."})
+    max_tiles: int | None = field(default=None, metadata={"help": "Most 448-px tiles per image (default: the "
+                                                                  "checkpoint's)."})
+    bad_rows: str = field(default="skip", metadata={"help": "Bad GAR rows: skip (counted) or error."})
+    max_prompt_tokens: int = field(default=8192, metadata={"help": "Skip (count) a sample whose prompt is longer."})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu or cuda[:N]."})
+
+    def __post_init__(self) -> None:
+        from sa2va_rl.rl.tasks import task_list
+
+        if not self.model_path or not self.data_dir:
+            raise ValueError("--model_path and --data_dir are required")
+        for flag, path in (("model_path", self.model_path), ("compare", self.compare)):
+            if path and not os.path.isfile(os.path.join(path, "config.json")):
+                raise ValueError(f"{flag} {path!r} has no config.json: pass a checkpoint directory (saved with "
+                                 "save_pretrained, or a run's --output_dir)")
+        task_list(self.task)  # raises with the choices
+        for name in ("max_samples", "sample_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: use 0 or more")
+        for name in ("batch_size", "max_new_tokens", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: use 1 or more")
+        if self.bad_rows not in ("skip", "error"):
+            raise ValueError(f"bad_rows={self.bad_rows!r}: use skip or error")
+
+
+# ------------------------------------------------------------------------------------------------ predicting
+def eval_rows(reader, policy, tasks: list[str], max_samples: int, max_prompt_tokens: int | None = None
+              ) -> tuple[list[dict], dict]:
+    """The task rows of the first ``max_samples`` good samples (all when 0), built as the trainer builds them,
+    and {source: GARSample} for drawing."""
+    from sa2va_rl.rl.tasks import GARTaskDataset
+
+    data = GARTaskDataset(reader, policy, tasks, max_prompt_tokens=max_prompt_tokens)
+    rows, samples = [], {}
+    for i in range(len(reader)):
+        if max_samples and len(samples) >= max_samples:
+            break
+        s = reader.get(i)
+        if s is None:
+            continue
+        built = [data[i * len(tasks) + t] for t in range(len(tasks))]
+        if any(r["source"] != s.source for r in built):  # refused (prompt too long): counted by the reader
+            continue
+        samples[s.source] = s
+        rows.extend(built)
+    return rows, samples
+
+
+def predict(model, policy, rows: list[dict], batch_size: int = 8, max_new_tokens: int = 64,
+            do_sample: bool = False, progress=None) -> list[dict]:
+    """Each row's answer: {source, task, text, has_seg, mask (bool [H, W] for caption2mask rows with [SEG],
+    else None)}. Greedy unless ``do_sample``; no LogitsGuard (nothing is trained on these tokens)."""
+    import torch
+    from transformers import GenerationConfig
+
+    from sa2va_rl.models.policy import eos_set
+
+    gc = GenerationConfig(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=policy.pad_token_id,
+                          eos_token_id=getattr(model.generation_config, "eos_token_id", None))
+    tok = policy.tokenizer
+    drop = eos_set(gc) | {policy.pad_token_id}
+    stops = getattr(getattr(policy, "stops", None), "strings", [])
+
+    def text_of(ids: list[int]) -> str:
+        """The answer as written, [SEG] kept (it may be a special token), EOS and stop strings removed."""
+        text = tok.decode([t for t in ids if t not in drop], skip_special_tokens=False)
+        for s in stops:
+            text = text.split(s)[0]
+        return text.strip()
+
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                ids = [tok(r["prompt"])["input_ids"] for r in chunk]
+                contexts = [r["visual"] for r in chunk]
+                gen = policy.generate(model, ids, gc, None, contexts=contexts)
+                seg_rows = [i for i, r in enumerate(chunk) if r["task"] == "caption2mask"]
+                masks = [None] * len(chunk)
+                if seg_rows:
+                    got = policy.segment(model, [ids[i] for i in seg_rows],
+                                         [gen.completion_ids[i] for i in seg_rows], [contexts[i] for i in seg_rows])
+                    for i, m in zip(seg_rows, got, strict=True):
+                        masks[i] = m
+                for r, c, m in zip(chunk, gen.completion_ids, masks, strict=True):
+                    out.append({"source": r["source"], "task": r["task"], "reference": r["caption"],
+                                "text": text_of(c),
+                                "has_seg": policy.seg_id in c, "mask": m})
+                if progress is not None:
+                    progress.update(len(chunk))
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def score(preds: list[dict], samples: dict, backend, judge=None) -> dict:
+    """Per-task metrics of one model's predictions (adds each prediction's own scores to it)."""
+    from sa2va_rl.eval.metrics import cider_d, mask_metrics, meteor
+
+    out = {}
+    caps = [p for p in preds if p["task"] == "mask2caption"]
+    if caps:
+        hyps, refs = [p["text"] for p in caps], [p["reference"] for p in caps]
+        m, per_m = meteor(hyps, refs, backend)
+        c, per_c = cider_d(hyps, [[r] for r in refs])
+        res = {"METEOR": m, "CIDEr-D": c, "n": len(caps)}
+        for p, a, b in zip(caps, per_m, per_c, strict=True):
+            p["meteor"], p["cider_d"] = a, b
+        if judge is not None:
+            js = judge.score(hyps, refs)
+            ok = [x for x in js if x is not None]
+            res["judge"] = sum(ok) / len(ok) if ok else float("nan")
+            res["judge_unscored"] = len(js) - len(ok)
+            for p, x in zip(caps, js, strict=True):
+                p["judge"] = x
+        out["mask2caption"] = res
+    segs = [p for p in preds if p["task"] == "caption2mask"]
+    if segs:
+        gts = [samples[p["source"]].mask for p in segs]
+        out["caption2mask"] = mask_metrics([p["mask"] for p in segs], gts)
+        from sa2va_rl.rl.rewards import mask_overlap
+
+        for p, g in zip(segs, gts, strict=True):
+            i, u = mask_overlap(p["mask"], g)
+            p["iou"] = i / u if u else 0.0
+    return out
+
+
+def evaluate_checkpoint(path: str, args: EvalArgs, tasks: list[str], judge, backend) -> tuple[dict, list, dict]:
+    """Load one checkpoint, answer every row, score: (metrics, predictions, {source: sample})."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from sa2va_rl.data.gar import GARReader
+    from sa2va_rl.models.sa2va import load_sa2va, make_policy
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    model, tokenizer = load_sa2va(path, dtype, trust_remote_code=args.trust_remote_code)
+    model.to(device)
+    policy = make_policy(model, tokenizer, path, args.max_tiles, args.trust_remote_code)
+    reader = GARReader(args.data_dir, bad_rows=args.bad_rows)
+    rows, samples = eval_rows(reader, policy, tasks, args.max_samples, args.max_prompt_tokens)
+    with tqdm(total=len(rows), desc=f"eval {os.path.basename(os.path.normpath(path))}", unit="answer") as bar:
+        preds = predict(model, policy, rows, args.batch_size, args.max_new_tokens, args.do_sample, bar)
+    metrics = score(preds, samples, backend, judge)
+    metrics["bad_rows"] = {f"{f}:{fld}": n for (f, fld), n in reader.bad_counts.items()}
+    del model
+    return metrics, preds, samples
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+ROWS = [("mask2caption", "METEOR", "{:.4f}"), ("mask2caption", "CIDEr-D", "{:.4f}"), ("mask2caption", "judge", "{:.4f}"),
+        ("mask2caption", "judge_unscored", "{:d}"), ("mask2caption", "n", "{:d}"),
+        ("caption2mask", "gIoU", "{:.4f}"), ("caption2mask", "cIoU", "{:.4f}"), ("caption2mask", "no_seg", "{:.1%}"),
+        ("caption2mask", "n", "{:d}")]
+NAMES = {"judge": "LLM judge (score/10)", "judge_unscored": "judge: no score (failed calls)", "n": "samples",
+         "no_seg": "answers without [SEG]"}
+
+
+def markdown_table(results: dict[str, dict], meteor_name: str) -> str:
+    """One column per model (a third with the difference when there are two)."""
+    labels = list(results)
+    head = ["task", "metric", *labels] + (["difference"] if len(labels) == 2 else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for task, key, fmt in ROWS:
+        vals = [results[lab].get(task, {}).get(key) for lab in labels]
+        if all(v is None for v in vals):
+            continue
+        cells = ["-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v) for v in vals]
+        if len(labels) == 2:
+            a, b = vals
+            diff = "" if key in ("n", "judge_unscored") or a is None or b is None else (
+                "{:+.1%}" if key == "no_seg" else "{:+.4f}").format(a - b)
+            cells.append(diff)
+        name = NAMES.get(key, key) + (f" [{meteor_name}]" if key == "METEOR" else "")
+        lines.append("| " + " | ".join([task, name, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _labels(paths: list[str]) -> list[str]:
+    names = [os.path.basename(os.path.normpath(p)) or p for p in paths]
+    return names if len(set(names)) == len(names) else [f"{n} ({k})" for n, k in zip(names, "AB")]
+
+
+def _jsonable(p: dict) -> dict:
+    return {k: v for k, v in p.items() if k != "mask"} | {"mask_pixels": None if p["mask"] is None
+                                                            else int(np.asarray(p["mask"]).sum())}
+
+
+def run_eval(args: EvalArgs, judge=None) -> dict:
+    """Score ``args.model_path`` (and ``args.compare``) and write the reports; returns the metrics.json payload."""
+    from transformers import set_seed
+
+    from sa2va_rl.eval.metrics import meteor_backend
+    from sa2va_rl.eval.plots import plot_eval_samples
+    from sa2va_rl.rl.tasks import task_list
+
+    tasks = task_list(args.task)
+    backend = meteor_backend()
+    logger.info("METEOR: %s", backend.note)
+    paths = [args.model_path] + ([args.compare] if args.compare else [])
+    labels = _labels(paths)
+    results, all_preds, samples = {}, {}, {}
+    for label, path in zip(labels, paths, strict=True):
+        set_seed(args.seed)
+        results[label], all_preds[label], samples = evaluate_checkpoint(path, args, tasks, judge, backend)
+    os.makedirs(args.out_dir, exist_ok=True)
+    for label, preds in all_preds.items():
+        with open(os.path.join(args.out_dir, f"predictions-{label.replace(' ', '_')}.jsonl"), "w") as f:
+            for p in preds:
+                f.write(json.dumps(_jsonable(p)) + "\n")
+    payload = {
+        "models": {lab: {"model_path": p, **results[lab]} for lab, p in zip(labels, paths, strict=True)},
+        "settings": {**{k: v for k, v in asdict(args).items() if k not in ("model_path", "compare")},
+                     "decoding": "sampled" if args.do_sample else "greedy",
+                     "meteor": {"implementation": backend.describe(), "wordnet": backend.wordnet,
+                                "note": backend.note},
+                     "judge": None if judge is None else judge.report()},
+    }
+    with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
+        json.dump(payload, f, indent=2, default=float)
+    table = markdown_table(results, backend.describe())
+    with open(os.path.join(args.out_dir, "metrics.md"), "w") as f:
+        f.write(table)
+    if args.sample_images:
+        plot_eval_samples(samples, all_preds, os.path.join(args.out_dir, "samples.png"), args.sample_images)
+    payload["table"] = table
+    return payload
