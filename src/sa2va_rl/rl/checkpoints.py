@@ -98,10 +98,17 @@ class Rollback:
 
     def on_persistent_nonfinite(self, step: int, what: str) -> None:
         """K non-finite gradient steps in a row, or non-finite weights: roll back, or halt."""
+        self.on_persistent(step, what, self.trainer.args.on_persistent_nonfinite)
+
+    def on_persistent(self, step: int, what: str, action: str) -> None:
+        """A persistent fault (non-finite steps, or spikes): ``action`` 'rollback' rolls back when configured and
+        possible, else (and for 'halt') halts; 'continue' does nothing."""
+        if action == "continue":
+            return
         t = self.trainer
         args, c = t.args, t.stability.counters
         prefix = ""
-        if args.on_persistent_nonfinite == "rollback" and args.skip_nonfinite_steps:
+        if action == "rollback" and args.skip_nonfinite_steps:
             checkpoint = last_good_checkpoint(args.output_dir)
             if checkpoint is not None and c.rollbacks < args.max_rollbacks:
                 self.restore(checkpoint, step)
@@ -128,9 +135,19 @@ class Rollback:
         t.grad_guard.stats.consecutive_nonfinite = 0
         c = t.stability.counters
         c.rollbacks += 1
-        t.stability.record_event({"step": step, "kind": "rollback", "checkpoint": os.path.basename(checkpoint),
-                                  "lr_factor": self.lr_factor})
-        logger.warning("step %d: non-finite steps persisted; rolled back to %s (rollback %d of at most %d, learning "
+        event = {"step": step, "kind": "rollback", "checkpoint": os.path.basename(checkpoint),
+                 "lr_factor": self.lr_factor}
+        skip = getattr(t, "data_skip", None)
+        if skip is not None and t.args.rollback_skip_data:  # PaLM: skip the batches consumed since the checkpoint
+            rows = skip.skip_since(step, int(os.path.basename(checkpoint).split("-")[-1]), checkpoint,
+                                   t.args.output_dir if t.args.should_save else None)
+            c.skipped_rows = len(skip.rows)
+            event["skipped_rows"] = rows
+        spikes = getattr(t, "spike_guard", None)
+        if spikes is not None:
+            spikes.reset_persistence()
+        t.stability.record_event(event)
+        logger.warning("step %d: faults persisted; rolled back to %s (rollback %d of at most %d, learning "
                        "rate x%g)", step, checkpoint, c.rollbacks, t.args.max_rollbacks, self.lr_factor)
 
     def halt(self, what: str, prefix: str = "") -> None:
