@@ -74,7 +74,7 @@ def test_std_floor_keeps_a_constant_window_from_flagging_noise():
 def test_spike_decision_rides_the_grad_guards_one_sync():
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
-    guard, spikes = GradGuard(), SpikeGuard(window=8, sigma=6.0, warmup=2)
+    guard, spikes = GradGuard(), SpikeGuard(window=8, sigma=6.0, warmup=2, signals=("loss", "grad_norm"))
     for step in range(1, 6):
         model.zero_grad()
         loss = model(torch.randn(3, 8)).pow(2).mean() * (1e4 if step == 5 else 1.0)
@@ -227,8 +227,8 @@ def test_entropy_monitor_uses_the_early_value_warns_rate_limited_and_halts(caplo
 
 
 def test_entropy_collapse_drill_halts_with_collapse_halt(tiny_causal, prompt_dir, tmp_path):
-    trainer = make_trainer(tiny_causal, prompt_dir, tmp_path, max_steps=8, inject=["entropy_collapse@4:50"],
-                           collapse_warmup_steps=2, collapse_halt=True, collapse_patience=2, **FAST)
+    trainer = make_trainer(tiny_causal, prompt_dir, tmp_path, max_steps=8, inject=["entropy_collapse@4:1000"],
+                           collapse_max_length_share=1.0, collapse_zero_std_share=1.0, collapse_warmup_steps=2, collapse_halt=True, collapse_patience=2, **FAST)
     with pytest.raises(NonFiniteTrainingError, match="collapse: stability/entropy"):
         trainer.train()
     r = stability_json(tmp_path)

@@ -150,10 +150,13 @@ class Rollback:
         logger.warning("step %d: faults persisted; rolled back to %s (rollback %d of at most %d, learning "
                        "rate x%g)", step, checkpoint, c.rollbacks, t.args.max_rollbacks, self.lr_factor)
 
-    def halt(self, what: str, prefix: str = "") -> None:
-        """Write stability.json and stop the run with what happened and what to try."""
+    def halt(self, what: str, prefix: str = "", advice: bool = True) -> None:
+        """Write stability.json and stop the run with what happened and what to try (``advice=False``: ``what``
+        already says it)."""
         t = self.trainer
         t.stability.write_report(t.args.output_dir, t.model)
+        if not advice:
+            raise NonFiniteTrainingError(f"{what}; details in {os.path.join(t.args.output_dir, 'stability.json')}.")
         good = last_good_checkpoint(t.args.output_dir)
         raise NonFiniteTrainingError(
             f"{what}. {prefix}Try a lower --learning_rate, check the data of these steps, "

@@ -120,6 +120,13 @@ class Sa2VAGRPOConfig(GRPOConfig):
                           "standard deviations over its last spike_window steps (optimizer state untouched, counted "
                           "by cause). Statistics stay on the device; no extra host sync."},
     )
+    spike_signals: list[str] = field(
+        default_factory=lambda: ["grad_norm", "kl"],
+        metadata={"help": "Spike guard: the signals that may flag a step, of loss, grad_norm, kl. The loss is off by "
+                          "default: GRPO's surrogate loss is zero-mean by construction (group-normalised advantages, "
+                          "ratio 1 on the first iteration), so its window is round-off punctuated by length effects "
+                          "and a sigma rule flags healthy steps; a loss blow-up shows in the grad norm."},
+    )
     spike_window: int = field(default=128, metadata={"help": "Spike guard: steps of history per signal."})
     spike_sigma: float = field(default=6.0, metadata={"help": "Spike guard: standard deviations that make a spike."})
     spike_warmup: int = field(
@@ -226,6 +233,9 @@ class Sa2VAGRPOConfig(GRPOConfig):
         if self.spike_persistent_count < 1 or self.spike_persistent_window < self.spike_persistent_count:
             problems.append(f"spike_persistent_count={self.spike_persistent_count}, spike_persistent_window="
                             f"{self.spike_persistent_window}: use 1 <= count <= window (defaults 3 and 20)")
+        bad_signals = sorted(set(self.spike_signals or []) - {"loss", "grad_norm", "kl"})
+        if bad_signals:
+            problems.append(f"spike_signals: {bad_signals} unknown; use some of loss, grad_norm, kl")
         if self.on_persistent_spikes not in (None, "halt", "rollback", "continue"):
             problems.append(f"on_persistent_spikes={self.on_persistent_spikes!r}: use 'halt', 'rollback' or "
                             "'continue' (or leave it unset to follow on_persistent_nonfinite)")

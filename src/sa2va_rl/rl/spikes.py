@@ -48,9 +48,15 @@ class SpikeGuard:
     """
 
     def __init__(self, window: int = 128, sigma: float = 6.0, warmup: int = 16, persistent_count: int = 3,
-                 persistent_window: int = 20, device: torch.device | str = "cpu", reduce_mean=None) -> None:
+                 persistent_window: int = 20, device: torch.device | str = "cpu", reduce_mean=None,
+                 signals: tuple[str, ...] = SIGNALS) -> None:
+        unknown = set(signals) - set(SIGNALS)
+        if unknown:
+            raise ValueError(f"spike signals {sorted(unknown)}: use some of {', '.join(SIGNALS)}")
         self.detector = SpikeDetector(list(SIGNALS), window, sigma, warmup, two_sided=("loss",), device=device)
         self.device = torch.device(device)
+        # every signal's statistics are kept; only these may flag a step
+        self.judged = torch.tensor([name in signals for name in SIGNALS], device=self.device)
         self.persistent_count, self.persistent_window = persistent_count, persistent_window
         self.reduce_mean = reduce_mean
         self._loss = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -74,7 +80,7 @@ class SpikeGuard:
                               torch.tensor(kl, dtype=torch.float64, device=self.device)])
         present = torch.tensor([True, True, bool(self._kl)], device=self.device)
         self._values, self._present = values, present
-        return self.detector.decide(values, present)
+        return self.detector.decide(values, present) & self.judged
 
     # ---------------------------------------------------------------- deciding (host values from the sync)
     def conclude(self, step: int, flags: list[float], finite: bool) -> list[str]:
@@ -233,7 +239,7 @@ def install(trainer) -> tuple[SpikeGuard | None, DataSkip, object]:
     guard = None
     if args.spike_guard:
         guard = SpikeGuard(args.spike_window, args.spike_sigma, args.spike_warmup, args.spike_persistent_count,
-                           args.spike_persistent_window, device=acc.device,
+                           args.spike_persistent_window, device=acc.device, signals=tuple(args.spike_signals),
                            reduce_mean=(lambda t: acc.reduce(t, "mean")) if acc.num_processes > 1 else None)
         trainer.stability.parts["spike_guard"] = guard
     skip = DataSkip()
@@ -242,7 +248,7 @@ def install(trainer) -> tuple[SpikeGuard | None, DataSkip, object]:
     collapse = CollapseMonitor(args.collapse_entropy_floor, args.collapse_entropy_fraction, args.collapse_warmup_steps,
                                args.collapse_zero_std_share, args.collapse_identical_share,
                                args.collapse_max_length_share, args.collapse_repeat_share, args.collapse_halt,
-                               args.collapse_patience, on_halt=lambda message: trainer.rollback.halt(message))
+                               args.collapse_patience, on_halt=lambda message: trainer.rollback.halt(message, advice=False))
     trainer.stability.parts["collapse"] = collapse
     trainer.add_callback(collapse)
     return guard, skip, collapse
