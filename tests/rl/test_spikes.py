@@ -88,6 +88,18 @@ def test_spike_decision_rides_the_grad_guards_one_sync():
     assert spikes.detector.count.tolist() == [4, 4, 0]  # the spike did not enter the history; no KL logged
 
 
+def test_kl_is_judged_when_logged_and_only_then():
+    spikes = SpikeGuard(window=8, sigma=6.0, warmup=2)  # default signals: grad_norm and kl
+    norm = torch.tensor(1.0)
+    for step, kl in enumerate([0.010, 0.012, 0.011], start=1):
+        spikes.add_kl(kl)
+        assert spikes.conclude(step, spikes.flags(norm).tolist(), finite=True) == []
+    spikes.add_kl(0.5)
+    assert spikes.conclude(4, spikes.flags(norm).tolist(), finite=True) == ["kl"]
+    assert spikes.conclude(5, spikes.flags(norm).tolist(), finite=True) == []  # no KL logged: not judged
+    assert spikes.detector.count.tolist() == [0, 4, 3]  # loss never logged; the KL spike not recorded
+
+
 def test_norm_read_with_extra_is_the_same_float():
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)

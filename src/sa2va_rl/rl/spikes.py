@@ -193,8 +193,15 @@ class DataSkip:
         return sorted({r for s, rows in self.consumed if s > step for r in rows})
 
     def skip_since(self, step: int, checkpoint_step: int, checkpoint: str, output_dir: str | None) -> list[int]:
-        """Skip the rows consumed since ``checkpoint_step`` (a rollback at ``step``), record and write them."""
+        """Skip the rows consumed since ``checkpoint_step`` (a rollback at ``step``), record and write them. Under
+        several processes the rows of every rank (a rollback is a decision every rank takes together: this gathers),
+        so that every rank serves the same substitutes."""
         rows = self.since(checkpoint_step)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = sorted({r for part in gathered for r in part})
         new = sorted(set(rows) - self.rows)
         self.rows.update(rows)
         self.events.append({"step": step, "checkpoint": os.path.basename(checkpoint),
