@@ -240,7 +240,8 @@ def test_entropy_monitor_uses_the_early_value_warns_rate_limited_and_halts(caplo
 
 def test_entropy_collapse_drill_halts_with_collapse_halt(tiny_causal, prompt_dir, tmp_path):
     trainer = make_trainer(tiny_causal, prompt_dir, tmp_path, max_steps=8, inject=["entropy_collapse@4:1000"],
-                           collapse_max_length_share=1.0, collapse_zero_std_share=1.0, collapse_warmup_steps=2, collapse_halt=True, collapse_patience=2, **FAST)
+                           collapse_max_length_share=1.0, collapse_zero_std_share=1.0, collapse_warmup_steps=2,
+                           collapse_halt=True, collapse_patience=2, **FAST)
     with pytest.raises(NonFiniteTrainingError, match="collapse: stability/entropy"):
         trainer.train()
     r = stability_json(tmp_path)

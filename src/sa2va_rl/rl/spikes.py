@@ -26,6 +26,7 @@ from collections import deque
 
 import torch
 
+from sa2va_rl.numerics._ratelimit import PowerOfTwoLimiter
 from sa2va_rl.numerics.spikes import SpikeDetector
 from sa2va_rl.rl.stability import write_json_atomic
 
@@ -64,6 +65,7 @@ class SpikeGuard:
         self._values: torch.Tensor | None = None
         self._present: torch.Tensor | None = None
         self.recent: deque[int] = deque()  # steps of recent spikes
+        self.limiter = PowerOfTwoLimiter()  # the skip warning: 1st, 2nd, 4th... spike
 
     # ---------------------------------------------------------------- feeding (no sync)
     def add_loss(self, loss: torch.Tensor) -> None:
@@ -116,11 +118,13 @@ class SpikeGuard:
 
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
-        return {"detector": self.detector.state_dict(), "recent": list(self.recent)}
+        return {"detector": self.detector.state_dict(), "recent": list(self.recent),
+                "limiter": self.limiter.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.detector.load_state_dict(state["detector"])
         self.recent = deque(state.get("recent", []))
+        self.limiter.load_state_dict(state.get("limiter", {"events": 0}))
 
 
 class IndexedRows(torch.utils.data.Dataset):
@@ -255,7 +259,8 @@ def install(trainer) -> tuple[SpikeGuard | None, DataSkip, object]:
     collapse = CollapseMonitor(args.collapse_entropy_floor, args.collapse_entropy_fraction, args.collapse_warmup_steps,
                                args.collapse_zero_std_share, args.collapse_identical_share,
                                args.collapse_max_length_share, args.collapse_repeat_share, args.collapse_halt,
-                               args.collapse_patience, on_halt=lambda message: trainer.rollback.halt(message, advice=False))
+                               args.collapse_patience,
+                               on_halt=lambda message: trainer.rollback.halt(message, advice=False))
     trainer.stability.parts["collapse"] = collapse
     trainer.add_callback(collapse)
     return guard, skip, collapse

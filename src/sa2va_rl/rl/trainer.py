@@ -10,7 +10,10 @@ TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The o
   neutralised before log_softmax; during the loss, log-ratios against pi_old and pi_ref are clamped
   (straight-through: values bounded, gradients kept).
 * ``_generate_and_score_completions``: advantages recomputed in fp32 with a floored group std.
-* ``_clip_grad_norm``: GradGuard before clipping; non-finite steps skipped with the optimizer untouched.
+* ``_clip_grad_norm``: GradGuard before clipping; non-finite steps skipped with the optimizer untouched; the spike
+  guard's flags (rl/spikes.py) ride in the GradGuard's one sync, and a finite spike is skipped the same way.
+* ``_generate_and_score_completions`` / ``_generate_single_turn`` / ``training_step`` also feed the data skip (which
+  rows each step consumed: rollback past the data) and the collapse monitors (rl/collapse.py), from host values.
 * ``log``, ``training_step``: stability metrics, non-finite losses and metric values counted, not hidden.
 * ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: the stability state travels with checkpoints.
 * ``_calculate_rewards``: for policies that segment (Sa2VA), each completion's ``[SEG]`` mask is added to its row
@@ -334,9 +337,11 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self.grad_guard.skip(self.optimizer)
         event = self.spike_guard.event(step, causes)  # failure path: reads the statistics back
         self.stability.record_spike(event, skipped=True)
-        logger.warning("step %d skipped: spike in %s (value %s, window mean %s, std %s); %d spike(s) in the last %d "
-                       "steps", step, ", ".join(causes), event["values"], event["mean"], event["std"],
-                       len(self.spike_guard.recent), self.args.spike_persistent_window)
+        if self.spike_guard.limiter():
+            logger.warning("step %d skipped: spike in %s (value %s, window mean %s, std %s); %d spike(s) in the last "
+                           "%d steps (logged on the 1st, 2nd, 4th... spike)", step, ", ".join(causes),
+                           event["values"], event["mean"], event["std"], len(self.spike_guard.recent),
+                           self.args.spike_persistent_window)
         if self.spike_guard.persistent():
             self.rollback.on_persistent(step, (
                 f"{len(self.spike_guard.recent)} loss/grad-norm/KL spikes within {self.args.spike_persistent_window} "
