@@ -27,7 +27,7 @@ from sa2va_rl.rl.collapse import FIXES, CollapseMonitor, completion_shares
 from sa2va_rl.rl.faults import Fault
 from sa2va_rl.rl.spikes import SKIP_FILE, DataSkip, IndexedRows, SpikeGuard
 from sa2va_rl.rl.stability import NonFiniteTrainingError
-from tests.rl.test_trainer import Snapshots, make_trainer, opt_equal, params, stability_json
+from tests.rl.test_trainer import Snapshots, make_trainer, nan_grad_at, opt_equal, params, stability_json
 from tests.syncs import CountSyncs
 
 FAST = dict(spike_warmup=3, spike_window=8, logging_steps=100, stability_summary_steps=0)
@@ -185,6 +185,18 @@ def test_poisoned_rows_roll_back_past_the_data_and_are_not_seen_again(tiny_causa
     assert not {r_ for v in rows.values() for r_ in v} & set(since_checkpoint)
     assert rows[8] == clean_order[8]  # batch positions did not move
     assert stability_json(out)["spike_steps"] == 0  # counters as of checkpoint-4 (before the spikes): no new one
+
+
+def test_persistent_nonfinite_rollback_also_skips_the_data(tiny_causal, prompt_dir, tmp_path, clean_order):
+    trainer = make_trainer(tiny_causal, prompt_dir, tmp_path, max_steps=10, learning_rate=1e-9, save_strategy="steps",
+                           save_steps=4, on_persistent_nonfinite="rollback", max_consecutive_skips=3, **FAST)
+    nan_grad_at(trainer, {6, 7, 8})
+    trainer.train()
+    r = stability_json(tmp_path)
+    want = sorted({r_ for s in (5, 6, 7, 8) for r_ in clean_order[s]})
+    (rb,) = [e for e in r["events"] if e["kind"] == "rollback"]
+    assert (rb["step"], rb["checkpoint"], rb["skipped_rows"]) == (8, "checkpoint-4", want)
+    assert json.load(open(tmp_path / SKIP_FILE))["rows"] == want and r["skipped_steps"] == 3
 
 
 def test_persistent_spikes_halt_by_default(tiny_causal, prompt_dir, tmp_path, clean_order):

@@ -89,8 +89,9 @@ def last_good_checkpoint(output_dir: str) -> str | None:
 
 
 class Rollback:
-    """Non-finite values that persist: back to the last good checkpoint when configured and possible, else a halt
-    that says what to try. Owns the learning-rate factor that the rollbacks have applied so far."""
+    """Non-finite values (or spikes) that persist: back to the last good checkpoint when configured and possible,
+    skipping the dataset rows consumed since it (``rollback_skip_data``, rl/spikes.py), else a halt that says what
+    to try. Owns the learning-rate factor that the rollbacks have applied so far."""
 
     def __init__(self, trainer) -> None:
         self.trainer = trainer
