@@ -56,14 +56,16 @@ class SpikeGuard:
             raise ValueError(f"spike signals {sorted(unknown)}: use some of {', '.join(SIGNALS)}")
         self.detector = SpikeDetector(list(SIGNALS), window, sigma, warmup, two_sided=("loss",), device=device)
         self.device = torch.device(device)
-        # every signal's statistics are kept; only these may flag a step
+        # every signal's statistics are kept; only these may flag a step. Built once: a blocking host->device copy
+        # waits for the stream on CUDA, so nothing per step is copied that way
         self.judged = torch.tensor([name in signals for name in SIGNALS], device=self.device)
+        self._present = {kl: torch.tensor([True, True, kl], device=self.device) for kl in (False, True)}
         self.persistent_count, self.persistent_window = persistent_count, persistent_window
         self.reduce_mean = reduce_mean
         self._loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self._kl: list[float] = []  # host floats TRL already read (its own .item()): free
         self._values: torch.Tensor | None = None
-        self._present: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None  # which signals had a value at the last flags()
         self.recent: deque[int] = deque()  # steps of recent spikes
         self.limiter = PowerOfTwoLimiter()  # the skip warning: 1st, 2nd, 4th... spike
 
@@ -78,10 +80,10 @@ class SpikeGuard:
         """The ``extra`` of ``GradGuard.check``: spike flags [signals] as a device tensor, from the device norm."""
         loss = self._loss if self.reduce_mean is None else self.reduce_mean(self._loss)
         kl = sum(self._kl) / len(self._kl) if self._kl else 0.0
-        values = torch.stack([loss, total_norm.detach().to(device=self.device, dtype=torch.float64),
-                              torch.tensor(kl, dtype=torch.float64, device=self.device)])
-        present = torch.tensor([True, True, bool(self._kl)], device=self.device)
-        self._values, self._present = values, present
+        kl = torch.tensor(kl, dtype=torch.float64).to(self.device, non_blocking=True)  # host->device, not a sync
+        values = torch.stack([loss, total_norm.detach().to(device=self.device, dtype=torch.float64), kl])
+        present = self._present[bool(self._kl)]
+        self._values, self._mask = values, present
         return self.detector.decide(values, present) & self.judged
 
     # ---------------------------------------------------------------- deciding (host values from the sync)
@@ -90,7 +92,7 @@ class SpikeGuard:
         taken (finite and not a spike). Clears the step's accumulators."""
         causes = [name for name, f in zip(SIGNALS, flags, strict=False) if f] if finite else []
         if finite and not causes and self._values is not None:
-            self.detector.update(self._values, self._present)
+            self.detector.update(self._values, self._mask)
         if causes:
             self.recent.append(step)
         while self.recent and self.recent[0] <= step - self.persistent_window:
