@@ -52,6 +52,8 @@ def test_two_ranks_roll_back_then_resume_and_agree(tiny_causal, prompt_dir, tmp_
     assert report["rollbacks"] == 1 and report["skipped_steps"] == 2 and report["ranks_agree"] is True
     rollback = [e for e in report["events"] if e["kind"] == "rollback"]
     assert rollback and rollback[0]["checkpoint"] == "checkpoint-2"
+    # rollback past the data: the rows both ranks consumed in steps 3-4 (2 steps x 2 ranks x 2 prompts), gathered
+    assert len(rollback[0]["skipped_rows"]) == 8 and report["skipped_data"]["rows"] == rollback[0]["skipped_rows"]
     assert report["first_nonfinite"]["ranks"] == {"1": [report["first_nonfinite"]["params"][0]]}
     assert proc.stderr.count("rolled back to") == 2  # both ranks
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -56,6 +56,7 @@ class GradReport:
     world_size: int = 1  # processes that took this decision together
     num_nonfinite_params: int = 0
     num_tensors: int = 0
+    extra: list[float] = field(default_factory=list)  # what check(extra=...) computed, read in the same sync
 
     @property
     def all_nonfinite_params(self) -> list[str]:
@@ -190,11 +191,14 @@ class GradGuard:
         self._grads: list[torch.Tensor] = []
         self._total: torch.Tensor | None = None  # device scalar of the last finite check, for clip_
 
-    def check(self, model_or_params: torch.nn.Module | NamedParams) -> GradReport:
+    def check(self, model_or_params: torch.nn.Module | NamedParams,
+              extra: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GradReport:
+        """``extra(total_norm)``, when given, returns a 1-D device tensor computed from the (device) total norm,
+        e.g. spike flags; it is read back in the same host sync as the norm and lands in ``report.extra``."""
         is_module = isinstance(model_or_params, torch.nn.Module)
         named = model_or_params.named_parameters() if is_module else model_or_params
         if not _distributed():
-            return self._check_local(named)
+            return self._check_local(named, extra)
         sharded_ids = fsdp1_sharded_ids(model_or_params if is_module else None)
         if is_module:  # the names a user knows: without DDP's "module." and FSDP1's wrapper segments
             named = unwrapped_named_parameters(model_or_params)
@@ -211,15 +215,17 @@ class GradGuard:
 
         per_l2 = self._per_tensor_norms(grads, 2.0, home)  # fp32 [N], this rank's parts
         total = self._global_l2(per_l2, mask)  # every rank: the same global norm, NaN/inf from any rank kept
-        norm = total.tolist()  # the one host sync of the fast path
+        norm, more = self._read(total, extra)  # the one host sync of the fast path
         if math.isfinite(norm):
             self._total = total
-            return self._record(GradReport(finite=True, norm=norm, max_abs=None, num_tensors=len(grads)))
+            return self._record(GradReport(finite=True, norm=norm, max_abs=None, num_tensors=len(grads),
+                                           extra=more))
 
         per_max = self._per_tensor_norms(grads, math.inf, home)
         local_max = per_max.max() if len(grads) else torch.zeros((), device=home)
         max_abs = self._all_reduce_max(local_max).tolist()
-        report = GradReport(finite=math.isfinite(max_abs), norm=norm, max_abs=max_abs, num_tensors=len(grads))
+        report = GradReport(finite=math.isfinite(max_abs), norm=norm, max_abs=max_abs, num_tensors=len(grads),
+                            extra=more)
         if report.finite:  # huge but finite: the squares overflowed; recompute on g / max|g|, in fp64
             scaled = [g.double() / max_abs for g in grads]
             per = torch.stack(torch._foreach_norm(scaled, 2.0)) if scaled else torch.zeros(0, device=home).double()
@@ -234,7 +240,16 @@ class GradGuard:
             report.world_size = len(gathered)
         return self._record(report)
 
-    def _check_local(self, named: NamedParams) -> GradReport:
+    @staticmethod
+    def _read(total: torch.Tensor, extra) -> tuple[float, list[float]]:
+        """(norm, extra values) in one host sync. Without ``extra``, the original ``total.tolist()``."""
+        if extra is None:
+            return total.tolist(), []
+        more = extra(total).reshape(-1)
+        vals = torch.cat([total.reshape(1).double(), more.to(device=total.device, dtype=torch.float64)]).tolist()
+        return vals[0], vals[1:]
+
+    def _check_local(self, named: NamedParams, extra=None) -> GradReport:
         """One process: the original single-reduction path (kept bit-identical)."""
         names, grads = [], []
         for name, p in named:
@@ -243,19 +258,22 @@ class GradGuard:
                 grads.append(p.grad)
         self._grads, self._total = grads, None
         if not grads:
-            return self._record(GradReport(finite=True, norm=0.0, max_abs=0.0))
+            more = self._read(torch.zeros(()), extra)[1]
+            return self._record(GradReport(finite=True, norm=0.0, max_abs=0.0, extra=more))
 
         per_l2 = self._per_tensor_norms(grads, 2.0)  # fp32 [N]
         total = torch.linalg.vector_norm(per_l2)
-        norm = total.tolist()  # the one host sync of the fast path
+        norm, more = self._read(total, extra)  # the one host sync of the fast path
         if math.isfinite(norm):
             self._total = total
-            return self._record(GradReport(finite=True, norm=norm, max_abs=None, num_tensors=len(grads)))
+            return self._record(GradReport(finite=True, norm=norm, max_abs=None, num_tensors=len(grads),
+                                           extra=more))
 
         # Slow path: inf or NaN total. The inf-norm says whether any gradient is really non-finite.
         per_max = self._per_tensor_norms(grads, math.inf)
         max_abs = per_max.max().tolist()
-        report = GradReport(finite=math.isfinite(max_abs), norm=norm, max_abs=max_abs, num_tensors=len(grads))
+        report = GradReport(finite=math.isfinite(max_abs), norm=norm, max_abs=max_abs, num_tensors=len(grads),
+                            extra=more)
         if report.finite:  # huge but finite: the L2 norm overflowed; recompute it on g / max|g|, in fp64
             scaled = [g.double() / max_abs for g in grads]
             self._total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled, 2.0))) * max_abs

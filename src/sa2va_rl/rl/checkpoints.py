@@ -89,8 +89,9 @@ def last_good_checkpoint(output_dir: str) -> str | None:
 
 
 class Rollback:
-    """Non-finite values that persist: back to the last good checkpoint when configured and possible, else a halt
-    that says what to try. Owns the learning-rate factor that the rollbacks have applied so far."""
+    """Non-finite values (or spikes) that persist: back to the last good checkpoint when configured and possible,
+    skipping the dataset rows consumed since it (``rollback_skip_data``, rl/spikes.py), else a halt that says what
+    to try. Owns the learning-rate factor that the rollbacks have applied so far."""
 
     def __init__(self, trainer) -> None:
         self.trainer = trainer
@@ -98,10 +99,17 @@ class Rollback:
 
     def on_persistent_nonfinite(self, step: int, what: str) -> None:
         """K non-finite gradient steps in a row, or non-finite weights: roll back, or halt."""
+        self.on_persistent(step, what, self.trainer.args.on_persistent_nonfinite)
+
+    def on_persistent(self, step: int, what: str, action: str) -> None:
+        """A persistent fault (non-finite steps, or spikes): ``action`` 'rollback' rolls back when configured and
+        possible, else (and for 'halt') halts; 'continue' does nothing."""
+        if action == "continue":
+            return
         t = self.trainer
         args, c = t.args, t.stability.counters
         prefix = ""
-        if args.on_persistent_nonfinite == "rollback" and args.skip_nonfinite_steps:
+        if action == "rollback" and args.skip_nonfinite_steps:
             checkpoint = last_good_checkpoint(args.output_dir)
             if checkpoint is not None and c.rollbacks < args.max_rollbacks:
                 self.restore(checkpoint, step)
@@ -128,15 +136,28 @@ class Rollback:
         t.grad_guard.stats.consecutive_nonfinite = 0
         c = t.stability.counters
         c.rollbacks += 1
-        t.stability.record_event({"step": step, "kind": "rollback", "checkpoint": os.path.basename(checkpoint),
-                                  "lr_factor": self.lr_factor})
-        logger.warning("step %d: non-finite steps persisted; rolled back to %s (rollback %d of at most %d, learning "
+        event = {"step": step, "kind": "rollback", "checkpoint": os.path.basename(checkpoint),
+                 "lr_factor": self.lr_factor}
+        skip = getattr(t, "data_skip", None)
+        if skip is not None and t.args.rollback_skip_data:  # PaLM: skip the batches consumed since the checkpoint
+            rows = skip.skip_since(step, int(os.path.basename(checkpoint).split("-")[-1]), checkpoint,
+                                   t.args.output_dir if t.args.should_save else None)
+            c.skipped_rows = len(skip.rows)
+            event["skipped_rows"] = rows
+        spikes = getattr(t, "spike_guard", None)
+        if spikes is not None:
+            spikes.reset_persistence()
+        t.stability.record_event(event)
+        logger.warning("step %d: faults persisted; rolled back to %s (rollback %d of at most %d, learning "
                        "rate x%g)", step, checkpoint, c.rollbacks, t.args.max_rollbacks, self.lr_factor)
 
-    def halt(self, what: str, prefix: str = "") -> None:
-        """Write stability.json and stop the run with what happened and what to try."""
+    def halt(self, what: str, prefix: str = "", advice: bool = True) -> None:
+        """Write stability.json and stop the run with what happened and what to try (``advice=False``: ``what``
+        already says it)."""
         t = self.trainer
         t.stability.write_report(t.args.output_dir, t.model)
+        if not advice:
+            raise NonFiniteTrainingError(f"{what}; details in {os.path.join(t.args.output_dir, 'stability.json')}.")
         good = last_good_checkpoint(t.args.output_dir)
         raise NonFiniteTrainingError(
             f"{what}. {prefix}Try a lower --learning_rate, check the data of these steps, "

@@ -82,8 +82,10 @@ class Sa2VAGRPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Testing: inject faults, KIND[@STEP][:ARG] ... (see sa2va_rl.rl.faults): nan_logits, "
                           "posinf_logits, huge_logits, empty_completion, nan_grads, inf_grads, nan_weights, "
-                          "reward_raises, reward_nan, reward_none, signal[:INT|TERM]; force_token[:TOKEN] (every completion "
-                          "of the step starts with TOKEN, default [SEG], to exercise the mask path)."},
+                          "reward_raises, reward_nan, reward_none, signal[:INT|TERM], loss_spike[:FACTOR], "
+                          "entropy_collapse[:FACTOR], poison_rows:I+J+... (every batch holding one of these rows "
+                          "spikes); force_token[:TOKEN] (every completion of the step starts with TOKEN, default "
+                          "[SEG], to exercise the mask path)."},
     )
     save_on_signal: bool = field(
         default=True,
@@ -111,6 +113,71 @@ class Sa2VAGRPOConfig(GRPOConfig):
         metadata={"help": "A reward function that raises: 'raise' (stop, naming the function and the sample) or "
                           "'skip' (that sample gets no opinion from that function, counted as reward_errors)."},
     )
+
+    # --- spikes and collapse (rl/spikes.py, rl/collapse.py; docs/stability.md) --------------------------------
+    spike_guard: bool = field(
+        default=True,
+        metadata={"help": "Skip a step whose loss, pre-clip grad norm or (beta > 0) KL is more than spike_sigma "
+                          "standard deviations over its last spike_window steps (optimizer state untouched, counted "
+                          "by cause). Statistics stay on the device; no extra host sync."},
+    )
+    spike_signals: list[str] = field(
+        default_factory=lambda: ["grad_norm", "kl"],
+        metadata={"help": "Spike guard: the signals that may flag a step, of loss, grad_norm, kl. The loss is off by "
+                          "default: GRPO's surrogate loss is zero-mean by construction (group-normalised advantages, "
+                          "ratio 1 on the first iteration), so its window is round-off punctuated by length effects "
+                          "and a sigma rule flags healthy steps; a loss blow-up shows in the grad norm."},
+    )
+    spike_window: int = field(default=128, metadata={"help": "Spike guard: steps of history per signal."})
+    spike_sigma: float = field(default=6.0, metadata={"help": "Spike guard: standard deviations that make a spike."})
+    spike_warmup: int = field(
+        default=16, metadata={"help": "Spike guard: observations a signal needs before it is judged (>= 2)."}
+    )
+    spike_persistent_count: int = field(
+        default=3, metadata={"help": "This many spikes within spike_persistent_window steps are persistent "
+                                     "(see on_persistent_spikes)."}
+    )
+    spike_persistent_window: int = field(default=20, metadata={"help": "Steps over which spikes are counted."})
+    on_persistent_spikes: str | None = field(
+        default=None,
+        metadata={"help": "Persistent spikes: 'halt', 'rollback' (to the last good checkpoint, skipping the data "
+                          "consumed since; needs --save_steps) or 'continue' (keep skipping each spike). Default: "
+                          "as on_persistent_nonfinite."},
+    )
+    rollback_skip_data: bool = field(
+        default=True,
+        metadata={"help": "On a rollback, skip the dataset rows consumed since the checkpoint from then on, also "
+                          "after a resume (PaLM's remedy); the rows are listed in output_dir/skipped_rows.json."},
+    )
+    collapse_entropy_floor: float = field(
+        default=0.05, metadata={"help": "Collapse monitor: warn when the mean token entropy (nats) is below this."}
+    )
+    collapse_entropy_fraction: float = field(
+        default=0.1, metadata={"help": "Collapse monitor: ... or below this fraction of its early value."}
+    )
+    collapse_warmup_steps: int = field(
+        default=5, metadata={"help": "Collapse monitor: steps whose mean entropy is the 'early value'."}
+    )
+    collapse_zero_std_share: float = field(
+        default=0.8, metadata={"help": "Collapse monitor: warn when more groups than this share have zero reward std."}
+    )
+    collapse_identical_share: float = field(
+        default=0.5, metadata={"help": "Collapse monitor: warn when more groups than this share have G identical "
+                                       "completions."}
+    )
+    collapse_max_length_share: float = field(
+        default=0.5, metadata={"help": "Collapse monitor: warn when more completions than this share reach "
+                                       "max_completion_length."}
+    )
+    collapse_repeat_share: float = field(
+        default=0.5, metadata={"help": "Collapse monitor: warn when more completions than this share repeat a "
+                                       "completion of another prompt in the batch."}
+    )
+    collapse_halt: bool = field(
+        default=False, metadata={"help": "Collapse monitor: stop the run (exit 4) when a monitor stays crossed "
+                                         "for collapse_patience steps in a row."}
+    )
+    collapse_patience: int = field(default=3, metadata={"help": "Collapse monitor: see collapse_halt."})
 
     def __post_init__(self) -> None:
         if self.batch_size is not None:
@@ -161,6 +228,29 @@ class Sa2VAGRPOConfig(GRPOConfig):
                             "default) to train for num_train_epochs")
         if self.drop_repaired_tokens and not self.logits_guard:
             problems.append("drop_repaired_tokens needs logits_guard: enable --logits_guard or disable both")
+        if self.spike_warmup < 2 or self.spike_window < self.spike_warmup:
+            problems.append(f"spike_window={self.spike_window}, spike_warmup={self.spike_warmup}: use "
+                            "spike_window >= spike_warmup >= 2 (defaults 128 and 16)")
+        if not (math.isfinite(self.spike_sigma) and self.spike_sigma > 0):
+            problems.append(f"spike_sigma={self.spike_sigma}: use a positive number of standard deviations (6)")
+        if self.spike_persistent_count < 1 or self.spike_persistent_window < self.spike_persistent_count:
+            problems.append(f"spike_persistent_count={self.spike_persistent_count}, spike_persistent_window="
+                            f"{self.spike_persistent_window}: use 1 <= count <= window (defaults 3 and 20)")
+        bad_signals = sorted(set(self.spike_signals or []) - {"loss", "grad_norm", "kl"})
+        if bad_signals:
+            problems.append(f"spike_signals: {bad_signals} unknown; use some of loss, grad_norm, kl")
+        if self.on_persistent_spikes not in (None, "halt", "rollback", "continue"):
+            problems.append(f"on_persistent_spikes={self.on_persistent_spikes!r}: use 'halt', 'rollback' or "
+                            "'continue' (or leave it unset to follow on_persistent_nonfinite)")
+        for name in ("collapse_entropy_fraction", "collapse_zero_std_share", "collapse_identical_share",
+                     "collapse_max_length_share", "collapse_repeat_share"):
+            if not (0 <= getattr(self, name) <= 1):
+                problems.append(f"{name}={getattr(self, name)}: use a share in [0, 1] (1 never warns)")
+        if not (self.collapse_entropy_floor >= 0):
+            problems.append(f"collapse_entropy_floor={self.collapse_entropy_floor}: use 0 (off) or more nats")
+        if self.collapse_warmup_steps < 1 or self.collapse_patience < 1:
+            problems.append(f"collapse_warmup_steps={self.collapse_warmup_steps}, collapse_patience="
+                            f"{self.collapse_patience}: use 1 or more")
         if problems:
             raise ValueError("Invalid Sa2VAGRPOConfig:\n  - " + "\n  - ".join(problems))
         super().__post_init__()

@@ -22,6 +22,13 @@ signal             the process sends itself SIGTERM (ARG: INT for SIGINT) as the
                    would: the step finishes, a checkpoint is saved, the run stops with exit 128 + signal
 io_error           the checkpoint save of step STEP fails writing the optimizer state, after the weights were
                    written, with OSError ARG (ENOSPC, the default; EIO; EACCES), as a full or failing disk would
+loss_spike         the step's advantages are multiplied by ARG (default 1e3): a finite loss and gradient spike,
+                   what the spike guard must skip
+entropy_collapse   the LM head's weight is multiplied by ARG (default 20) and stays so: logits sharpened, the
+                   token entropy collapses (the collapse monitor's drill)
+poison_rows        ARG lists dataset rows (``3+17``): every generation batch that holds one of them, at any step,
+                   gets those rows' advantages multiplied by 1e3 (bad data that spikes every time it is seen; STEP
+                   is ignored); rollback-past-data must keep them from being seen again
 force_token        every completion of the step starts with token ARG (default ``[SEG]``): its logit is raised
                    by 50 at the first sampled position (finite; the LogitsGuard leaves the row alone). Not a
                    fault: it exercises a path random weights rarely take (a ``[SEG]`` -> SAM2 mask)
@@ -48,8 +55,9 @@ LOGIT_KINDS = {"nan_logits": math.nan, "posinf_logits": math.inf, "huge_logits":
 GRAD_KINDS = {"nan_grads": math.nan, "inf_grads": math.inf}
 REWARD_KINDS = ("reward_raises", "reward_nan", "reward_none")
 IO_ERRNOS = ("ENOSPC", "EIO", "EACCES")
+SPIKE_KINDS = ("loss_spike", "entropy_collapse", "poison_rows")
 KINDS = (*LOGIT_KINDS, "empty_completion", *GRAD_KINDS, "nan_weights", *REWARD_KINDS, "force_token", "signal",
-         "io_error")
+         "io_error", *SPIKE_KINDS)
 _SPEC = re.compile(r"^(?P<kind>[a-z_]+)(?:@(?P<step>\d+))?(?::(?P<arg>[^:]+))?$")
 
 
@@ -74,7 +82,23 @@ class Fault:
             raise ValueError(f"--inject {spec!r}: STEP counts optimizer steps from 1")
         if m["kind"] == "io_error" and m["arg"] is not None and m["arg"].upper() not in IO_ERRNOS:
             raise ValueError(f"--inject {spec!r}: ARG is one of {', '.join(IO_ERRNOS)}")
-        return cls(m["kind"], step, m["arg"])
+        fault = cls(m["kind"], step, m["arg"])
+        try:
+            if fault.kind == "poison_rows":
+                fault.rows()
+            elif fault.kind in ("loss_spike", "entropy_collapse") and fault.arg is not None:
+                float(fault.arg)
+        except ValueError:
+            raise ValueError(f"--inject {spec!r}: {fault.kind} takes " + (
+                "the dataset rows as ARG, e.g. poison_rows:3+17" if fault.kind == "poison_rows"
+                else "a number as ARG, e.g. loss_spike@5:1000")) from None
+        return fault
+
+    def rows(self) -> set[int]:
+        """poison_rows: the dataset rows of ARG (``3+17``; ``,`` works too)."""
+        if not self.arg:
+            raise ValueError("no rows")
+        return {int(r) for r in re.split(r"[+,]", self.arg) if r}
 
 
 def _head(model: torch.nn.Module) -> torch.nn.Module:
@@ -122,6 +146,12 @@ class FaultInjector:
                 p.view(-1)[0] = math.nan
             self._fire(f, f"one weight of a {tuple(p.shape)} tensor is NaN")
         handles = []
+        for f in self._due(step, ("entropy_collapse",)):
+            factor = float(f.arg or 20)
+            head = _head(model)
+            with torch.no_grad():
+                head.weight.mul_(factor)
+            self._fire(f, f"LM head weight {tuple(head.weight.shape)} x{factor:g} (logits sharpened)")
         for f in self._due(step, LOGIT_KINDS):
             rows = int(f.arg or 1)
 
@@ -159,6 +189,26 @@ class FaultInjector:
         for f in self._due(step, ("empty_completion",)):
             completions[0] = []
             self._fire(f, "completion 0 emptied")
+
+    def advantages(self, step: int, advantages: torch.Tensor, rows: list[int] | None, group: int) -> torch.Tensor:
+        """loss_spike (the whole step) and poison_rows (the completions of those rows, whenever they are seen).
+        ``rows`` are the dataset rows of the prompts in flight (one per prompt copy), ``group`` completions each."""
+        for f in self._due(step, ("loss_spike",)):
+            factor = float(f.arg or 1e3)
+            advantages = advantages * factor
+            self._fire(f, f"advantages x{factor:g}")
+        for f in (f for f in self.faults if f.kind == "poison_rows"):
+            if rows is None:
+                raise ValueError("--inject poison_rows needs a map-style training dataset (rows with indices)")
+            poisoned = f.rows()
+            per = advantages.shape[0] // max(len(rows), 1)
+            flags = [r in poisoned for r in rows for _ in range(per)]
+            if any(flags):  # decided on the host list: no device sync
+                hit = torch.tensor(flags, device=advantages.device)
+                advantages = torch.where(hit, advantages * 1e3, advantages)
+                logger.warning("fault injection: poison_rows at step %d (rows %s of this batch, advantages x1e3)",
+                               step, sorted(poisoned & set(rows)))
+        return advantages
 
     def grads(self, step: int, model: torch.nn.Module, rank: int) -> None:
         for f in self._due(step, GRAD_KINDS):

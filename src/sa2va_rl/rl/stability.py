@@ -39,6 +39,9 @@ class StabilityCounters:
     first_nonfinite: dict | None = None  # {"step", "kind", "params"} of the first non-finite gradient step
     first_nonfinite_logits: dict | None = None  # {"step", "rows", "module"}: first repaired logits, traced
     rollbacks: int = 0
+    spike_steps: int = 0  # finite steps the spike guard flagged (skipped; also in skipped_steps)
+    spike_causes: dict = field(default_factory=dict)  # {"loss" | "grad_norm" | "kl": steps it flagged}
+    skipped_rows: int = 0  # dataset rows skipped by rollbacks past the data (listed in skipped_rows.json)
     unsaved_checkpoints: int = 0  # checkpoints not written because the weights were non-finite
     events: list = field(default_factory=list)  # the last few non-finite steps, newest last
 
@@ -108,6 +111,9 @@ class StabilityCallback(TrainerCallback):
         self.counters = StabilityCounters()
         self.extras: dict = {}  # name -> callable returning JSON-able data for the report (e.g. bad data rows)
         self.grad_guard_off: str | None = None  # why the GradGuard does not run in this setup (fp16), if it does not
+        # name -> a monitor (spike guard, collapse monitor, data skip): its state_dict()/load_state_dict() travel
+        # with checkpoints; its metrics() join the logs and its report() joins stability.json, where it has them
+        self.parts: dict = {}
 
     # ---------------------------------------------------------------- feeding
     def record_generation(self, repaired_rows: int, dropped_tokens: int, empty: int) -> None:
@@ -137,6 +143,15 @@ class StabilityCallback(TrainerCallback):
             c.first_nonfinite = event
         self.record_event(event)
 
+    def record_spike(self, event: dict, skipped: bool) -> None:
+        c = self.counters
+        c.steps += 1
+        c.spike_steps += 1
+        c.skipped_steps += int(skipped)
+        for cause in event["causes"]:
+            c.spike_causes[cause] = c.spike_causes.get(cause, 0) + 1
+        self.record_event(event)
+
     # --------------------------------------------------------------- reading
     def metrics(self) -> dict[str, float]:
         c, g = self.counters, self.grad_guard.stats
@@ -157,6 +172,13 @@ class StabilityCallback(TrainerCallback):
         }
         if self.logits_guard is not None:
             out["stability/logit_rows_seen"] = self.logits_guard.stats.rows_seen
+        out["stability/spike_steps"] = c.spike_steps
+        for cause, n in c.spike_causes.items():
+            out[f"stability/spike_{cause}"] = n
+        out["stability/skipped_rows"] = c.skipped_rows
+        for part in self.parts.values():
+            if hasattr(part, "metrics"):
+                out.update(part.metrics())
         return out
 
     def summary_line(self, step: int) -> str:
@@ -164,6 +186,7 @@ class StabilityCallback(TrainerCallback):
         lg = self.logits_guard.stats if self.logits_guard is not None else None
         rows = f"{lg.rows_repaired}/{lg.rows_seen} logit rows repaired" if lg else "logits guard off"
         rollbacks = f", {c.rollbacks} rollbacks" if c.rollbacks else ""
+        rollbacks += f", {c.spike_steps} spikes" if c.spike_steps else ""
         if self.grad_guard_off is not None:
             steps = f"{c.steps} steps, grad guard off ({self.grad_guard_off})"
             norms = ""
@@ -179,6 +202,9 @@ class StabilityCallback(TrainerCallback):
         out["logits_guard"] = self.logits_guard.stats.as_dict() if self.logits_guard is not None else None
         out["grad_guard_off"] = self.grad_guard_off
         out["final_weights_finite"] = weights_finite(model) if model is not None else None
+        for name, part in self.parts.items():
+            if hasattr(part, "report"):
+                out[name] = part.report()
         for name, get in self.extras.items():
             out[name] = get()
         return out
@@ -194,6 +220,7 @@ class StabilityCallback(TrainerCallback):
             "counters": asdict(self.counters),
             "grad_guard": self.grad_guard.state_dict(),
             "logits_guard": self.logits_guard.state_dict() if self.logits_guard is not None else None,
+            "parts": {name: part.state_dict() for name, part in self.parts.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -201,6 +228,9 @@ class StabilityCallback(TrainerCallback):
         self.grad_guard.load_state_dict(state["grad_guard"])
         if self.logits_guard is not None and state.get("logits_guard") is not None:
             self.logits_guard.load_state_dict(state["logits_guard"])
+        for name, part_state in state.get("parts", {}).items():
+            if name in self.parts:
+                self.parts[name].load_state_dict(part_state)
 
     def record_event(self, event: dict) -> None:
         self.counters.events = (self.counters.events + [event])[-self.MAX_EVENTS:]

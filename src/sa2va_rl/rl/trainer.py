@@ -10,7 +10,10 @@ TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The o
   neutralised before log_softmax; during the loss, log-ratios against pi_old and pi_ref are clamped
   (straight-through: values bounded, gradients kept).
 * ``_generate_and_score_completions``: advantages recomputed in fp32 with a floored group std.
-* ``_clip_grad_norm``: GradGuard before clipping; non-finite steps skipped with the optimizer untouched.
+* ``_clip_grad_norm``: GradGuard before clipping; non-finite steps skipped with the optimizer untouched; the spike
+  guard's flags (rl/spikes.py) ride in the GradGuard's one sync, and a finite spike is skipped the same way.
+* ``_generate_and_score_completions`` / ``_generate_single_turn`` / ``training_step`` also feed the data skip (which
+  rows each step consumed: rollback past the data) and the collapse monitors (rl/collapse.py), from host values.
 * ``log``, ``training_step``: stability metrics, non-finite losses and metric values counted, not hidden.
 * ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: the stability state travels with checkpoints.
 * ``_calculate_rewards``: for policies that segment (Sa2VA), each completion's ``[SEG]`` mask is added to its row
@@ -44,7 +47,7 @@ from sa2va_rl.models.policy import CausalLMPolicy, Policy
 from sa2va_rl.numerics import GradGuard, LogitsGuard
 from sa2va_rl.numerics.clamp import straight_through_clamp as _straight_through_clamp
 from sa2va_rl.numerics.precision import fp32_master_weights
-from sa2va_rl.rl import checkpoints
+from sa2va_rl.rl import checkpoints, spikes
 from sa2va_rl.rl.advantages import group_advantages
 from sa2va_rl.rl.config import Sa2VAGRPOConfig
 from sa2va_rl.rl.progress import ReadableProgress
@@ -118,6 +121,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             self.remove_callback(ProgressCallback)  # the raw metric dicts -> one readable line (rl/progress.py)
             self.add_callback(ReadableProgress)
         self.rollback = checkpoints.Rollback(self)
+        self.spike_guard, self.data_skip, self.collapse = spikes.install(self)  # rl/spikes.py, rl/collapse.py
         self.record = StepRecord()  # the rows in flight: what each seam reads and writes (see StepRecord)
         self.last_generation: StepRecord | None = None  # the last finished generation's record; no seam reads it
         self._nonfinite_losses = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
@@ -177,6 +181,10 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             logger.warning("%d of %d completions were empty; each contributes zero loss (counted as "
                            "empty_completions)", empty, len(completions))
         self.stability.record_generation(repaired_rows, sum(map(sum, drop)), empty)
+        if self.model.training:  # collapse monitors: host lists, no sync
+            rows = self.data_skip.last_rows
+            self.collapse.observe_completions(completions, rows if rows is not None and len(rows) == len(completions)
+                                              else [tuple(p) for p in prompt_ids], self.args.max_completion_length)
         self.record.drop = drop
         return completions, None
 
@@ -204,6 +212,10 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         return tuple(out)
 
     def _generate_and_score_completions(self, inputs):
+        if self.model.training:
+            inputs = self.data_skip.take(self.state.global_step + 1, inputs)  # rows consumed (rollback past data)
+        else:
+            inputs = [{k: v for k, v in x.items() if k != spikes.ROW_KEY} for x in inputs]
         with self._in_flight(StepRecord.generation(inputs)) as record:
             output = super()._generate_and_score_completions(inputs)
         self.last_generation = record
@@ -217,7 +229,16 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             n = output["advantages"].shape[0]
             rank = self.accelerator.process_index
             output["advantages"] = adv[rank * n:(rank + 1) * n]
+        if self.model.training:
+            output["advantages"] = self.faults.advantages(self.state.global_step + 1, output["advantages"],
+                                                          self.data_skip.last_rows, 1)
+            self.collapse.observe("zero_std_groups", self._last_metric("frac_reward_zero_std"))
         return output
+
+    def _last_metric(self, key: str) -> float | None:
+        """The last value TRL logged for ``key`` this step (a host float TRL already read back), or None."""
+        vals = self._metrics["train"].get(key)
+        return vals[-1] if vals else None
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         if hasattr(self.policy, "segment") and any(x.get("gt_mask") is not None for x in inputs):
@@ -278,6 +299,12 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
     def training_step(self, model, inputs, num_items_in_batch):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._nonfinite_losses += (~torch.isfinite(loss.detach())).sum()  # stays on device: no sync
+        self.collapse.observe("entropy", self._last_metric("entropy"))
+        if self.spike_guard is not None:
+            self.spike_guard.add_loss(loss)
+            kl = self._last_metric("kl") if self.beta != 0.0 else None
+            if kl is not None:
+                self.spike_guard.add_kl(kl)
         return loss
 
     # ------------------------------------------------------------------ optimizer step
@@ -288,7 +315,11 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             return super()._clip_grad_norm(model)
         step = self.state.global_step + 1
         self.faults.grads(step, model, self.accelerator.process_index)
-        report = self.grad_guard.check(model)
+        guard = self.spike_guard
+        report = self.grad_guard.check(model, extra=None if guard is None else guard.flags)  # spike flags: same sync
+        causes = [] if guard is None else guard.conclude(step, report.extra, report.finite)
+        if causes:  # finite, but a spike: skipped like a non-finite step
+            return self._skip_spike(step, report, causes)
         if report.finite:
             self.stability.record_grads(step, report, skipped=False)
             if math.isfinite(self.args.max_grad_norm):
@@ -305,6 +336,23 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                 f"{self.args.max_consecutive_skips}); first offending parameters: "
                 f"{report.all_nonfinite_params}; the weights were not updated by these steps"))
         return torch.tensor(float("nan"))
+
+    def _skip_spike(self, step, report, causes):
+        self.grad_guard.skip(self.optimizer)
+        event = self.spike_guard.event(step, causes)  # failure path: reads the statistics back
+        self.stability.record_spike(event, skipped=True)
+        if self.spike_guard.limiter():
+            logger.warning("step %d skipped: spike in %s (value %s, window mean %s, std %s); %d spike(s) in the last "
+                           "%d steps (logged on the 1st, 2nd, 4th... spike)", step, ", ".join(causes),
+                           event["values"], event["mean"], event["std"], len(self.spike_guard.recent),
+                           self.args.spike_persistent_window)
+        if self.spike_guard.persistent():
+            self.rollback.on_persistent(step, (
+                f"{len(self.spike_guard.recent)} loss/grad-norm/KL spikes within {self.args.spike_persistent_window} "
+                f"steps (steps {list(self.spike_guard.recent)}; spike_persistent_count="
+                f"{self.args.spike_persistent_count}); the weights were not updated by these steps"),
+                spikes.persistent_spike_action(self.args))
+        return torch.tensor(report.norm)
 
     # ------------------------------------------------------------------ logging and checkpoints
     def log(self, logs, start_time=None):
@@ -406,6 +454,8 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self.data_skip.load(self.args.output_dir)  # a rollback's skip outlives the run that made it
         if checkpoint is not None and self.stability.load(checkpoint):
             self._nonfinite_losses.fill_(self.stability.counters.nonfinite_losses)
             logger.info("restored stability state from %s: %s", checkpoint,

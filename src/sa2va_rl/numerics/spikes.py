@@ -1,0 +1,100 @@
+"""SpikeDetector: running statistics of a few per-step signals, kept on the device, that flag a step whose value is
+far outside its recent history (OLMo-core's rule: more than ``sigma`` standard deviations over a ``window``-step
+history, 128 steps and 6 sigma by default).
+
+Pure torch, no host sync: ``decide`` and ``update`` only launch device ops. The caller reads the flags in a sync it
+makes anyway (the GradGuard's one ``tolist()``) and then calls ``update`` with the decision it took.
+
+Rules, per signal:
+
+* A signal is judged only after ``warmup`` observations are in its window (the std of a handful of values is noise).
+* ``two_sided`` signals (the GRPO loss, whose sign is not fixed) spike on ``|x - mean| > sigma * std``; the others
+  (gradient norm, KL) on ``x - mean > sigma * std`` only: a step that is unusually *calm* is no danger.
+* The std is floored at ``rel_floor * mean(|x|)`` so a window of near-identical values does not flag noise.
+* Non-finite values and exact zeros are neither judged nor recorded: non-finite steps are the GradGuard's, and an
+  exact zero (no learning signal: every group's advantages zero) says nothing about the signal's scale.
+* Only accepted steps enter the history (``update(..., accepted=True)``), so one spike does not widen the band for
+  the next one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SpikeDetector:
+    """Device-side ring buffers, one row per signal.
+
+    Args:
+        names: the signals, in the order ``decide``/``update`` take their values.
+        window: steps of history per signal.
+        sigma: how many standard deviations make a spike.
+        warmup: observations a signal needs before it is judged (at least 2).
+        two_sided: names judged on |x - mean| rather than x - mean.
+        rel_floor: the std is at least this fraction of the window's mean |x|.
+    """
+
+    def __init__(self, names: list[str], window: int = 128, sigma: float = 6.0, warmup: int = 16,
+                 two_sided: tuple[str, ...] = (), rel_floor: float = 1e-3, device: torch.device | str = "cpu") -> None:
+        if window < 2 or warmup < 2 or warmup > window or not sigma > 0:
+            raise ValueError(f"SpikeDetector: need window >= warmup >= 2 and sigma > 0 (got window={window}, "
+                             f"warmup={warmup}, sigma={sigma})")
+        self.names = list(names)
+        self.window, self.sigma, self.warmup, self.rel_floor = window, float(sigma), warmup, rel_floor
+        n = len(self.names)
+        self.two_sided = torch.tensor([name in two_sided for name in self.names], dtype=torch.bool)
+        self.buf = torch.zeros(n, window, dtype=torch.float64)
+        self.count = torch.zeros(n, dtype=torch.long)  # observations recorded (not capped)
+        self.to(device)
+
+    def to(self, device: torch.device | str) -> SpikeDetector:
+        self.device = torch.device(device)
+        self.two_sided, self.buf, self.count = (t.to(self.device) for t in (self.two_sided, self.buf, self.count))
+        return self
+
+    @staticmethod
+    def _usable(values: torch.Tensor) -> torch.Tensor:
+        return torch.isfinite(values) & (values != 0)
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(n, mean, floored std) per signal, on the device."""
+        n = self.count.clamp(max=self.window)
+        valid = torch.arange(self.window, device=self.device)[None, :] < n[:, None]
+        zero = torch.zeros((), dtype=self.buf.dtype, device=self.device)
+        nf = n.to(self.buf.dtype)
+        mean = torch.where(valid, self.buf, zero).sum(1) / nf.clamp(min=1)
+        dev = torch.where(valid, self.buf - mean[:, None], zero)
+        std = (dev.square().sum(1) / (nf - 1).clamp(min=1)).sqrt()
+        mean_abs = torch.where(valid, self.buf.abs(), zero).sum(1) / nf.clamp(min=1)
+        return n, mean, torch.maximum(std, self.rel_floor * mean_abs)
+
+    def decide(self, values: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        """Bool [signals] on the device: which signals spike at this step. ``present`` marks the signals that have a
+        value this step (e.g. no KL without beta). No host sync."""
+        values = values.to(device=self.device, dtype=self.buf.dtype)
+        present = torch.ones_like(values, dtype=torch.bool) if present is None else present.to(self.device)
+        n, mean, std = self.stats()
+        d = values - mean
+        d = torch.where(self.two_sided, d.abs(), d)
+        return present & self._usable(values) & (n >= self.warmup) & (d > self.sigma * std)
+
+    def update(self, values: torch.Tensor, present: torch.Tensor | None = None) -> None:
+        """Record an accepted step's values (the caller decided the step was taken). No host sync."""
+        values = values.to(device=self.device, dtype=self.buf.dtype)
+        ok = self._usable(values)
+        if present is not None:
+            ok &= present.to(self.device)
+        idx = (self.count % self.window)[:, None]
+        new = torch.where(ok, values, self.buf.gather(1, idx).squeeze(1))
+        self.buf.scatter_(1, idx, new[:, None])
+        self.count += ok.long()
+
+    # ------------------------------------------------------------ checkpoint (a sync: checkpoints only)
+    def state_dict(self) -> dict:
+        return {"names": self.names, "buf": self.buf.cpu().tolist(), "count": self.count.cpu().tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["names"]) != self.names or len(state["buf"][0]) != self.window:
+            return  # another set of signals or another window: start the statistics afresh
+        self.buf = torch.tensor(state["buf"], dtype=torch.float64, device=self.device)
+        self.count = torch.tensor(state["count"], dtype=torch.long, device=self.device)
