@@ -100,13 +100,17 @@ def test_repaired_rows_survive_later_warpers(case, temperature, top_k, top_p):
         warpers.append(TopKLogitsWarper(top_k))
     if top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p))
-    guarded = LogitsGuard(eos_token_id=1)(None, scores)
-    # generate() hands processors fp32 scores; test the row's own dtype too.
-    for s in (guarded, guarded.float()):
+    guard = LogitsGuard(eos_token_id=1)
+    guarded = guard(None, scores)
+    repaired = guard.pop_repaired()[:, 0]
+    # generate() hands processors fp32 scores: every row must stay sampleable there. In the row's own dtype, the
+    # repaired rows must (their maximum is exactly 0); a healthy fp16 row is left bit-identical, and one at the edge
+    # of fp16's range (-6e4 / temperature 0.5 = -inf) is the dtype's limit, not the guard's to change (hypothesis
+    # found that case)
+    for s, rows in ((guarded, repaired), (guarded.float(), torch.ones_like(repaired))):
         probs = torch.softmax(warpers(None, s), dim=-1)
-        broken_rows = ~torch.isfinite(scores.float()).all(-1) | (scores.float() > 1e4).any(-1)
-        if broken_rows.any():
-            torch.multinomial(probs[broken_rows].float(), 1)  # must not raise
+        if rows.any():
+            torch.multinomial(probs[rows].float(), 1)  # must not raise
 
 
 def test_masked_tokens_never_sampled_from_repaired_row():
