@@ -61,7 +61,7 @@ def digest(engine) -> str:
     zero = engine.optimizer
     # the fp32 master partitions (ZeRO-1/2, ZeRO-3) and the torch optimizer's state keyed on them
     masters = list(getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_partitioned_groups_flat)
-    state = [v for p in masters for v in zero.optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+    state = [v for p in masters for _, v in sorted(zero.optimizer.state.get(p, {}).items()) if torch.is_tensor(v)]
     return f"{_hash(weights)}-{_hash(masters)}-{_hash(state)}"
 
 
