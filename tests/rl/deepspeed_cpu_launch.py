@@ -7,7 +7,7 @@ directory), and with --use_cpu true it never enables DeepSpeed at all. This laun
 return gloo / MULTI_CPU in exactly that case (LOCAL_RANK set, ACCELERATE_USE_DEEPSPEED=true, no device found);
 nothing else changes: accelerate's DeepSpeed preparation, DeepSpeed's ZeRO engine and optimizer, transformers'
 DeepSpeed checkpoints run as on GPUs. One process needs no patch (the patched branch is not taken), but it is the
-same script. It prints what the tests need as evidence (one write per line):
+same script. Also not built: DeepSpeed's CPU shared-memory all-reduce kernel (inference only; see below). It prints what the tests need as evidence (one write per line):
   STEP <step> <ok|nan|inf> applied=<0|1> <digest before> <digest after> rank=<r>   around each guarded backward+step
   SAVED <step> <digest> / BEFORE <step> <digest> / RESTORED <step> <digest> rank=<r>   at save, around a rollback
   NORM <step> guard=<GradGuard's norm> deepspeed=<the engine's global grad norm> rank=<r>   after each applied step
@@ -21,6 +21,8 @@ AdamW's moments and step counts.
 import hashlib
 import os
 import sys
+
+import importlib
 
 import accelerate.state as st
 import torch
@@ -38,6 +40,10 @@ def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
 
 
 st.PartialState._prepare_backend = prepare_backend
+# DeepSpeed's CPU shared-memory all-reduce kernel serves inference all-reduce only (training's collectives go through
+# torch.distributed, gloo here); it is JIT-compiled with a C++ toolchain on first use (2+ minutes): not built here
+# (the module itself: the attribute deepspeed.comm.torch is the torch package, which deepspeed.comm imports)
+importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 from sa2va_rl import cli  # noqa: E402
 from sa2va_rl.rl import rewards  # noqa: E402
