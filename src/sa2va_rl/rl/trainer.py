@@ -10,7 +10,9 @@ TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The o
   neutralised before log_softmax; during the loss, log-ratios against pi_old and pi_ref are clamped
   (straight-through: values bounded, gradients kept).
 * ``_generate_and_score_completions``: advantages recomputed in fp32 with a floored group std.
-* ``_clip_grad_norm``: GradGuard before clipping; non-finite steps skipped with the optimizer untouched.
+* ``_clip_grad_norm``: GradGuard before clipping; non-finite steps skipped with the optimizer untouched. Under
+  DeepSpeed ZeRO the check runs earlier, between the engine's backward and its step (``training_step`` installs
+  rl/deepspeed_guard.py's engine wrapper), and ``_clip_grad_norm`` takes its report.
 * ``log``, ``training_step``: stability metrics, non-finite losses and metric values counted, not hidden.
 * ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: the stability state travels with checkpoints.
 * ``_calculate_rewards``: for policies that segment (Sa2VA), each completion's ``[SEG]`` mask is added to its row
