@@ -116,7 +116,7 @@ class Rollback:
         checkpoint, as transformers does on resume); the step counter goes on (the steps since the
         checkpoint are discarded, and counted); the stability counters are this run's, not the checkpoint's."""
         t = self.trainer
-        if t.is_deepspeed_enabled:  # the engine's own checkpoint: weights and the (partitioned) optimizer state
+        if getattr(t, "is_deepspeed_enabled", False):  # the engine's own checkpoint: weights and the (partitioned) optimizer state
             from transformers.integrations.deepspeed import deepspeed_load_checkpoint
             from transformers.trainer import _is_peft_model
 
