@@ -149,3 +149,25 @@ def test_zero_roll_back_then_resume(tiny_causal, prompt_dir, tmp_path, stage):
     assert {r: seq[0][2] for r, seq in resumed.items()} == saved7  # the first step starts from the saved state
     with open(out / "checkpoint-8" / "trainer_state.json") as f:
         assert json.load(f)["global_step"] == 8
+
+
+def test_a_deepspeed_optimizer_the_guard_cannot_read_is_refused_before_the_first_step(tiny_causal, prompt_dir,
+                                                                                      tmp_path):
+    """E.g. DeepSpeed's BF16_Optimizer (ZeRO-1 with bf16 and fp32 gradient accumulation): refused when the guard would
+    be installed (before the first backward), unless --allow_unguarded_deepspeed, which leaves accelerate's own
+    wrapper in place and says so."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tests.rl.test_trainer import make_trainer
+    trainer = make_trainer(tiny_causal, prompt_dir, tmp_path, max_steps=1)
+    plain = SimpleNamespace(engine=SimpleNamespace(optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))],
+                                                                             lr=0.1)))
+    trainer.accelerator.deepspeed_engine_wrapped = plain
+    with pytest.raises(ValueError, match="DeepSpeed built a SGD, which the GradGuard cannot read.*"
+                                         "--allow_unguarded_deepspeed"):
+        trainer._install_deepspeed_guard()
+    trainer.args.allow_unguarded_deepspeed, trainer._deepspeed_guard = True, True
+    trainer._install_deepspeed_guard()
+    assert trainer._deepspeed_guard is False and trainer.accelerator.deepspeed_engine_wrapped is plain
