@@ -49,6 +49,23 @@ def test_nonfinite_param_is_named(value, kind):
     assert report.nonfinite_params == ["2.bias"] and report.num_nonfinite_params == 1
 
 
+def test_check_partitions_one_process_is_check_on_the_whole_gradients():
+    """An engine's gradient partitions (DeepSpeed ZeRO's, with one process: the whole gradient in pieces): the same
+    norm as checking the model, one host sync, and a NaN named by the parameter its piece belongs to."""
+    model = make_model()
+    backward(model)
+    whole = GradGuard().check(model)
+    parts = [(n, piece) for n, p in model.named_parameters() for piece in p.grad.view(-1).chunk(3)]
+    guard = GradGuard()
+    with CountSyncs() as c:
+        report = guard.check_partitions(parts)
+    assert c.count == 1 and report.finite and report.norm == pytest.approx(whole.norm, rel=1e-6)
+    model[2].weight.grad[0, 0] = math.nan
+    report = guard.check_partitions(parts)
+    assert not report.finite and report.kind == "nan" and report.all_nonfinite_params == ["2.weight"]
+    assert guard.stats.nan_steps == 1 and guard.stats.steps == 2
+
+
 def test_huge_finite_grads_are_not_mistaken_for_inf():
     model = make_model()
     backward(model)

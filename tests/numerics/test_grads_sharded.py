@@ -1,8 +1,12 @@
-"""Two CPU processes (gloo): GradGuard's global norm under DDP, FSDP1 (flat and original params) and FSDP2.
+"""Two CPU processes (gloo): GradGuard's global norm under DDP, FSDP1 (flat and original params), FSDP2 and
+ZeRO-style partitions.
 
 accelerate does not wrap FSDP on CPU, so the model is wrapped here with torch's own DDP, FSDP1
 (``FullyShardedDataParallel``) and FSDP2 (``fully_shard``, DTensor parameters) - a stand-in for what accelerate
-builds on GPUs - and the same GradGuard / ranks_agree code the trainer calls is driven directly. Each rank sees half
+builds on GPUs - and the same GradGuard / ranks_agree code the trainer calls is driven directly. ``zero_parts``: the
+reduced DDP gradients split as DeepSpeed ZeRO partitions them (every element on one rank: here each gradient's first
+half on rank 0, its second half on rank 1), checked with ``GradGuard.check_partitions``, which the DeepSpeed guard
+calls on ZeRO's own partitions (tests/rl/test_deepspeed.py runs that through DeepSpeed). Each rank sees half
 of one global batch; the reference is one process on the full batch.
 
 Per engine: the guard's norm equals the reference norm (1e-5); after ``clip_(0.5 x norm)`` the true global norm
@@ -21,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ENGINES = ["ddp", "fsdp1", "fsdp1_flat", "fsdp2"]
+ENGINES = ["ddp", "fsdp1", "fsdp1_flat", "fsdp2", "zero_parts"]
 
 
 def _free_port():
@@ -46,7 +50,7 @@ def _loss(model, x):
 
 
 def _wrap(engine, model):
-    if engine == "ddp":
+    if engine in ("ddp", "zero_parts"):
         return torch.nn.parallel.DistributedDataParallel(model)
     if engine.startswith("fsdp1"):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -62,8 +66,22 @@ def _wrap(engine, model):
     return fully_shard(model, mesh=mesh)
 
 
+def _parts(model, rank):
+    """ZeRO-style: this rank's half of each (reduced, replicated) DDP gradient, as views, named."""
+    return [(name.removeprefix("module."), p.grad.view(-1).chunk(2)[rank]) for name, p in model.named_parameters()
+            if p.grad is not None]
+
+
+def _check(engine, guard, model, rank):
+    return guard.check_partitions(_parts(model, rank)) if engine == "zero_parts" else guard.check(model)
+
+
 def _full_grads(engine, model):
     """The global gradient of every parameter, gathered (the test's independent truth)."""
+    if engine == "zero_parts":  # clip_ scaled this rank's halves only: the global norm over both ranks' halves
+        sq = torch.stack([g.double().norm() ** 2 for _, g in _parts(model, dist.get_rank())]).sum()
+        dist.all_reduce(sq)
+        return [sq.sqrt()[None]]
     if engine == "ddp":
         return [p.grad.double().clone() for p in model.parameters()]
     if engine == "fsdp2":
@@ -109,19 +127,26 @@ def _run(engine, rank):
     guard = GradGuard()
     _loss(model, x[rank * 4:(rank + 1) * 4]).backward()  # each rank: half of the global batch
     with CountSyncs() as c:
-        report = guard.check(model)
+        report = _check(engine, guard, model, rank)
     out = {"finite": report.finite, "norm": report.norm, "ref_norm": ref_norm, "syncs": c.count}
     guard.clip_(0.5 * report.norm)
     full = _full_grads(engine, model)
     out["clipped_norm"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in full])).item()
     out["target"] = 0.5 * report.norm
+    if engine == "zero_parts":  # each rank clipped its halves only: exchange them (ZeRO all-gathers instead)
+        for p in model.parameters():
+            p.grad.view(-1).chunk(2)[1 - rank].zero_()
+            dist.all_reduce(p.grad)
     opt.step()  # a real step: the optimizer has state to keep
     opt.zero_grad(set_to_none=True)
 
     # NaN on rank 1 only
     _loss(model, x[rank * 4:(rank + 1) * 4]).backward()
     named = None
-    if rank == 1:
+    if rank == 1 and engine == "zero_parts":  # in rank 1's own partition
+        named, part = _parts(model, rank)[0]
+        part[0] = math.nan
+    elif rank == 1:
         for name, p in model.named_parameters():
             if p.grad is not None and _local(p.grad).numel():
                 _local(p.grad).view(-1)[0] = math.nan
@@ -130,7 +155,7 @@ def _run(engine, rank):
     before_state = _opt_state(opt)
     before_w = [_local(p.detach()).clone() for p in model.parameters()]
     callback = StabilityCallback(grad_guard=guard)
-    report = guard.check(model)
+    report = _check(engine, guard, model, rank)
     callback.record_grads(2, report, skipped=True)
     out.update(nan_finite=report.finite, nan_kind=report.kind, by_rank=report.nonfinite_by_rank, injected=named,
                event=callback.counters.first_nonfinite)

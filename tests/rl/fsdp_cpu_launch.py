@@ -1,9 +1,11 @@
-"""Stand-in launcher for the FSDP2 trainer drill on CPU: `python tests/rl/fsdp_cpu_launch.py train ...` under
-torch.distributed.run, with ACCELERATE_USE_FSDP=true FSDP_VERSION=2 in the environment.
+"""Stand-in launcher for the FSDP trainer drills on CPU: `python tests/rl/fsdp_cpu_launch.py train ...` under
+torch.distributed.run, with ACCELERATE_USE_FSDP=true FSDP_VERSION=2 (or FSDP_VERSION=1 and ACCELERATE_TORCH_DEVICE=cpu:
+accelerate's own device override, without which FSDP1 refuses accelerate's device ``cpu:0`` against its compute
+device ``cpu``) in the environment.
 
 accelerate builds FSDP only for accelerator devices: AcceleratorState lists the multi-device types it turns into FSDP
 and MULTI_CPU is not among them, so with --use_cpu true the FSDP settings silently fall back to DDP. This launcher
-adds MULTI_CPU to that list (nothing else in accelerate changes: its FSDP2 preparation, fully_shard and sharded
+adds MULTI_CPU to that list (nothing else in accelerate changes: its FSDP1/FSDP2 preparation and sharded
 checkpoints run as on GPUs), then runs the CLI. It also prints what the test needs as evidence:
   ENGINE <distributed type> dtensor_grads=<n>/<m> rank=<r>   at each guarded step (FSDP2: every gradient a DTensor)
   SAVED <step> <digest> rank=<r> / RESTORED <step> <digest> rank=<r>   this rank's weight-optimizer shards, at save and after
@@ -49,7 +51,8 @@ def _hash(tensors) -> str:
 
 def digest(trainer) -> str:
     """this rank's weight shards, then its optimizer state shards (AdamW's moments and steps)"""
-    state = [v for p in trainer.model.parameters() for v in trainer.optimizer.state.get(p, {}).values()
+    # by key: a restored state dict may list its entries in another order (FSDP1's load does)
+    state = [v for p in trainer.model.parameters() for _, v in sorted(trainer.optimizer.state.get(p, {}).items())
              if torch.is_tensor(v)]
     return f"{_hash(trainer.model.parameters())}-{_hash(state)}"
 

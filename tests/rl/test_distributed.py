@@ -87,14 +87,18 @@ def test_two_ranks_skip_the_same_step_and_agree(tiny_causal, prompt_dir, tmp_pat
 
 
 @gloo
-def test_fsdp2_through_accelerate_skip_rollback_resume(tiny_causal, prompt_dir, tmp_path):
-    """FSDP2 (accelerate's fully_shard, DTensor weights, gradients and optimizer state, sharded checkpoints), driven
-    through the trainer on 2 CPU processes by a stand-in launcher that lets accelerate build FSDP on CPU (see
-    tests/rl/fsdp_cpu_launch.py). NaN on rank 1 only at steps 5 and 6: both ranks skip and name the rank-1 parameter,
+@pytest.mark.parametrize("version", [1, 2])
+def test_fsdp_through_accelerate_skip_rollback_resume(tiny_causal, prompt_dir, tmp_path, version):
+    """FSDP2 (accelerate's fully_shard, DTensor weights, gradients and optimizer state) and FSDP1 (accelerate's
+    FullyShardedDataParallel, one flat parameter per rank), sharded checkpoints, driven through the trainer on 2 CPU
+    processes by a stand-in launcher that lets accelerate build FSDP on CPU (see tests/rl/fsdp_cpu_launch.py; FSDP1
+    also needs ACCELERATE_TORCH_DEVICE=cpu, or FSDP1 refuses accelerate's device ``cpu:0`` against its compute device
+    ``cpu``). NaN on rank 1 only at steps 5 and 6: both ranks skip and name the rank-1 parameter,
     then roll back to checkpoint-3 (step 4 updated the weights since: each rank's shards go back to those saved at
     step 3) and finish; a resume from the latest checkpoint runs on; ranks agree at the end of both runs."""
-    env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP",
-           "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT", "FSDP_RESHARD_AFTER_FORWARD": "true"}
+    env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": str(version), "FSDP_AUTO_WRAP_POLICY": "NO_WRAP",
+           "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT", "FSDP_RESHARD_AFTER_FORWARD": "true",
+           **({"ACCELERATE_TORCH_DEVICE": "cpu"} if version == 1 else {})}
     launcher = os.path.join(os.path.dirname(__file__), "fsdp_cpu_launch.py")
     out = tmp_path / "o"
     common = ["--save_strategy", "steps", "--save_steps", "3"]
@@ -103,7 +107,9 @@ def test_fsdp2_through_accelerate_skip_rollback_resume(tiny_causal, prompt_dir, 
                           "--inject", "nan_grads@6:1", script=launcher, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     engines = set(re.findall(r"ENGINE (\S+) dtensor_grads=(\d+)/(\d+) rank=", proc.stdout))
-    assert engines and all(e == "DistributedType.FSDP" and n == m != "0" for e, n, m in engines), engines
+    # FSDP2: every gradient a DTensor; FSDP1: plain (flat) gradients
+    assert engines and all(e == "DistributedType.FSDP" and m != "0" and n == (m if version == 2 else "0")
+                           for e, n, m in engines), engines
     assert report["skipped_steps"] == 2 and report["rollbacks"] == 1 and report["ranks_agree"] is True
     name = report["first_nonfinite"]["params"][0]
     assert report["first_nonfinite"]["ranks"] == {"1": [name]} and report["final_weights_finite"] is True
@@ -115,7 +121,7 @@ def test_fsdp2_through_accelerate_skip_rollback_resume(tiny_causal, prompt_dir, 
     assert len(saved) == 2 and saved["0"] != saved["1"], saved  # shards: each rank holds a different part
     # weights and optimizer state: back to what each rank saved at step 3, and step 4 had moved that state (the
     # optimizer's at least: the weights move only when step 4's group rewards differ, which sampling decides)
-    assert restored == saved, (saved, restored)
+    assert restored == saved, (saved, restored, before)
     assert all(before[r] != saved[r] for r in saved), (saved, before)
     assert (out / "checkpoint-3" / "optimizer_0").is_dir()  # the optimizer state was saved sharded
 

@@ -339,17 +339,33 @@ def test_training_error_is_not_masked_by_the_end_of_run(tiny_causal, prompt_dir,
         trainer.train()
 
 
-def test_deepspeed_is_refused_at_start_unless_opted_in(tmp_path):
+def test_deepspeed_zero_is_guarded_and_unguardable_setups_are_refused_at_start(tmp_path):
+    """ZeRO-1/2/3 without offload: the DeepSpeed guard runs (tests/rl/test_deepspeed.py drives it). ZeRO stage 0 and
+    offload: refused at start with the reason, unless --allow_unguarded_deepspeed (an explicit opt-in, never a
+    silent one). fp16 is left to the loss scaler, as on every engine; other engines never take this path."""
     from accelerate.utils import DistributedType
 
     from sa2va_rl.rl.trainer import refuse_unguarded_engine
+    ds = DistributedType.DEEPSPEED
     cfg = Sa2VAGRPOConfig(output_dir=str(tmp_path), num_generations=2)
-    with pytest.raises(ValueError, match="DeepSpeed is not guarded.*--allow_unguarded_deepspeed"):
-        refuse_unguarded_engine(DistributedType.DEEPSPEED, cfg)
+    for stage in (1, 2, 3):
+        config = {"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "none"},
+                                        "offload_param": {"device": "none"}}}
+        assert refuse_unguarded_engine(ds, cfg, config) is True
+    refused = {"ZeRO stage 0": {"zero_optimization": {"stage": 0}},
+               "ZeRO stage 0 has": None,  # no zero_optimization section at all: stage 0
+               "offload_optimizer.device=cpu": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+               "offload_param.device=nvme": {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}}
+    for why, config in refused.items():
+        with pytest.raises(ValueError, match=f"DeepSpeed is not guarded.*{why}.*--allow_unguarded_deepspeed"):
+            refuse_unguarded_engine(ds, cfg, config)
     for engine in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP):
-        refuse_unguarded_engine(engine, cfg)  # guarded engines pass
+        assert refuse_unguarded_engine(engine, cfg) is False  # guarded by the GradGuard's own seam
     cfg.allow_unguarded_deepspeed = True
-    refuse_unguarded_engine(DistributedType.DEEPSPEED, cfg)  # an explicit opt-in, never a silent one
+    for config in refused.values():
+        assert refuse_unguarded_engine(ds, cfg, config) is False  # runs, unguarded, with a warning
+    cfg.allow_unguarded_deepspeed, cfg.fp16 = False, True
+    assert refuse_unguarded_engine(ds, cfg, {"zero_optimization": {"stage": 0}}) is False
 
 
 def test_bf16_run_keeps_fp32_master_weights_and_every_trainable_tensor_moves(tiny_causal, prompt_dir, tmp_path):

@@ -95,6 +95,15 @@ class GradStats:
         return self.norm_sum / self.finite_steps if self.finite_steps else 0.0
 
 
+class _GradHolder:
+    """A bare gradient tensor seen as a parameter (``.grad``), so partitions go through the one-process path."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self, grad: torch.Tensor) -> None:
+        self.grad = grad
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and \
         torch.distributed.get_world_size() > 1
@@ -209,6 +218,22 @@ class GradGuard:
                 names.append(name)
                 grads.append(g)
                 sharded.append(is_sharded)
+        return self._check_global(names, grads, sharded)
+
+    def check_partitions(self, named_parts: Iterable[tuple[str, torch.Tensor]]) -> GradReport:
+        """Check gradients that an engine has already reduced and partitioned: ``(name, this rank's part)`` pairs,
+        every element of the global gradient held by exactly one rank (DeepSpeed ZeRO's partitions). Same norm, same
+        decision and the same single host sync as ``check``; a name may appear on several ranks (a parameter split
+        across partitions). With one process the parts are the whole gradient."""
+        named_parts = list(named_parts)
+        if not _distributed():
+            return self._check_local((n, _GradHolder(g)) for n, g in named_parts)
+        names = [n for n, _ in named_parts]
+        grads = [g for _, g in named_parts]
+        return self._check_global(names, grads, [True] * len(grads))
+
+    def _check_global(self, names: list[str], grads: list[torch.Tensor], sharded: list[bool]) -> GradReport:
+        """Several processes: this rank's gradient parts, each flagged sharded or replicated (module docstring)."""
         self._grads, self._total = grads, None
         home = grads[0].device if grads else _collective_device()
         mask = torch.tensor(sharded, dtype=torch.bool).to(home, non_blocking=True)  # host->device, not a sync
@@ -296,14 +321,15 @@ class GradGuard:
         for (device, dtype), gs in by_device.items():
             torch._foreach_mul_(gs, coef.to(device=device, dtype=dtype))
 
-    def skip(self, optimizer: torch.optim.Optimizer) -> None:
+    def skip(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Drop this step: every gradient the optimizer holds becomes None.
 
         ``torch.optim`` skips parameters without a gradient, so moments and step
         counts stay bit-identical. Call it instead of clipping and stepping (or
-        before a step that cannot be avoided).
+        before a step that cannot be avoided). ``None``: an engine dropped the
+        gradients itself (DeepSpeed's overflow path); only counted.
         """
-        for group in optimizer.param_groups:
+        for group in optimizer.param_groups if optimizer is not None else ():
             for p in group["params"]:
                 p.grad = None
         self.stats.skipped_steps += 1

@@ -120,10 +120,17 @@ class Rollback:
         self.halt(what, prefix)
 
     def restore(self, checkpoint: str, step: int) -> None:
-        """Model, optimizer, scheduler and RNG from ``checkpoint``; the step counter goes on (the steps since the
+        """Model, optimizer, scheduler and RNG from ``checkpoint`` (under DeepSpeed, the engine loads its own sharded
+        checkpoint, as transformers does on resume); the step counter goes on (the steps since the
         checkpoint are discarded, and counted); the stability counters are this run's, not the checkpoint's."""
         t = self.trainer
-        t._load_from_checkpoint(checkpoint)
+        if getattr(t, "is_deepspeed_enabled", False):  # the engine's own checkpoint: weights and the (partitioned) optimizer state
+            from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+            from transformers.trainer import _is_peft_model
+
+            deepspeed_load_checkpoint(t.model_wrapped, checkpoint, load_module_strict=not _is_peft_model(t.model))
+        else:
+            t._load_from_checkpoint(checkpoint)
         GRPOTrainer._load_optimizer_and_scheduler(t, checkpoint)  # not the trainer's: keep this run's counters
         t._load_rng_state(checkpoint)
         f = t.args.rollback_lr_factor

@@ -94,9 +94,10 @@ class Sa2VAGRPOConfig(GRPOConfig):
     )
     allow_unguarded_deepspeed: bool = field(
         default=False,
-        metadata={"help": "DeepSpeed steps the optimizer inside backward, where the GradGuard cannot run: a NaN/inf "
-                          "gradient under bf16/fp32 would be applied, not skipped or counted. A DeepSpeed run is "
-                          "refused at start unless this is set (then only DeepSpeed's own overflow handling applies)."},
+        metadata={"help": "DeepSpeed ZeRO-1/2/3 are guarded (the GradGuard runs between the engine's backward and "
+                          "its step). Setups it cannot guard (ZeRO stage 0, optimizer/parameter offload, a non-ZeRO "
+                          "DeepSpeed optimizer) are refused at start unless this is set; then they run with "
+                          "DeepSpeed's own overflow handling only, not skipped or counted by sa2va-rl."},
     )
     stability_summary_steps: int = field(
         default=10, metadata={"help": "Log a one-line stability summary every N optimizer steps (0: never)."}

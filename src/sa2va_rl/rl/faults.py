@@ -210,17 +210,25 @@ class FaultInjector:
                                step, sorted(poisoned & set(rows)))
         return advantages
 
-    def grads(self, step: int, model: torch.nn.Module, rank: int) -> None:
+    def grads(self, step: int, model: torch.nn.Module | None, rank: int,
+              parts: list[tuple[str, torch.Tensor]] | None = None) -> None:
+        """``parts``: where an engine keeps the gradients instead of ``p.grad`` (DeepSpeed ZeRO's reduced partitions,
+        ``(name, tensor)``); the first non-empty one is hit."""
         for f in self._due(step, GRAD_KINDS):
             if f.arg is not None and int(f.arg) != rank:
                 f.fired = True  # another rank's fault
                 continue
-            # this rank's part of the gradient (a DTensor's local shard: indexing the DTensor would be a collective
-            # that only this rank joins); under FSDP1 a rank's part of a parameter may be empty
-            p, g = next((p, g) for p in model.parameters() if p.grad is not None
-                        for g in [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad] if g.numel())
+            if parts is not None:
+                name, g = next((n, g) for n, g in parts if g.numel())
+                what = f"{name}'s gradient partition {tuple(g.shape)}"
+            else:
+                # this rank's part of the gradient (a DTensor's local shard: indexing the DTensor would be a
+                # collective that only this rank joins); under FSDP1 a rank's part of a parameter may be empty
+                p, g = next((p, g) for p in model.parameters() if p.grad is not None
+                            for g in [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad] if g.numel())
+                what = f"a {tuple(p.shape)} tensor"
             g.view(-1)[0] = GRAD_KINDS[f.kind]
-            self._fire(f, f"one gradient element of a {tuple(p.shape)} tensor on rank {rank}")
+            self._fire(f, f"one gradient element of {what} on rank {rank}")
 
     def checkpoint_write(self, step: int, path: str) -> None:
         """Called as the checkpoint of ``step`` writes ``path``: raise the due ``io_error``."""

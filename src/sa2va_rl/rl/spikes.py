@@ -25,6 +25,7 @@ import os
 from collections import deque
 
 import torch
+from accelerate.utils import DistributedType
 
 from sa2va_rl.numerics._ratelimit import PowerOfTwoLimiter
 from sa2va_rl.numerics.spikes import SpikeDetector
@@ -250,7 +251,11 @@ def install(trainer) -> tuple[SpikeGuard | None, DataSkip, object]:
 
     args, acc = trainer.args, trainer.accelerator
     guard = None
-    if args.spike_guard:
+    if args.spike_guard and acc.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed decides its step inside backward, where only a non-finite gradient can make it skip one
+        logger.warning("spike guard off under DeepSpeed (it can skip non-finite steps only); NaN/Inf steps are "
+                       "still skipped. docs/stability.md")
+    elif args.spike_guard:
         guard = SpikeGuard(args.spike_window, args.spike_sigma, args.spike_warmup, args.spike_persistent_count,
                            args.spike_persistent_window, device=acc.device, signals=tuple(args.spike_signals),
                            reduce_mean=(lambda t: acc.reduce(t, "mean")) if acc.num_processes > 1 else None)

@@ -64,9 +64,12 @@ def write_json_atomic(path: str, payload: dict) -> None:
 
 
 def _local_params(model: torch.nn.Module) -> list[tuple[torch.Tensor, bool]]:
-    """(this rank's part of each parameter, sharded?) - FSDP1 flat/orig params and DTensors read locally."""
+    """(this rank's part of each parameter, sharded?) - FSDP1 flat/orig params, DTensors and ZeRO-3 partitions read
+    locally."""
     sharded_ids = fsdp1_sharded_ids(model)
-    return [local_part(p.detach(), p, sharded_ids) for p in model.parameters()]
+    # DeepSpeed ZeRO-3: a parameter is an empty placeholder between forwards; this rank's shard is its ds_tensor
+    return [(p.ds_tensor.detach(), True) if getattr(p, "ds_tensor", None) is not None
+            else local_part(p.detach(), p, sharded_ids) for p in model.parameters()]
 
 
 def weights_finite(model: torch.nn.Module, all_ranks: bool = False) -> bool:

@@ -11,7 +11,9 @@ TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The o
   (straight-through: values bounded, gradients kept).
 * ``_generate_and_score_completions``: advantages recomputed in fp32 with a floored group std.
 * ``_clip_grad_norm``: GradGuard before clipping; non-finite steps skipped with the optimizer untouched; the spike
-  guard's flags (rl/spikes.py) ride in the GradGuard's one sync, and a finite spike is skipped the same way.
+  guard's flags (rl/spikes.py) ride in the GradGuard's one sync, and a finite spike is skipped the same way. Under
+  DeepSpeed ZeRO the check runs earlier, between the engine's backward and its step (``training_step`` installs
+  rl/deepspeed_guard.py's engine wrapper), and ``_clip_grad_norm`` takes its report (no spike guard there).
 * ``_generate_and_score_completions`` / ``_generate_single_turn`` / ``training_step`` also feed the data skip (which
   rows each step consumed: rollback past the data) and the collapse monitors (rl/collapse.py), from host values.
 * ``log``, ``training_step``: stability metrics, non-finite losses and metric values counted, not hidden.
@@ -46,8 +48,9 @@ from trl.models import unwrap_model_for_generation
 from sa2va_rl.models.policy import CausalLMPolicy, Policy
 from sa2va_rl.numerics import GradGuard, LogitsGuard
 from sa2va_rl.numerics.clamp import straight_through_clamp as _straight_through_clamp
+from sa2va_rl.numerics.grads import unwrapped_named_parameters
 from sa2va_rl.numerics.precision import fp32_master_weights
-from sa2va_rl.rl import checkpoints, spikes
+from sa2va_rl.rl import checkpoints, deepspeed_guard, spikes
 from sa2va_rl.rl.advantages import group_advantages
 from sa2va_rl.rl.config import Sa2VAGRPOConfig
 from sa2va_rl.rl.progress import ReadableProgress
@@ -61,19 +64,28 @@ __all__ = ["RewardError", "Sa2VAGRPOTrainer", "group_advantages", "guarded_rewar
 logger = logging.getLogger(__name__)
 
 
-def refuse_unguarded_engine(distributed_type, args: Sa2VAGRPOConfig) -> None:
+def refuse_unguarded_engine(distributed_type, args: Sa2VAGRPOConfig, ds_config: dict | None = None) -> bool:
     """At start, never mid-run: an engine where the GradGuard cannot run is refused unless the user opted in.
+    Returns whether the DeepSpeed guard runs (rl/deepspeed_guard.py); False for every other engine.
 
-    DeepSpeed (ZeRO-1/2/3): accelerate's backward runs the engine's step, so transformers' clipping seam, where the
-    GradGuard runs, comes after the update; a NaN/inf gradient under bf16/fp32 would be applied, not skipped, counted
-    or named. Guarding DeepSpeed (reading the engine's global norm before its step) is not implemented."""
-    if distributed_type == DistributedType.DEEPSPEED and not args.allow_unguarded_deepspeed:
+    DeepSpeed ZeRO-1/2/3 are guarded (the GradGuard runs between the engine's backward and its step). Refused:
+    ZeRO stage 0 and optimizer/parameter offload (``deepspeed_guard.unguardable`` says why). fp16 is left to
+    DeepSpeed's loss scaler, as fp16 is left to the GradScaler elsewhere."""
+    if distributed_type != DistributedType.DEEPSPEED or args.fp16:
+        return False
+    why = deepspeed_guard.unguardable(ds_config)
+    if why is None:
+        return True
+    if not args.allow_unguarded_deepspeed:
         raise ValueError(
-            "DeepSpeed is not guarded by sa2va-rl: DeepSpeed steps the optimizer inside backward, before the "
-            "GradGuard could check the gradients, so a NaN/inf gradient would be applied and nothing skipped or "
-            "counted. Use DDP (configs/ddp.yaml) or FSDP2 (configs/fsdp.yaml), whose steps are guarded; or pass "
-            "--allow_unguarded_deepspeed true to run with DeepSpeed's own overflow handling only (fp16 loss scaling "
-            "skips overflowed steps; bf16/fp32 skip nothing). See docs/distributed.md.")
+            f"DeepSpeed is not guarded by sa2va-rl in this setup: {why}. Unguarded, DeepSpeed would step the "
+            "optimizer inside backward before any check, so a NaN/inf gradient could be applied and nothing would "
+            "be skipped, counted or named. Guarded setups: ZeRO-1/2/3 without offload (configs/zero2.yaml, "
+            "configs/zero3.yaml), DDP, FSDP2. Or pass --allow_unguarded_deepspeed true to run with DeepSpeed's own "
+            "overflow handling only. See docs/distributed.md.")
+    logger.warning("DeepSpeed runs UNGUARDED (--allow_unguarded_deepspeed): %s. Only DeepSpeed's own overflow "
+                   "handling applies; skipped_steps does not count its skips.", why)
+    return False
 
 
 class Sa2VAGRPOTrainer(GRPOTrainer):
@@ -101,7 +113,9 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             super().__init__(model=model, reward_funcs=funcs, args=args, **kwargs)
         finally:
             args.cast_lm_head_to_fp32 = cast_head
-        refuse_unguarded_engine(self.accelerator.distributed_type, args)
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        self._deepspeed_guard = refuse_unguarded_engine(self.accelerator.distributed_type, args,
+                                                        getattr(plugin, "deepspeed_config", None))
         if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
             # fp32 master weights (numerics/precision.py); DeepSpeed's bf16 optimizer keeps its own fp32 copies, and
             # ZeRO-3 needs one dtype across its persistent parameters
@@ -297,6 +311,8 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             return super()._compute_loss(model, inputs)
 
     def training_step(self, model, inputs, num_items_in_batch):
+        if self._deepspeed_guard:
+            self._install_deepspeed_guard()
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._nonfinite_losses += (~torch.isfinite(loss.detach())).sum()  # stays on device: no sync
         self.collapse.observe("entropy", self._last_metric("entropy"))
@@ -309,28 +325,33 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ optimizer step
     def _clip_grad_norm(self, model):
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED or self.args.fp16:
-            # DeepSpeed owns clipping and the step; fp16's GradScaler already skips inf/NaN steps.
+        ds = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if (ds and not self._deepspeed_guard) or self.args.fp16:
+            # unguarded DeepSpeed (opted in) owns clipping and the step; fp16's GradScaler skips inf/NaN steps.
             self.stability.record_unguarded_step()
             return super()._clip_grad_norm(model)
         step = self.state.global_step + 1
-        self.faults.grads(step, model, self.accelerator.process_index)
-        guard = self.spike_guard
-        report = self.grad_guard.check(model, extra=None if guard is None else guard.flags)  # spike flags: same sync
+        guard = self.spike_guard  # None under DeepSpeed (rl/spikes.py: its step is decided inside backward)
+        if ds:  # checked (and, if non-finite, skipped) inside the guarded backward, before DeepSpeed's step
+            report = self.accelerator.deepspeed_engine_wrapped.take_report()
+        else:
+            self.faults.grads(step, model, self.accelerator.process_index)
+            report = self.grad_guard.check(model, extra=None if guard is None else guard.flags)  # same sync
         causes = [] if guard is None else guard.conclude(step, report.extra, report.finite)
         if causes:  # finite, but a spike: skipped like a non-finite step
             return self._skip_spike(step, report, causes)
         if report.finite:
             self.stability.record_grads(step, report, skipped=False)
-            if math.isfinite(self.args.max_grad_norm):
+            if not ds and math.isfinite(self.args.max_grad_norm):  # DeepSpeed clips with its gradient_clipping
                 self.grad_guard.clip_(self.args.max_grad_norm)
             return torch.tensor(report.norm)
-        skip = self.args.skip_nonfinite_steps
+        # DeepSpeed: the step was dropped already, whatever skip_nonfinite_steps says (it cannot be applied later)
+        skip = self.args.skip_nonfinite_steps or ds
         if skip:
-            self.grad_guard.skip(self.optimizer)
+            self.grad_guard.skip(None if ds else self.optimizer)
         self.stability.record_grads(step, report, skipped=skip)
         k = self.grad_guard.stats.consecutive_nonfinite
-        if k >= self.args.max_consecutive_skips or not skip:
+        if k >= self.args.max_consecutive_skips or not self.args.skip_nonfinite_steps:
             self.rollback.on_persistent_nonfinite(step, (
                 f"non-finite gradients ({report.kind}) at step {step}, {k} step(s) in a row (max_consecutive_skips="
                 f"{self.args.max_consecutive_skips}); first offending parameters: "
@@ -353,6 +374,36 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                 f"{self.args.spike_persistent_count}); the weights were not updated by these steps"),
                 spikes.persistent_spike_action(self.args))
         return torch.tensor(report.norm)
+
+    def _install_deepspeed_guard(self) -> None:
+        """Put the GradGuard between DeepSpeed's backward and step: accelerate's DeepSpeedEngineWrapper (created when
+        the Trainer prepares the engine) is replaced by rl/deepspeed_guard.py's subclass, once, before the first
+        backward. An optimizer the guard cannot read is refused here, before any step."""
+        wrapped = self.accelerator.deepspeed_engine_wrapped
+        if wrapped is None or isinstance(wrapped, deepspeed_guard.GuardedEngineWrapper):
+            return
+        engine = wrapped.engine
+        if deepspeed_guard.zero_optimizer_kind(engine.optimizer) is None:
+            if self.args.allow_unguarded_deepspeed:
+                logger.warning("DeepSpeed runs UNGUARDED (--allow_unguarded_deepspeed): the GradGuard cannot read a "
+                               "%s", type(engine.optimizer).__name__)
+                self._deepspeed_guard = False
+                return
+            raise ValueError(
+                f"DeepSpeed built a {type(engine.optimizer).__name__}, which the GradGuard cannot read (it reads the "
+                "ZeRO-1/2/3 optimizers' gradient partitions; e.g. ZeRO-1 with bf16 and fp32 gradient accumulation "
+                "uses DeepSpeed's BF16_Optimizer). Drop data_types.grad_accum_dtype, use ZeRO-2, or pass "
+                "--allow_unguarded_deepspeed true. See docs/distributed.md.")
+        names = {id(p): n for n, p in unwrapped_named_parameters(engine.module)}
+
+        def check(engine):
+            parts = deepspeed_guard.zero_partitions(engine.optimizer, names)
+            self.faults.grads(self.state.global_step + 1, None, self.accelerator.process_index, parts=parts)
+            return self.grad_guard.check_partitions(parts)
+
+        self.accelerator.deepspeed_engine_wrapped = deepspeed_guard.GuardedEngineWrapper(engine, check)
+        logger.info("DeepSpeed ZeRO-%s: the GradGuard runs between the engine's backward and its step",
+                    engine.zero_optimization_stage())
 
     # ------------------------------------------------------------------ logging and checkpoints
     def log(self, logs, start_time=None):
