@@ -162,6 +162,14 @@ def left_pad(rows: list[list[int]], pad_token_id: int, device) -> tuple[torch.Te
     return ids, mask
 
 
+def right_pad(rows: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (ids [N, L] right-padded with ``pad_token_id``, attention mask [N, L], 0 on the padding)."""
+    L = max(len(r) for r in rows)
+    ids = torch.tensor([list(r) + [pad_token_id] * (L - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows], device=device)
+    return ids, mask
+
+
 def right_aligned_logprobs(
     forward, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
     completion_mask: torch.Tensor, pad_token_id: int, temperature: float = 1.0, drop_mask: torch.Tensor | None = None,
