@@ -32,6 +32,7 @@ import torch.utils.checkpoint
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from sa2va_rl.numerics import LogitsGuard
+from sa2va_rl.numerics.logits import fixed_signature
 from sa2va_rl.numerics.nan_trace import first_nonfinite_module
 
 
@@ -56,6 +57,7 @@ class Policy(Protocol):
                  ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+@fixed_signature
 class StepCounter(LogitsProcessor):
     """Counts decoding steps when no LogitsGuard is in the list; returns scores untouched."""
 

@@ -27,8 +27,10 @@ from sa2va_rl.models.grounding import decode_masks, encode_image
 from sa2va_rl.models.policy import (Generation, StepCounter, collect_generation, eos_set, left_pad, prompt_groups,
                                     right_aligned_logprobs, right_pad)
 from sa2va_rl.numerics import LogitsGuard
+from sa2va_rl.numerics.logits import fixed_signature
 
 
+@fixed_signature
 class BannedTokens(LogitsProcessor):
     """-inf on the padded vocabulary rows (ids >= limit: no tokens, their weights never trained) and on the
     image-structure tokens (InternVL: ``<IMG_CONTEXT>``, ``<img>``, ``</img>``, ``<vp>``, ``</vp>``; Qwen-VL:
