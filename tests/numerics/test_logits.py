@@ -271,3 +271,22 @@ def test_processors_carry_their_signature_and_run_in_a_processor_list():
     out = LogitsProcessorList([banned, counter, guard])(torch.zeros(2, 1, dtype=torch.long), scores)
     assert counter.steps == 1 and guard.pop_repaired().tolist() == [[False], [True]]
     assert out[0, 1] == -math.inf and (out[:, 6:] == -math.inf).all() and not out.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_overflow_line_is_the_same_on_the_fast_path_and_per_row(dtype):
+    """The healthy-path test (host floats) and the per-row test (tensors) agree at max_abs_logit, which the dtype
+    rounds: the largest value at or below the line passes untouched, the next one up is repaired."""
+    limit = 100.3  # not representable in any of the three dtypes
+    at = torch.tensor(limit, dtype=dtype)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    above = (at.reshape(1).view(bits) + 1).view(dtype)[0]  # the dtype's next value up (positive: next bit pattern)
+    assert above > at
+    guard = LogitsGuard(eos_token_id=0, max_abs_logit=limit)
+    scores = torch.zeros(2, 5, dtype=dtype)
+    scores[0, 1] = at
+    out = guard(None, scores)
+    assert out is scores and guard.pop_repaired().tolist() == [[False], [False]]
+    scores[1, 2] = above
+    out = guard(None, scores)
+    assert guard.pop_repaired().tolist() == [[False], [True]] and torch.equal(out[0], scores[0])
