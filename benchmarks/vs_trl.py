@@ -6,7 +6,8 @@ clamp and the fp32 floored-std advantages all on). Runs alternate between the tw
 both alike; the first step of each run (one-off setup) is not counted. The mean completion length of each side is
 printed to show that both decode the same number of tokens.
 
-Run: python benchmarks/vs_trl.py [--rounds 4 --steps 8]
+Run: python benchmarks/vs_trl.py [--rounds 4 --steps 8 --threads 1]   (prints wall and process-CPU medians; CPU time is
+the one to read on a CPU machine that other jobs load)
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def run(ours: bool, model_dir: str, data_dir: str, out: str, steps: int) -> tupl
     cls, cfg = ((Sa2VAGRPOTrainer, Sa2VAGRPOConfig(**kw, stability_summary_steps=0)) if ours
                 else (GRPOTrainer, GRPOConfig(**kw)))
     trainer = cls(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=[distinct_words], args=cfg,
-                  train_dataset=load_prompt_dataset(data_dir), processing_class=AutoTokenizer.from_pretrained(model_dir))
+                  train_dataset=load_prompt_dataset(data_dir),
+                  processing_class=AutoTokenizer.from_pretrained(model_dir))
     trainer.remove_callback(PrinterCallback)  # both sides: no per-step metric dicts on stdout
     timer = StepTimer()
     trainer.add_callback(timer)

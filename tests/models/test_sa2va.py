@@ -173,7 +173,7 @@ def test_segment_one_batched_forward_equals_per_completion(loaded):
     [SEG] at different positions, a second [SEG], a row without: the masks equal the per-completion path's, from
     one LLM forward and one grounding encoding per distinct image."""
     model, tok, policy = loaded
-    (img_a, mask_a), (img_b, _mask_b) = sample(0), sample(1, h=48, w=32)
+    (img_a, mask_a), (img_b, _) = sample(0), sample(1, h=48, w=32)
     prompt_a, vis_a = policy.encode(img_a, "Please segment the region.", [mask_a], key="a")
     prompt_b, vis_b = policy.encode(img_b, "Please segment it.", None, key="b")
     ids_a, ids_b = tok(prompt_a).input_ids, tok(prompt_b).input_ids
