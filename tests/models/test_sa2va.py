@@ -152,6 +152,63 @@ def test_batched_generation_greedy_equals_one_call_per_group(loaded):
     assert [len(r) for r in gen.repaired] == [len(c) for c in reference]
 
 
+def per_completion_masks(model, policy, prompt_ids, completion_ids, contexts):
+    """The former GroundedPolicy.segment: one unpadded LLM forward over [prompt, whole completion] per row with
+    [SEG], the state at its first [SEG] decoded alone (one image encoding per image). Also returns the states."""
+    out, states = [None] * len(prompt_ids), {}
+    with torch.no_grad():
+        for i, (p, c, vis) in enumerate(zip(prompt_ids, completion_ids, contexts)):
+            if policy.seg_id not in c:
+                continue
+            ids = torch.tensor([p + c])
+            hidden = lm_parts(model)[1](inputs_embeds=policy.embed(model, ids, [vis]), use_cache=False)
+            pos = len(p) + c.index(policy.seg_id)
+            states[i] = hidden.last_hidden_state[0, pos]
+            out[i] = decode_masks(model, states[i][None], vis.image)[0].numpy()
+    return out, states
+
+
+def test_segment_one_batched_forward_equals_per_completion(loaded):
+    """Two images (a region prompt and a plain one: different prompt lengths), G=4 rows each sharing the image;
+    [SEG] at different positions, a second [SEG], a row without: the masks equal the per-completion path's, from
+    one LLM forward and one grounding encoding per distinct image."""
+    model, tok, policy = loaded
+    (img_a, mask_a), (img_b, _) = sample(0), sample(1, h=48, w=32)
+    prompt_a, vis_a = policy.encode(img_a, "Please segment the region.", [mask_a], key="a")
+    prompt_b, vis_b = policy.encode(img_b, "Please segment it.", None, key="b")
+    ids_a, ids_b = tok(prompt_a).input_ids, tok(prompt_b).input_ids
+    assert len(ids_a) != len(ids_b)
+    seg = policy.seg_id
+    w = [tok(x, add_special_tokens=False).input_ids[0] for x in ("red", "the", "cat", "Sure")]
+    completions = [[seg], [w[0], seg, w[1]], [w[3], w[2], w[1], seg, w[0], seg], [w[0], w[1]],
+                   [w[1], seg], [w[2], w[0], w[3], w[3], seg, w[2]], [seg, w[1], w[1]], [w[0], w[1], w[2], seg]]
+    prompts, contexts = [ids_a] * 4 + [ids_b] * 4, [vis_a] * 4 + [vis_b] * 4
+    backbone, sam2 = lm_parts(model)[1], model.grounding_encoder.sam2_model
+    forwards, encodes, states = [], [], []
+    hooks = [backbone.register_forward_pre_hook(lambda m, a, k: forwards.append(1), with_kwargs=True),
+             model.text_hidden_fcs.register_forward_hook(lambda m, a, o: states.append(a[0]))]
+    forward_image = sam2.forward_image
+    sam2.forward_image = lambda pixels: encodes.append(1) or forward_image(pixels)
+    try:
+        masks = policy.segment(model, prompts, completions, contexts)
+    finally:
+        for h in hooks:
+            h.remove()
+        del sam2.forward_image
+    assert len(forwards) == 1 and len(encodes) == 2  # one LLM forward, one encoding per distinct image
+    want, want_states = per_completion_masks(model, policy, prompts, completions, contexts)
+    assert masks[3] is None and want[3] is None
+    rows = [i for i in range(8) if i != 3]
+    got_states = torch.cat(states)  # decoded image by image, rows in order within each
+    # not bit-identical: cutting rows after [SEG] (another length) and padding them into one batch (a masked
+    # attention) let the kernels sum in another order; the states differ by a few fp32 ulps (4.8e-7 at |x| ~ 3)
+    torch.testing.assert_close(got_states, torch.stack([want_states[i] for i in rows]), rtol=1e-5, atol=1e-6)
+    for i in rows:
+        assert masks[i].shape == contexts[i].image.shape[:2] and masks[i].dtype == bool
+        assert np.array_equal(masks[i], want[i]), i
+    assert len({masks[i].tobytes() for i in rows}) > 2 and any(0 < masks[i].mean() < 1 for i in rows)
+
+
 def test_banned_tokens_never_sampled_and_never_scored(loaded):
     model, tok, policy = loaded
     vocab = model.language_model.config.vocab_size

@@ -135,9 +135,16 @@ def test_segment_matches_upstream_mask_one_encoding(qwen, upstream_run):
     theirs = torch.cat([h[-1][0] for h in captured["output"].hidden_states])[len(p)]
     ours = policy._hidden(model, torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long), [visual])[0, len(p)]
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
-    with counting_encodes(model) as calls:  # two rows of one group share the image: one encoding
-        masks = policy.segment(model, [p, p, p], [completion, completion, completion[1:]], [visual] * 3)
-    assert calls[0] == 1
+    from sa2va_rl.models.sa2va_qwen import qwen_parts
+
+    forwards = []  # Qwen-VL backbone forwards: one for both rows with [SEG]
+    hook = qwen_parts(model)[1].register_forward_pre_hook(lambda m, a: forwards.append(1))
+    try:
+        with counting_encodes(model) as calls:  # two rows of one group share the image: one encoding
+            masks = policy.segment(model, [p, p, p], [completion, completion, completion[1:]], [visual] * 3)
+    finally:
+        hook.remove()
+    assert calls[0] == 1 and len(forwards) == 1
     assert masks[2] is None  # no [SEG]
     up = result["prediction_masks"][0][0]
     assert masks[0].shape == img.shape[:2] == up.shape and masks[0].dtype == bool

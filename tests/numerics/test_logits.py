@@ -257,3 +257,40 @@ def test_cuda_contract():
     out = guard(None, s)
     assert torch.equal(out[0], s[0]) and torch.equal(out[3], s[3])
     assert out[2, 3] == 0 and guard.pop_repaired().device.type == "cuda"
+
+
+def test_processors_carry_their_signature_and_run_in_a_processor_list():
+    """transformers' LogitsProcessorList inspects each processor's signature at every step: the stored one is the
+    bound call's (input_ids, scores), so the list calls the processors positionally as before."""
+    import inspect
+
+    from sa2va_rl.models.policy import StepCounter
+    from sa2va_rl.models.sampling import BannedTokens
+
+    guard, counter, banned = LogitsGuard(eos_token_id=0), StepCounter(), BannedTokens(6, [1])
+    for p in (guard, counter, banned):
+        assert list(inspect.signature(p.__call__).parameters) == ["input_ids", "scores"]
+    scores = torch.zeros(2, 8)
+    scores[1, 3] = math.nan
+    out = LogitsProcessorList([banned, counter, guard])(torch.zeros(2, 1, dtype=torch.long), scores)
+    assert counter.steps == 1 and guard.pop_repaired().tolist() == [[False], [True]]
+    assert out[0, 1] == -math.inf and (out[:, 6:] == -math.inf).all() and not out.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_overflow_line_is_the_same_on_the_fast_path_and_per_row(dtype):
+    """The healthy-path test (host floats) and the per-row test (tensors) agree at max_abs_logit, which the dtype
+    rounds: the largest value at or below the line passes untouched, the next one up is repaired."""
+    limit = 100.3  # not representable in any of the three dtypes
+    at = torch.tensor(limit, dtype=dtype)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    above = (at.reshape(1).view(bits) + 1).view(dtype)[0]  # the dtype's next value up (positive: next bit pattern)
+    assert above > at
+    guard = LogitsGuard(eos_token_id=0, max_abs_logit=limit)
+    scores = torch.zeros(2, 5, dtype=dtype)
+    scores[0, 1] = at
+    out = guard(None, scores)
+    assert out is scores and guard.pop_repaired().tolist() == [[False], [False]]
+    scores[1, 2] = above
+    out = guard(None, scores)
+    assert guard.pop_repaired().tolist() == [[False], [True]] and torch.equal(out[0], scores[0])

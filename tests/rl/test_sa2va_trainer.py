@@ -12,7 +12,7 @@ import torch
 
 from sa2va_rl import cli
 from sa2va_rl.data.gar import GARReader
-from sa2va_rl.models.sa2va import Sa2VAModelArgs, Sa2VAPolicy, load_sa2va, prepare_for_training
+from sa2va_rl.models.sa2va import Sa2VAModelArgs, Sa2VAPolicy, lm_parts, load_sa2va, prepare_for_training
 from sa2va_rl.rl.config import Sa2VAGRPOConfig
 from sa2va_rl.rl.tasks import GARTaskDataset, task_list, task_rewards
 from sa2va_rl.rl.trainer import RewardError, Sa2VAGRPOTrainer, guarded_reward
@@ -207,7 +207,8 @@ def test_runaway_caption_prompt_is_skipped_and_counted(tiny_sa2va, tmp_path):
 
 def test_caption2mask_step_encodes_each_distinct_image_once(tiny_sa2va, gar_dir, tmp_path):
     """G=4 completions of each of two images, every one with [SEG]: the grounding encoder (SAM2's forward_image)
-    runs once per distinct image in the step, not once per completion."""
+    runs once per distinct image in the step, not once per completion, and the [SEG] states come from one LLM
+    forward for the step's 8 completions."""
     trainer = make(tiny_sa2va, gar_dir, tmp_path, task="caption2mask")
     seg = trainer.policy.seg_id
     head = trainer.model.language_model.lm_head
@@ -216,13 +217,26 @@ def test_caption2mask_step_encodes_each_distinct_image_once(tiny_sa2va, gar_dir,
     encodes = []
     forward_image = sam2.forward_image
     sam2.forward_image = lambda pixels: encodes.append(pixels.shape) or forward_image(pixels)
+    seg_forwards = []  # LLM backbone forwards while the step segments
+    backbone, segment = lm_parts(trainer.model)[1], trainer.policy.segment
+
+    def counted_segment(*args, **kwargs):
+        h = backbone.register_forward_pre_hook(lambda m, a: seg_forwards.append(1))
+        try:
+            return segment(*args, **kwargs)
+        finally:
+            h.remove()
+
+    trainer.policy.segment = counted_segment
     try:
         rows = batch(trainer, rows=(0, 1))
         trainer._generate_and_score_completions(rows)
     finally:
         hook.remove()
         del sam2.forward_image
+        del trainer.policy.segment
     images = {id(r["visual"].image) for r in rows}
     assert len(images) == 2 and len(rows) == 8
     assert trainer._metrics["train"]["seg/no_seg_frac"][-1] == 0.0  # all 8 completions were segmented
     assert len(encodes) == len(images)
+    assert len(seg_forwards) == 1

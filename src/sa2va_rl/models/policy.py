@@ -32,6 +32,7 @@ import torch.utils.checkpoint
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from sa2va_rl.numerics import LogitsGuard
+from sa2va_rl.numerics.logits import fixed_signature
 from sa2va_rl.numerics.nan_trace import first_nonfinite_module
 
 
@@ -56,6 +57,7 @@ class Policy(Protocol):
                  ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+@fixed_signature
 class StepCounter(LogitsProcessor):
     """Counts decoding steps when no LogitsGuard is in the list; returns scores untouched."""
 
@@ -159,6 +161,14 @@ def left_pad(rows: list[list[int]], pad_token_id: int, device) -> tuple[torch.Te
     P = max(len(r) for r in rows)
     ids = torch.tensor([[pad_token_id] * (P - len(r)) + list(r) for r in rows], device=device)
     mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def right_pad(rows: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (ids [N, L] right-padded with ``pad_token_id``, attention mask [N, L], 0 on the padding)."""
+    L = max(len(r) for r in rows)
+    ids = torch.tensor([list(r) + [pad_token_id] * (L - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows], device=device)
     return ids, mask
 
 

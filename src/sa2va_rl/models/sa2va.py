@@ -11,8 +11,9 @@ One code path serves both: it uses only what a Sa2VA checkpoint exposes (``extra
   tokens (phi3_chat's ``<|end|>`` on a Qwen vocabulary) stop generation and cut the completion.
 * ``logprobs``: one forward over [prompt, completion, right padding]; the LM head runs in fp32 outside autocast
   and the padded rows are masked there too, so the scored policy is the sampled one.
-* ``segment``: last-layer hidden state at each ``[SEG]`` of a completion -> ``text_hidden_fcs`` -> the grounding
-  decoder -> a bool mask at image size. A completion without ``[SEG]`` gets no mask (its IoU reward is 0).
+* ``segment``: last-layer hidden state at the first ``[SEG]`` of a completion (one LLM forward for all such rows,
+  models/sampling.py) -> ``text_hidden_fcs`` -> the grounding decoder -> a bool mask at image size. A completion
+  without ``[SEG]`` gets no mask (its IoU reward is 0).
 """
 
 from __future__ import annotations
@@ -320,7 +321,3 @@ class Sa2VAPolicy(GroundedPolicy):
 
     def _lm_head(self, model) -> torch.nn.Module:
         return lm_parts(model)[2]
-
-    # ------------------------------------------------------------------ masks
-    def _seg_hidden(self, model, ids: torch.Tensor, context: VisualInputs) -> torch.Tensor:
-        return lm_parts(model)[1](inputs_embeds=self.embed(model, ids, [context]), use_cache=False).last_hidden_state

@@ -16,8 +16,9 @@ The policy has Sa2VAPolicy's interface and differs only where the family does:
   ``new_tokens`` keeps only the new tokens. Image/vision tokens and the padded vocabulary rows are banned.
 * ``logprobs``: one forward of the Qwen-VL backbone over [prompt, completion, right padding] with the images of
   the rows, the LM head in fp32 outside autocast, the same ids banned as in sampling.
-* ``segment``: last-layer hidden state at the first ``[SEG]`` -> ``text_hidden_fcs`` -> SAM2 (models/grounding.py,
-  one encoding per image) -> bool mask at image size, as upstream's ``predict_forward``.
+* ``segment``: last-layer hidden state at the first ``[SEG]`` (one forward for all rows with ``[SEG]``,
+  models/sampling.py) -> ``text_hidden_fcs`` -> SAM2 (models/grounding.py, one encoding per image) -> bool mask at
+  image size, as upstream's ``predict_forward``.
 """
 
 from __future__ import annotations
@@ -216,7 +217,3 @@ class Sa2VAQwenPolicy(GroundedPolicy):
 
     def _lm_head(self, model) -> torch.nn.Module:
         return qwen_parts(model)[2]
-
-    # ------------------------------------------------------------------ masks
-    def _seg_hidden(self, model, ids: torch.Tensor, context: QwenVisualInputs) -> torch.Tensor:
-        return self._hidden(model, ids, torch.ones_like(ids), [context])

@@ -25,10 +25,12 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from sa2va_rl.models.grounding import decode_masks, encode_image
 from sa2va_rl.models.policy import (Generation, StepCounter, collect_generation, eos_set, left_pad, prompt_groups,
-                                    right_aligned_logprobs)
+                                    right_aligned_logprobs, right_pad)
 from sa2va_rl.numerics import LogitsGuard
+from sa2va_rl.numerics.logits import fixed_signature
 
 
+@fixed_signature
 class BannedTokens(LogitsProcessor):
     """-inf on the padded vocabulary rows (ids >= limit: no tokens, their weights never trained) and on the
     image-structure tokens (InternVL: ``<IMG_CONTEXT>``, ``<img>``, ``</img>``, ``<vp>``, ``</vp>``; Qwen-VL:
@@ -136,9 +138,9 @@ class GroundedPolicy:
     """What the Sa2VA policies share once a family knows how to run its model: scoring and ``[SEG]`` -> masks.
 
     A subclass provides ``_tail_hidden(model, ids, att, keep, contexts)`` (last-layer hidden states of the last
-    ``keep`` positions [B, keep, C]), ``_lm_head(model)`` and ``_seg_hidden(model, ids [1, L], context)``
-    (last-layer hidden states [1, L, C]), and sets ``pad_token_id``, ``seg_id`` and ``banned``. Scoring runs the head
-    (fp32, banned ids -inf) a chunk of positions at a time (``right_aligned_logprobs``).
+    ``keep`` positions [B, keep, C]; scoring and ``segment`` both call it) and ``_lm_head(model)``, and sets
+    ``pad_token_id``, ``seg_id`` and ``banned``. Scoring runs the head (fp32, banned ids -inf) a chunk of positions at
+    a time (``right_aligned_logprobs``).
     """
 
     def _require(self, contexts, n: int) -> list:
@@ -164,20 +166,28 @@ class GroundedPolicy:
     @torch.no_grad()
     def segment(self, model, prompt_ids: list[list[int]], completion_ids: list[list[int]], contexts
                 ) -> list[np.ndarray | None]:
-        """The mask of the first ``[SEG]`` of each completion (bool [H, W]), or None without ``[SEG]``."""
+        """The mask of the first ``[SEG]`` of each completion (bool [H, W]), or None without ``[SEG]``.
+
+        One LLM forward for every row with ``[SEG]``: each row is cut after its first ``[SEG]`` (attention is causal,
+        so the state there does not depend on what follows) and right-padded (the real tokens keep positions 0..n-1);
+        the grounding encoder runs once per distinct image and its decoder once per image for all of that image's
+        rows (models/grounding.py)."""
         contexts = self._require(contexts, len(prompt_ids))
         out: list[np.ndarray | None] = [None] * len(prompt_ids)
         rows = [i for i, c in enumerate(completion_ids) if self.seg_id in c]
         if not rows:
             return out
         device = next(model.parameters()).device
-        encoded = {}  # one grounding encoding per distinct image: the G rows of a group share it
-        for i in rows:  # one row at a time: no padding, and few rows carry [SEG] early in training
-            ids = torch.tensor([prompt_ids[i] + completion_ids[i]], device=device)
-            pos = len(prompt_ids[i]) + completion_ids[i].index(self.seg_id)
-            hidden = self._seg_hidden(model, ids, contexts[i])[0, pos:pos + 1]
-            image = contexts[i].image
-            if id(image) not in encoded:
-                encoded[id(image)] = encode_image(model, image)
-            out[i] = decode_masks(model, hidden, encoded[id(image)])[0].numpy()
+        seqs = [prompt_ids[i] + completion_ids[i][:completion_ids[i].index(self.seg_id) + 1] for i in rows]
+        ids, att = right_pad(seqs, self.pad_token_id, device)
+        hidden = self._tail_hidden(model, ids, att, ids.shape[1], [contexts[i] for i in rows])  # [n, L, C]
+        last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+        hidden = hidden[torch.arange(len(rows), device=device), last]  # [n, C]: the state at each first [SEG]
+        by_image: dict[int, list[int]] = {}  # the G rows of a group share one image
+        for k, i in enumerate(rows):
+            by_image.setdefault(id(contexts[i].image), []).append(k)
+        for ks in by_image.values():
+            img = encode_image(model, contexts[rows[ks[0]]].image)
+            for k, m in zip(ks, decode_masks(model, hidden[ks], img), strict=True):
+                out[rows[k]] = m.numpy()
         return out
