@@ -42,9 +42,9 @@ from trl.models import unwrap_model_for_generation
 
 from sa2va_rl.models.policy import CausalLMPolicy, Policy
 from sa2va_rl.numerics import GradGuard, LogitsGuard
-from sa2va_rl.numerics.clamp import straight_through_clamp as _straight_through_clamp
+from sa2va_rl.numerics.clamp import straight_through_clamp as _straight_through_clamp  # noqa: F401 (tests)
 from sa2va_rl.numerics.precision import fp32_master_weights
-from sa2va_rl.rl import checkpoints
+from sa2va_rl.rl import checkpoints, reference
 from sa2va_rl.rl.advantages import group_advantages
 from sa2va_rl.rl.config import Sa2VAGRPOConfig
 from sa2va_rl.rl.progress import ReadableProgress
@@ -94,15 +94,22 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         # upstream's Sa2VAChatModel (lm_head is a read-only property) that assignment would register a second head
         cast_head = args.cast_lm_head_to_fp32
         args.cast_lm_head_to_fp32 = cast_head and policy is None and hasattr(model, "lm_head")
+        # the KL reference is built below (rl/reference.py), not by TRL: TRL would re-load it from the model's path
+        beta, sync_ref = args.beta, args.sync_ref_model
+        args.beta, args.sync_ref_model = 0.0, False
         try:
             super().__init__(model=model, reward_funcs=funcs, args=args, **kwargs)
         finally:
             args.cast_lm_head_to_fp32 = cast_head
+            args.beta, args.sync_ref_model = beta, sync_ref
         refuse_unguarded_engine(self.accelerator.distributed_type, args)
         if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
             # fp32 master weights (numerics/precision.py); DeepSpeed's bf16 optimizer keeps its own fp32 copies, and
             # ZeRO-3 needs one dtype across its persistent parameters
             fp32_master_weights(self.model)
+        self.beta = beta
+        if beta != 0.0:  # after the fp32 cast: pi_ref = pi at step 0, bit for bit
+            self.ref_model = reference.build_reference(self, sync_ref)
         self.policy = policy or CausalLMPolicy(pad_token_id=self._tokenizer.pad_token_id)
         # entropies only when TRL asks for them, where the Policy can skip them (a third-party one may not take it)
         self._policy_entropy_flag = "compute_entropy" in inspect.signature(self.policy.logprobs).parameters
@@ -249,9 +256,10 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         logps, ents = [], []
         for s in range(0, input_ids.shape[0], batch_size):
             e = min(s + batch_size, input_ids.shape[0])
-            with self.accelerator.autocast():
+            # the KL reference: a frozen copy, or (AdapterReference) the policy's model with its adapters disabled
+            with self.accelerator.autocast(), reference.scoring(model) as scored:
                 lp, ent = self.policy.logprobs(
-                    model, input_ids[s:e, :P], attention_mask[s:e, :P], input_ids[s:e, P:],
+                    scored, input_ids[s:e, :P], attention_mask[s:e, :P], input_ids[s:e, P:],
                     attention_mask[s:e, P:], temperature=self.temperature,
                     drop_mask=None if drop is None else drop[s:e],
                     **({} if record.contexts is None else {"contexts": record.contexts[s:e]}),
@@ -260,12 +268,9 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             logps.append(lp)
             ents.append(ent)
         logps = torch.cat(logps)
-        if record.refs is not None:  # bound the log-ratios that the loss exponentiates
-            c = self.args.log_ratio_clamp
-            old, ref = record.refs.get("old_per_token_logps"), record.refs.get("ref_per_token_logps")
-            lows = [t - c for t in (old, ref) if t is not None]
-            lo = torch.stack(lows).amax(dim=0) if lows else None
-            logps = _straight_through_clamp(logps, lo=lo, hi=None if old is None else old + c)
+        if record.refs is not None:  # bound the log-ratios that the loss exponentiates (the ratio and the k3 KL)
+            logps = reference.bound_log_ratios(logps, record.refs.get("old_per_token_logps"),
+                                               record.refs.get("ref_per_token_logps"), self.args.log_ratio_clamp)
         return logps, (torch.cat(ents) if compute_entropy else None), None
 
     def _compute_loss(self, model, inputs):
