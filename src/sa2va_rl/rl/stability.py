@@ -41,6 +41,7 @@ class StabilityCounters:
     rollbacks: int = 0
     unsaved_checkpoints: int = 0  # checkpoints not written because the weights were non-finite
     events: list = field(default_factory=list)  # the last few non-finite steps, newest last
+    dynamic_sampling: dict = field(default_factory=dict)  # rl/dynamic_sampling.py COUNTERS (empty when off)
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
@@ -152,6 +153,7 @@ class StabilityCallback(TrainerCallback):
         }
         if self.logits_guard is not None:
             out["stability/logit_rows_seen"] = self.logits_guard.stats.rows_seen
+        out.update({f"stability/dynamic_sampling/{k}": v for k, v in c.dynamic_sampling.items()})
         return out
 
     def summary_line(self, step: int) -> str:

@@ -9,7 +9,8 @@ TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The o
 * ``_get_per_token_logps_and_entropies``: the Policy's fp32, right-padded scoring; dropped positions are
   neutralised before log_softmax; during the loss, log-ratios against pi_old and pi_ref are clamped
   (straight-through: values bounded, gradients kept).
-* ``_generate_and_score_completions``: advantages recomputed in fp32 with a floored group std.
+* ``_generate_and_score_completions``: advantages recomputed in fp32 with a floored group std; with
+  ``dynamic_sampling``, zero-std groups are first refilled from the data (rl/dynamic_sampling.py).
 * ``_clip_grad_norm``: GradGuard before clipping; non-finite steps skipped with the optimizer untouched.
 * ``log``, ``training_step``: stability metrics, non-finite losses and metric values counted, not hidden.
 * ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: the stability state travels with checkpoints.
@@ -47,6 +48,7 @@ from sa2va_rl.numerics.precision import fp32_master_weights
 from sa2va_rl.rl import checkpoints, reference
 from sa2va_rl.rl.advantages import group_advantages
 from sa2va_rl.rl.config import Sa2VAGRPOConfig
+from sa2va_rl.rl.dynamic_sampling import DynamicSampler
 from sa2va_rl.rl.progress import ReadableProgress
 from sa2va_rl.rl.faults import FaultInjector
 from sa2va_rl.rl.reward_guard import RewardError, guarded_reward
@@ -122,6 +124,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             self.remove_callback(ProgressCallback)  # the raw metric dicts -> one readable line (rl/progress.py)
             self.add_callback(ReadableProgress)
         self.rollback = checkpoints.Rollback(self)
+        self.dynamic_sampler = DynamicSampler(self, args.dynamic_sampling_max_rounds) if args.dynamic_sampling else None
         self.record = StepRecord()  # the rows in flight: what each seam reads and writes (see StepRecord)
         self.last_generation: StepRecord | None = None  # the last finished generation's record; no seam reads it
         self._nonfinite_losses = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
@@ -208,11 +211,10 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         return tuple(out)
 
     def _generate_and_score_completions(self, inputs):
-        with self._in_flight(StepRecord.generation(inputs)) as record:
-            output = super()._generate_and_score_completions(inputs)
+        output, record = self._score_generation(inputs)
+        if self.dynamic_sampler is not None and self.model.training:  # zero-std groups refilled (DAPO)
+            output, record = self.dynamic_sampler.refill(output, record, self._score_generation)
         self.last_generation = record
-        if record.contexts is not None:  # a list: TRL's shuffle and split keep it aligned with the completions
-            output["visual"] = record.contexts
         if self.multi_objective_aggregation == "sum_then_normalize" and record.rewards_per_func is not None:
             mode = "train" if self.model.training else "eval"
             g = self.num_generations if mode == "train" else self.num_generations_eval
@@ -222,6 +224,14 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             rank = self.accelerator.process_index
             output["advantages"] = adv[rank * n:(rank + 1) * n]
         return output
+
+    def _score_generation(self, inputs):
+        """TRL's generation and scoring of one generation batch: (its output dict, its StepRecord)."""
+        with self._in_flight(StepRecord.generation(inputs)) as record:
+            output = super()._generate_and_score_completions(inputs)
+        if record.contexts is not None:  # a list: TRL's shuffle and split keep it aligned with the completions
+            output["visual"] = record.contexts
+        return output, record
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         if hasattr(self.policy, "segment") and any(x.get("gt_mask") is not None for x in inputs):
