@@ -43,7 +43,6 @@ from trl.models import unwrap_model_for_generation
 
 from sa2va_rl.models.policy import CausalLMPolicy, Policy
 from sa2va_rl.numerics import GradGuard, LogitsGuard
-from sa2va_rl.numerics.clamp import straight_through_clamp as _straight_through_clamp  # noqa: F401 (tests)
 from sa2va_rl.numerics.precision import fp32_master_weights
 from sa2va_rl.rl import checkpoints, reference
 from sa2va_rl.rl.advantages import group_advantages
