@@ -66,3 +66,31 @@ def caption_accuracy(model, tokenizer, reader) -> CaptionAccuracy:
     captions = [c for _s, c in pairs]
     return CaptionAccuracy(n=len(pairs), colour=sum(c for c, _ in hits), shape=sum(s for _, s in hits),
                            both=sum(c and s for c, s in hits), distinct=len(set(captions)), captions=captions)
+
+
+def attribute_reward(completions, caption=None, **kwargs) -> list[float | None]:
+    """The demo's shaping for mask2caption: 0.5 for the right colour, 0.5 for the right shape (first colour and
+    shape words, as ``named``); None on rows without a reference caption (caption2mask). METEOR alone pays mostly
+    for the template ("at the ... of the image"), which one caption for every image earns as well."""
+    from sa2va_rl.rl.rewards import _text
+
+    if caption is None:
+        return [None] * len(completions)
+    out: list[float | None] = []
+    for c, ref in zip(completions, caption, strict=True):
+        if ref is None:
+            out.append(None)
+            continue
+        colour, shape = named(_text(c), ref)
+        out.append(0.5 * colour + 0.5 * shape)
+    return out
+
+
+def demo_rewards(tasks: list[str], attribute_weight: float = 1.0) -> tuple[list, list[float]]:
+    """The tasks' rewards (rl/tasks.py: METEOR, mask IoU, format) plus, for mask2caption, ``attribute_reward``."""
+    from sa2va_rl.rl.tasks import task_rewards
+
+    funcs, weights = task_rewards(tasks)
+    if "mask2caption" in tasks and attribute_weight:
+        funcs, weights = funcs + [attribute_reward], weights + [attribute_weight]
+    return funcs, weights
