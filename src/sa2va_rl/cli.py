@@ -413,7 +413,8 @@ def _make_data(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from sa2va_rl.demo import run_demo
 
-    return run_demo(out_dir=args.out_dir, steps=args.steps, seed=args.seed)
+    return run_demo(out_dir=args.out_dir, steps=args.steps, seed=args.seed, beta=args.beta,
+                    dynamic_sampling=args.dynamic_sampling)
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -451,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out_dir", default="sa2va-rl-demo", help="where the model, data, logs and PNGs go")
     demo.add_argument("--steps", type=int, default=40, help="GRPO steps")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--beta", type=float, default=None,
+                      help="KL penalty to the warm-started model (default: the demo's own, see sa2va_rl/demo.py)")
+    demo.add_argument("--dynamic_sampling", action="store_true",
+                      help="refill groups with zero reward std from the data (DAPO), counted in the summary")
     demo.set_defaults(func=_demo)
     doctor = sub.add_parser("doctor", help="check versions, device, model, one guarded generation, one fp32 "
                                            "forward/backward, the data and the rewards; exit 1 on any failure")

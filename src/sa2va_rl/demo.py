@@ -2,7 +2,9 @@
 
 It goes through the same code as ``sa2va-rl train`` on a real checkpoint (load_sa2va, Sa2VAPolicy,
 GARTaskDataset, Sa2VAGRPOTrainer, save_sa2va), with settings sized for a laptop CPU: the tiny LLM trains fully
-(no LoRA) at a high learning rate, so the rewards move within a few dozen steps. It writes
+(no LoRA) at a high learning rate, so the rewards move within a few dozen steps. A supervised warm start makes
+the captions depend on the region first; GRPO then rewards METEOR plus the right colour and shape words
+(demo_eval.py), and the held-out captions' colour/shape accuracy is printed before and after GRPO. It writes
 
 * ``samples.png``: a few held-out samples: image, reference mask, predicted mask, reference and predicted caption;
 * ``curves.png``: mean reward (overall and per reward function, smoothed), gradient norm, entropy and the
@@ -20,20 +22,29 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
-def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = 40, seed: int = 0, warm_start_steps: int = 60,
-             learning_rate: float = 1e-3) -> int:
+WARM_START_STEPS = 120  # supervised steps before GRPO: enough for captions that depend on the region
+BETA = 0.0  # KL to the warm-started model
+EVAL_SAMPLES = 24  # held-out samples whose greedy captions are checked before and after GRPO
+
+
+def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = 40, seed: int = 0, warm_start_steps: int = WARM_START_STEPS,
+             learning_rate: float = 3e-4, beta: float | None = None, dynamic_sampling: bool = False,
+             eval_samples: int = EVAL_SAMPLES) -> int:
     from sa2va_rl.data.gar import GARReader
     from sa2va_rl.data.synthetic import make_gar_data
+    from sa2va_rl.demo_eval import caption_accuracy, demo_rewards
     from sa2va_rl.models.sa2va import Sa2VAModelArgs, Sa2VAPolicy, load_sa2va, prepare_for_training, save_sa2va
     from sa2va_rl.models.tiny_sa2va import make_tiny_sa2va
     from sa2va_rl.rl.config import Sa2VAGRPOConfig
-    from sa2va_rl.rl.tasks import GARTaskDataset, task_list, task_rewards
+    from sa2va_rl.rl.tasks import GARTaskDataset, task_list
     from sa2va_rl.rl.trainer import Sa2VAGRPOTrainer
 
     os.makedirs(out_dir, exist_ok=True)
     model_dir = make_tiny_sa2va(os.path.join(out_dir, "tiny-sa2va"), seed=seed)
     data_dir = make_gar_data(os.path.join(out_dir, "gar-train"), n=96, seed=seed)
     held_out = make_gar_data(os.path.join(out_dir, "gar-heldout"), n=4, seed=seed + 1000, shards=1)
+    eval_reader = GARReader(make_gar_data(os.path.join(out_dir, "gar-eval"), n=eval_samples, seed=seed + 2000,
+                                          shards=1))
     run_dir = os.path.join(out_dir, "run")
     logger.info("demo: tiny Sa2VA in %s, synthetic GAR in %s, run in %s", model_dir, data_dir, run_dir)
 
@@ -41,20 +52,24 @@ def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = 40, seed: int = 0, war
     prepare_for_training(model, Sa2VAModelArgs(lora_r=0))
     policy = Sa2VAPolicy(model, tokenizer)
     tasks = task_list("both")
-    funcs, weights = task_rewards(tasks)
+    funcs, weights = demo_rewards(tasks)
     reader = GARReader(data_dir)
     config = Sa2VAGRPOConfig(
         output_dir=run_dir, max_steps=steps, batch_size=4, num_generations=8, learning_rate=learning_rate,
         warmup_steps=2, max_completion_length=12, reward_weights=weights, logging_steps=1, save_strategy="no",
         report_to=["tensorboard"], seed=seed, stability_summary_steps=10, disable_tqdm=False,
+        beta=BETA if beta is None else beta,
+        dynamic_sampling=dynamic_sampling,
     )
     rows = GARTaskDataset(reader, policy, tasks)
     if warm_start_steps:
         loss0, loss1 = warm_start(model, tokenizer, policy, rows, warm_start_steps, seed)
         logger.info("warm start (supervised, %d steps): loss %.3f -> %.3f", warm_start_steps, loss0, loss1)
+    before = caption_accuracy(model, tokenizer, eval_reader)
     trainer = Sa2VAGRPOTrainer(model=model, reward_funcs=funcs, args=config, processing_class=tokenizer,
                                train_dataset=rows.to_dataset(), policy=policy)
     trainer.train()
+    after = caption_accuracy(model, tokenizer, eval_reader)
     save_sa2va(model, tokenizer, run_dir)
 
     history = [h for h in trainer.state.log_history if "reward" in h]
@@ -64,9 +79,29 @@ def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = 40, seed: int = 0, war
     curves = plot_curves(history, os.path.join(out_dir, "curves.png"))
     samples = plot_samples(model, tokenizer, GARReader(held_out), os.path.join(out_dir, "samples.png"))
     print(f"mean reward: first {k} steps {first:.3f} -> last {k} steps {last:.3f}")
+    print(f"held-out captions naming the right colour and shape (greedy, {after.n} samples): "
+          f"before GRPO {before.both}/{before.n} -> after GRPO {after.both}/{after.n}")
+    print(f"  before GRPO: {before.line()}")
+    print(f"  after GRPO:  {after.line()}")
+    print(zero_std_line(history, trainer.stability.counters.dynamic_sampling))
     print(trainer.stability.summary_line(trainer.state.global_step))
     print(f"wrote {samples}, {curves}, {os.path.join(run_dir, 'stability.json')} and the trained model in {run_dir}")
     return 0
+
+
+def zero_std_line(history: list[dict], counts: dict) -> str:
+    """The share of groups with zero reward std (no learning signal) in the batches trained on, and with dynamic
+    sampling what it cost to refill them."""
+    def mean(key: str) -> float:
+        vals = [float(h[key]) for h in history if key in h]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    if not counts:
+        return f"groups with zero reward std: {mean('frac_reward_zero_std'):.1%} of the groups trained on"
+    return (f"groups with zero reward std: {mean('dynamic_sampling/zero_std_share_drawn'):.1%} of those drawn, "
+            f"{mean('dynamic_sampling/zero_std_share_trained'):.1%} of those trained on (dynamic sampling: "
+            f"{counts['refilled_groups']} of {counts['zero_std_groups']} refilled, {counts['extra_groups']} extra "
+            f"groups generated for {counts['groups']} drawn)")
 
 
 def warm_start(model, tokenizer, policy, rows, steps: int, seed: int, batch: int = 8, lr: float = 3e-3):

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sa2va_rl.rl.judge import DEFAULT_TEMPLATE, JudgeArgs, LLMJudge, judge_reward, parse_score
+from sa2va_rl.rl.judge import DEFAULT_TEMPLATE, JudgeArgs, LLMJudge, parse_score
 from sa2va_rl.rl.tasks import task_rewards
 
 

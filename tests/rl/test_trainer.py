@@ -288,7 +288,7 @@ def test_empty_completion_contributes_zero_loss_and_is_counted(tiny_causal, prom
 
 
 def test_log_ratio_clamp_bounds_value_keeps_gradient_and_is_identity_when_idle():
-    from sa2va_rl.rl.trainer import _straight_through_clamp
+    from sa2va_rl.numerics.clamp import straight_through_clamp as _straight_through_clamp
 
     x = torch.tensor([-1.0, -50.0, -0.5], requires_grad=True)
     ref = torch.tensor([-1.2, -2.0, -0.4])

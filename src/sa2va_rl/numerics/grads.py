@@ -218,7 +218,7 @@ class GradGuard:
                 names.append(name)
                 grads.append(g)
                 sharded.append(is_sharded)
-        return self._check_global(names, grads, sharded)
+        return self._check_global(names, grads, sharded, extra)
 
     def check_partitions(self, named_parts: Iterable[tuple[str, torch.Tensor]]) -> GradReport:
         """Check gradients that an engine has already reduced and partitioned: ``(name, this rank's part)`` pairs,
@@ -232,7 +232,8 @@ class GradGuard:
         grads = [g for _, g in named_parts]
         return self._check_global(names, grads, [True] * len(grads))
 
-    def _check_global(self, names: list[str], grads: list[torch.Tensor], sharded: list[bool]) -> GradReport:
+    def _check_global(self, names: list[str], grads: list[torch.Tensor], sharded: list[bool],
+                      extra: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GradReport:
         """Several processes: this rank's gradient parts, each flagged sharded or replicated (module docstring)."""
         self._grads, self._total = grads, None
         home = grads[0].device if grads else _collective_device()

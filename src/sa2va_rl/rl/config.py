@@ -179,6 +179,16 @@ class Sa2VAGRPOConfig(GRPOConfig):
                                          "for collapse_patience steps in a row."}
     )
     collapse_patience: int = field(default=3, metadata={"help": "Collapse monitor: see collapse_halt."})
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={"help": "DAPO's dynamic sampling: groups whose rewards are all equal (zero std, no learning "
+                          "signal) are dropped and refilled with fresh prompts from the data, counted under "
+                          "stability/dynamic_sampling/*. Each refill costs G more completions. One process only."},
+    )
+    dynamic_sampling_max_rounds: int = field(
+        default=3, metadata={"help": "With dynamic_sampling: refill rounds per generation batch; groups still "
+                                     "without a signal after them stay (advantage 0, counted as unfilled)."}
+    )
 
     def __post_init__(self) -> None:
         if self.batch_size is not None:
@@ -252,6 +262,11 @@ class Sa2VAGRPOConfig(GRPOConfig):
         if self.collapse_warmup_steps < 1 or self.collapse_patience < 1:
             problems.append(f"collapse_warmup_steps={self.collapse_warmup_steps}, collapse_patience="
                             f"{self.collapse_patience}: use 1 or more")
+        if self.dynamic_sampling_max_rounds < 1:
+            problems.append(f"dynamic_sampling_max_rounds={self.dynamic_sampling_max_rounds}: use 1 or more")
+        if self.dynamic_sampling and self.multi_objective_aggregation != "sum_then_normalize":
+            problems.append("dynamic_sampling needs multi_objective_aggregation='sum_then_normalize' (its advantages "
+                            "are recomputed per group after the refill)")
         if problems:
             raise ValueError("Invalid Sa2VAGRPOConfig:\n  - " + "\n  - ".join(problems))
         super().__post_init__()

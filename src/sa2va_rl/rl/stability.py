@@ -44,6 +44,7 @@ class StabilityCounters:
     skipped_rows: int = 0  # dataset rows skipped by rollbacks past the data (listed in skipped_rows.json)
     unsaved_checkpoints: int = 0  # checkpoints not written because the weights were non-finite
     events: list = field(default_factory=list)  # the last few non-finite steps, newest last
+    dynamic_sampling: dict = field(default_factory=dict)  # rl/dynamic_sampling.py COUNTERS (empty when off)
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
@@ -182,6 +183,7 @@ class StabilityCallback(TrainerCallback):
         for part in self.parts.values():
             if hasattr(part, "metrics"):
                 out.update(part.metrics())
+        out.update({f"stability/dynamic_sampling/{k}": v for k, v in c.dynamic_sampling.items()})
         return out
 
     def summary_line(self, step: int) -> str:

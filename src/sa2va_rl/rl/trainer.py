@@ -9,7 +9,8 @@ TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The o
 * ``_get_per_token_logps_and_entropies``: the Policy's fp32, right-padded scoring; dropped positions are
   neutralised before log_softmax; during the loss, log-ratios against pi_old and pi_ref are clamped
   (straight-through: values bounded, gradients kept).
-* ``_generate_and_score_completions``: advantages recomputed in fp32 with a floored group std.
+* ``_generate_and_score_completions``: advantages recomputed in fp32 with a floored group std; with
+  ``dynamic_sampling``, zero-std groups are first refilled from the data (rl/dynamic_sampling.py).
 * ``_clip_grad_norm``: GradGuard before clipping; non-finite steps skipped with the optimizer untouched; the spike
   guard's flags (rl/spikes.py) ride in the GradGuard's one sync, and a finite spike is skipped the same way. Under
   DeepSpeed ZeRO the check runs earlier, between the engine's backward and its step (``training_step`` installs
@@ -47,12 +48,12 @@ from trl.models import unwrap_model_for_generation
 
 from sa2va_rl.models.policy import CausalLMPolicy, Policy
 from sa2va_rl.numerics import GradGuard, LogitsGuard
-from sa2va_rl.numerics.clamp import straight_through_clamp as _straight_through_clamp
 from sa2va_rl.numerics.grads import unwrapped_named_parameters
 from sa2va_rl.numerics.precision import fp32_master_weights
-from sa2va_rl.rl import checkpoints, deepspeed_guard, spikes
+from sa2va_rl.rl import checkpoints, deepspeed_guard, reference, spikes
 from sa2va_rl.rl.advantages import group_advantages
 from sa2va_rl.rl.config import Sa2VAGRPOConfig
+from sa2va_rl.rl.dynamic_sampling import DynamicSampler
 from sa2va_rl.rl.progress import ReadableProgress
 from sa2va_rl.rl.faults import FaultInjector
 from sa2va_rl.rl.reward_guard import RewardError, guarded_reward
@@ -109,10 +110,14 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         # upstream's Sa2VAChatModel (lm_head is a read-only property) that assignment would register a second head
         cast_head = args.cast_lm_head_to_fp32
         args.cast_lm_head_to_fp32 = cast_head and policy is None and hasattr(model, "lm_head")
+        # the KL reference is built below (rl/reference.py), not by TRL: TRL would re-load it from the model's path
+        beta, sync_ref = args.beta, args.sync_ref_model
+        args.beta, args.sync_ref_model = 0.0, False
         try:
             super().__init__(model=model, reward_funcs=funcs, args=args, **kwargs)
         finally:
             args.cast_lm_head_to_fp32 = cast_head
+            args.beta, args.sync_ref_model = beta, sync_ref
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         self._deepspeed_guard = refuse_unguarded_engine(self.accelerator.distributed_type, args,
                                                         getattr(plugin, "deepspeed_config", None))
@@ -120,6 +125,9 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             # fp32 master weights (numerics/precision.py); DeepSpeed's bf16 optimizer keeps its own fp32 copies, and
             # ZeRO-3 needs one dtype across its persistent parameters
             fp32_master_weights(self.model)
+        self.beta = beta
+        if beta != 0.0:  # after the fp32 cast: pi_ref = pi at step 0, bit for bit
+            self.ref_model = reference.build_reference(self, sync_ref)
         self.policy = policy or CausalLMPolicy(pad_token_id=self._tokenizer.pad_token_id)
         # entropies only when TRL asks for them, where the Policy can skip them (a third-party one may not take it)
         self._policy_entropy_flag = "compute_entropy" in inspect.signature(self.policy.logprobs).parameters
@@ -136,6 +144,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             self.add_callback(ReadableProgress)
         self.rollback = checkpoints.Rollback(self)
         self.spike_guard, self.data_skip, self.collapse = spikes.install(self)  # rl/spikes.py, rl/collapse.py
+        self.dynamic_sampler = DynamicSampler(self, args.dynamic_sampling_max_rounds) if args.dynamic_sampling else None
         self.record = StepRecord()  # the rows in flight: what each seam reads and writes (see StepRecord)
         self.last_generation: StepRecord | None = None  # the last finished generation's record; no seam reads it
         self._nonfinite_losses = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
@@ -226,15 +235,14 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         return tuple(out)
 
     def _generate_and_score_completions(self, inputs):
-        if self.model.training:
-            inputs = self.data_skip.take(self.state.global_step + 1, inputs)  # rows consumed (rollback past data)
-        else:
-            inputs = [{k: v for k, v in x.items() if k != spikes.ROW_KEY} for x in inputs]
-        with self._in_flight(StepRecord.generation(inputs)) as record:
-            output = super()._generate_and_score_completions(inputs)
+        output, record = self._score_generation(inputs)
+        rows = self.data_skip.last_rows
+        if self.dynamic_sampler is not None and self.model.training:  # zero-std groups refilled (DAPO)
+            refilled, record = self.dynamic_sampler.refill(output, record, self._score_generation)
+            if refilled is not output:
+                rows = None  # the merged batch's rows are no longer the first draw's, position by position
+            output = refilled
         self.last_generation = record
-        if record.contexts is not None:  # a list: TRL's shuffle and split keep it aligned with the completions
-            output["visual"] = record.contexts
         if self.multi_objective_aggregation == "sum_then_normalize" and record.rewards_per_func is not None:
             mode = "train" if self.model.training else "eval"
             g = self.num_generations if mode == "train" else self.num_generations_eval
@@ -244,8 +252,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             rank = self.accelerator.process_index
             output["advantages"] = adv[rank * n:(rank + 1) * n]
         if self.model.training:
-            output["advantages"] = self.faults.advantages(self.state.global_step + 1, output["advantages"],
-                                                          self.data_skip.last_rows, 1)
+            output["advantages"] = self.faults.advantages(self.state.global_step + 1, output["advantages"], rows, 1)
             self.collapse.observe("zero_std_groups", self._last_metric("frac_reward_zero_std"))
         return output
 
@@ -253,6 +260,19 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         """The last value TRL logged for ``key`` this step (a host float TRL already read back), or None."""
         vals = self._metrics["train"].get(key)
         return vals[-1] if vals else None
+
+    def _score_generation(self, inputs):
+        """TRL's generation and scoring of one generation batch (the first draw, or a dynamic-sampling refill): (its
+        output dict, its StepRecord). Its rows are noted as consumed by this step (rollback past the data)."""
+        if self.model.training:
+            inputs = self.data_skip.take(self.state.global_step + 1, inputs)
+        else:
+            inputs = [{k: v for k, v in x.items() if k != spikes.ROW_KEY} for x in inputs]
+        with self._in_flight(StepRecord.generation(inputs)) as record:
+            output = super()._generate_and_score_completions(inputs)
+        if record.contexts is not None:  # a list: TRL's shuffle and split keep it aligned with the completions
+            output["visual"] = record.contexts
+        return output, record
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         if hasattr(self.policy, "segment") and any(x.get("gt_mask") is not None for x in inputs):
@@ -287,9 +307,10 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         logps, ents = [], []
         for s in range(0, input_ids.shape[0], batch_size):
             e = min(s + batch_size, input_ids.shape[0])
-            with self.accelerator.autocast():
+            # the KL reference: a frozen copy, or (AdapterReference) the policy's model with its adapters disabled
+            with self.accelerator.autocast(), reference.scoring(model) as scored:
                 lp, ent = self.policy.logprobs(
-                    model, input_ids[s:e, :P], attention_mask[s:e, :P], input_ids[s:e, P:],
+                    scored, input_ids[s:e, :P], attention_mask[s:e, :P], input_ids[s:e, P:],
                     attention_mask[s:e, P:], temperature=self.temperature,
                     drop_mask=None if drop is None else drop[s:e],
                     **({} if record.contexts is None else {"contexts": record.contexts[s:e]}),
@@ -298,12 +319,9 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             logps.append(lp)
             ents.append(ent)
         logps = torch.cat(logps)
-        if record.refs is not None:  # bound the log-ratios that the loss exponentiates
-            c = self.args.log_ratio_clamp
-            old, ref = record.refs.get("old_per_token_logps"), record.refs.get("ref_per_token_logps")
-            lows = [t - c for t in (old, ref) if t is not None]
-            lo = torch.stack(lows).amax(dim=0) if lows else None
-            logps = _straight_through_clamp(logps, lo=lo, hi=None if old is None else old + c)
+        if record.refs is not None:  # bound the log-ratios that the loss exponentiates (the ratio and the k3 KL)
+            logps = reference.bound_log_ratios(logps, record.refs.get("old_per_token_logps"),
+                                               record.refs.get("ref_per_token_logps"), self.args.log_ratio_clamp)
         return logps, (torch.cat(ents) if compute_entropy else None), None
 
     def _compute_loss(self, model, inputs):
