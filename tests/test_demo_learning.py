@@ -1,10 +1,8 @@
-"""The demo learns rather than collapses: held-out captions name the right colour and shape more often after GRPO."""
+"""The demo's held-out check: the colour/shape accuracy of its captions, before and after GRPO, greedy and sampled."""
 
 import re
 
 from sa2va_rl.demo_eval import attribute_reward, demo_rewards, named
-
-BEFORE, AFTER = 4, 5  # held-out captions with the right colour and shape, seed 0, before and after GRPO
 
 
 def test_named_reads_the_first_colour_and_shape_word():
@@ -23,18 +21,22 @@ def test_attribute_reward_scores_mask2caption_rows_only():
     assert weights == [1.0, 1.0, 0.2, 1.0]
 
 
-def test_demo_captions_name_colour_and_shape_more_often_after_grpo(tmp_path, capsys):
-    """The full default demo on seed 0 (deterministic on CPU): the before/after accuracy is printed, improves, and
-    the held-out captions differ across samples."""
+def test_demo_prints_held_out_accuracy_before_and_after_grpo(tmp_path, capsys):
+    """The full default demo on seed 0: the greedy and the sampled held-out accuracy are printed before and after
+    GRPO, and each count is what the printed captions give. Whether GRPO raises it is measured, not asserted: on the
+    tiny Sa2VA it does not yet (issue I, item 6: the numbers are in docs/stability.md)."""
     from sa2va_rl.demo import run_demo
 
     assert run_demo(out_dir=str(tmp_path)) == 0
     out = capsys.readouterr().out
-    m = re.search(r"naming the right colour and shape \(greedy, (\d+) samples\): before GRPO (\d+)/\d+ -> after "
-                  r"GRPO (\d+)/\d+", out)
+    m = re.search(r"naming the right colour and shape \(greedy, (\d+) samples\): before GRPO (\d+)/(\d+) -> after "
+                  r"GRPO (\d+)/(\d+)", out)
     assert m, out
-    n, before, after = map(int, m.groups())
-    lines = "\n".join(x for x in out.splitlines() if "GRPO" in x or "zero reward std" in x)
-    assert (n, before, after) == (24, BEFORE, AFTER) and after > before, lines
-    distinct = int(re.search(r"after GRPO: .* (\d+) distinct captions", out)[1])
-    assert distinct > 1
+    n, before, n1, after, n2 = map(int, m.groups())
+    assert n == n1 == n2 == 24 and 0 <= before <= n and 0 <= after <= n
+    for when, both in (("before", before), ("after", after)):
+        line = re.search(rf"  {when} GRPO: +colour (\d+)/24 \(\d+%\), shape (\d+)/24 \(\d+%\), both (\d+)/24", out)
+        assert line and int(line[3]) == both and both <= min(int(line[1]), int(line[2])), out
+    s = re.search(r"sampled as in training \((\d+) per sample, temperature 1\) naming the right colour and shape: "
+                  r"before GRPO (\d+)/(\d+) -> after GRPO (\d+)/(\d+)", out)
+    assert s and int(s[3]) == int(s[5]) == 24 * int(s[1]), out

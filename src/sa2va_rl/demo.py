@@ -32,7 +32,7 @@ def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = 40, seed: int = 0, war
              eval_samples: int = EVAL_SAMPLES) -> int:
     from sa2va_rl.data.gar import GARReader
     from sa2va_rl.data.synthetic import make_gar_data
-    from sa2va_rl.demo_eval import caption_accuracy, demo_rewards
+    from sa2va_rl.demo_eval import caption_accuracy, demo_rewards, sampled_accuracy
     from sa2va_rl.models.sa2va import Sa2VAModelArgs, Sa2VAPolicy, load_sa2va, prepare_for_training, save_sa2va
     from sa2va_rl.models.tiny_sa2va import make_tiny_sa2va
     from sa2va_rl.rl.config import Sa2VAGRPOConfig
@@ -66,10 +66,12 @@ def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = 40, seed: int = 0, war
         loss0, loss1 = warm_start(model, tokenizer, policy, rows, warm_start_steps, seed)
         logger.info("warm start (supervised, %d steps): loss %.3f -> %.3f", warm_start_steps, loss0, loss1)
     before = caption_accuracy(model, tokenizer, eval_reader)
+    before_sampled = sampled_accuracy(model, policy, eval_reader, seed=seed)
     trainer = Sa2VAGRPOTrainer(model=model, reward_funcs=funcs, args=config, processing_class=tokenizer,
                                train_dataset=rows.to_dataset(), policy=policy)
     trainer.train()
     after = caption_accuracy(model, tokenizer, eval_reader)
+    after_sampled = sampled_accuracy(model, policy, eval_reader, seed=seed)
     save_sa2va(model, tokenizer, run_dir)
 
     history = [h for h in trainer.state.log_history if "reward" in h]
@@ -83,6 +85,11 @@ def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = 40, seed: int = 0, war
           f"before GRPO {before.both}/{before.n} -> after GRPO {after.both}/{after.n}")
     print(f"  before GRPO: {before.line()}")
     print(f"  after GRPO:  {after.line()}")
+    print(f"held-out captions sampled as in training ({after_sampled.k} per sample, temperature 1) naming the right "
+          f"colour and shape: before GRPO {before_sampled.both}/{before_sampled.n * before_sampled.k} -> after GRPO "
+          f"{after_sampled.both}/{after_sampled.n * after_sampled.k}")
+    print(f"  before GRPO: {before_sampled.line()}")
+    print(f"  after GRPO:  {after_sampled.line()}")
     print(zero_std_line(history, trainer.stability.counters.dynamic_sampling))
     print(trainer.stability.summary_line(trainer.state.global_step))
     print(f"wrote {samples}, {curves}, {os.path.join(run_dir, 'stability.json')} and the trained model in {run_dir}")

@@ -68,6 +68,40 @@ def caption_accuracy(model, tokenizer, reader) -> CaptionAccuracy:
                            both=sum(c and s for c, s in hits), distinct=len(set(captions)), captions=captions)
 
 
+@dataclass
+class SampledAccuracy:
+    n: int  # held-out samples
+    k: int  # captions sampled per sample
+    both: int  # sampled captions (of n * k) naming the right colour and shape
+    colour: int
+    shape: int
+
+    def line(self) -> str:
+        m = max(self.n * self.k, 1)
+        return (f"colour {self.colour / m:.0%}, shape {self.shape / m:.0%}, both {self.both}/{self.n * self.k} "
+                f"({self.both / m:.0%})")
+
+
+def sampled_accuracy(model, policy, reader, k: int = 8, seed: int = 0, max_new_tokens: int = 12) -> SampledAccuracy:
+    """What GRPO optimises: captions sampled as in training (temperature 1), ``k`` per held-out sample, seeded, so
+    the same model gives the same count. A policy that puts more probability on the right words scores higher here
+    before its greedy caption changes."""
+    import torch
+
+    from sa2va_rl.eval.runner import eval_rows, predict
+
+    rows, samples = eval_rows(reader, policy, ["mask2caption"], max_samples=0)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        preds = predict(model, policy, rows * k, batch_size=8 * k, max_new_tokens=max_new_tokens, do_sample=True)
+    finally:
+        torch.random.set_rng_state(state)
+    hits = [named(p["text"], samples[p["source"]].caption) for p in preds]
+    return SampledAccuracy(n=len(samples), k=k, both=sum(c and s for c, s in hits), colour=sum(c for c, _ in hits),
+                           shape=sum(s for _, s in hits))
+
+
 def attribute_reward(completions, caption=None, **kwargs) -> list[float | None]:
     """The demo's shaping for mask2caption: 0.5 for the right colour, 0.5 for the right shape (first colour and
     shape words, as ``named``); None on rows without a reference caption (caption2mask). METEOR alone pays mostly
