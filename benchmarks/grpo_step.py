@@ -19,6 +19,7 @@ import time
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 from trl import GRPOTrainer
 
 from sa2va_rl.data.prompts import load_prompt_dataset, make_prompt_data
@@ -60,6 +61,7 @@ def run(cls, guards: bool, model_dir, data_dir, out, steps, spike: bool = True) 
                   train_dataset=load_prompt_dataset(data_dir), processing_class=AutoTokenizer.from_pretrained(model_dir))
     timer = StepTimer()
     trainer.add_callback(timer)
+    trainer.remove_callback(PrinterCallback)  # disable_tqdm prints every log dict otherwise
     trainer.train()
     return timer.times[1:]  # the first step pays one-off setup
 
