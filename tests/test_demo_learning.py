@@ -29,6 +29,7 @@ def test_demo_prints_held_out_accuracy_before_and_after_grpo(tmp_path, capsys):
 
     assert run_demo(out_dir=str(tmp_path)) == 0
     out = capsys.readouterr().out
+    assert "{'" not in out and "step 40/40  reward " in out  # one readable line per step, no raw metric dicts
     m = re.search(r"naming the right colour and shape \(greedy, (\d+) samples\): before GRPO (\d+)/(\d+) -> after "
                   r"GRPO (\d+)/(\d+)", out)
     assert m, out
