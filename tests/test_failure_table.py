@@ -79,7 +79,8 @@ def test_bad_gar_data_is_exit_3_and_named(row, tiny_sa2va, tmp_path, capsys):
 def test_bad_prompt_line_is_exit_3_with_file_and_line(tiny_causal, tmp_path, capsys):
     d = tmp_path / "p"
     d.mkdir()
-    (d / "train.jsonl").write_text(json.dumps({"prompt": "a", "solution": "b"}) + "\n" + json.dumps({"prompt": ""}) + "\n")
+    lines = [json.dumps({"prompt": "a", "solution": "b"}), json.dumps({"prompt": ""})]
+    (d / "train.jsonl").write_text("\n".join(lines) + "\n")
     rc = cli.main(["train", "--model_path", tiny_causal, "--data_dir", str(d), "--output_dir", str(tmp_path / "o"),
                    "--report_to", "none"])
     err = capsys.readouterr().err
@@ -87,14 +88,17 @@ def test_bad_prompt_line_is_exit_3_with_file_and_line(tiny_causal, tmp_path, cap
 
 
 ELSEWHERE = {  # table row -> the test that runs it end to end (exit code, names, nothing lost)
-    "16-bit / palette / CMYK / LA / EXIF images": "tests.data.test_gar_inputs:test_image_modes_decode_to_the_right_8_bit_values",
+    "16-bit / palette / CMYK / LA / EXIF images":
+        "tests.data.test_gar_inputs:test_image_modes_decode_to_the_right_8_bit_values",
 "a 10,000-word caption (prompt over max_prompt_tokens)":
         "tests.rl.test_sa2va_trainer:test_runaway_caption_prompt_is_skipped_and_counted",
     "demo output: readable lines, no raw metric dicts":
         "tests.test_demo_learning:test_demo_prints_held_out_accuracy_before_and_after_grpo",
     "EXIF orientation": "tests.data.test_gar_inputs:test_exif_rotated_image_follows_its_mask",
-    "any per-row failure skipped and counted": "tests.data.test_gar_inputs:test_any_row_failure_is_skipped_counted_and_named",
-    "YAML error, lr <= 0, max_steps 0, --task on a causal model": "tests.test_cli_errors:test_usage_errors_name_the_field",
+    "any per-row failure skipped and counted":
+        "tests.data.test_gar_inputs:test_any_row_failure_is_skipped_counted_and_named",
+    "YAML error, lr <= 0, max_steps 0, --task on a causal model":
+        "tests.test_cli_errors:test_usage_errors_name_the_field",
     "corrupted or truncated model.safetensors": "tests.test_cli_errors:test_truncated_weights_named_before_loading",
     "remote-code causal model without the flag": "tests.test_cli_errors:test_remote_code_causal_model_needs_the_flag",
     "resume with another LoRA rank / model kind":

@@ -472,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # TRL 1.16 calls transformers 5's deprecated gradient-checkpointing names around every generation (and passes
     # the deprecated config field): harmless, not ours to fix, and repeated per rank; docs/troubleshooting.md
-    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated",
+                            category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "train":

@@ -124,7 +124,8 @@ class Rollback:
         checkpoint, as transformers does on resume); the step counter goes on (the steps since the
         checkpoint are discarded, and counted); the stability counters are this run's, not the checkpoint's."""
         t = self.trainer
-        if getattr(t, "is_deepspeed_enabled", False):  # the engine's own checkpoint: weights and the (partitioned) optimizer state
+        # DeepSpeed: the engine's own checkpoint (weights and the partitioned optimizer state)
+        if getattr(t, "is_deepspeed_enabled", False):
             from transformers.integrations.deepspeed import deepspeed_load_checkpoint
             from transformers.trainer import _is_peft_model
 

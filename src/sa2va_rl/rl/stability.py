@@ -196,7 +196,8 @@ class StabilityCallback(TrainerCallback):
             steps = f"{c.steps} steps, grad guard off ({self.grad_guard_off})"
             norms = ""
         else:
-            steps = f"{c.skipped_steps} skipped of {c.steps} steps{rollbacks} ({c.nonfinite_grad_steps} non-finite grads)"
+            steps = (f"{c.skipped_steps} skipped of {c.steps} steps{rollbacks} "
+                     f"({c.nonfinite_grad_steps} non-finite grads)")
             norms = f", grad norm mean {g.norm_mean:.4g} max {g.norm_max:.4g}"
         return (f"stability @ step {step}: {steps}, {rows}, {c.dropped_tokens} tokens dropped, "
                 f"{c.empty_completions} empty completions, {c.nonfinite_losses} non-finite losses{norms}")
