@@ -64,8 +64,8 @@ def _join_negative_numbers(argv: list[str]) -> list[str]:
     return out
 
 
-def _fail(code: int, message: str) -> int:
-    print(f"sa2va-rl train: {message}", file=sys.stderr)
+def _fail(code: int, message: str, command: str = "train") -> int:
+    print(f"sa2va-rl {command}: {message}", file=sys.stderr)
     return code
 
 
@@ -239,20 +239,20 @@ def _run_training(trainer, config, save) -> int:
     # one lock per run, held by its main process (the other ranks of the same run share the directory), taken
     # before anything touches the directory (the stale .staging cleanup included)
     lock = RunLock(config.output_dir) if trainer.accelerator.is_main_process else None
-    busy = [None]
+    refused = [None]  # (exit code, message) when the lock cannot be taken
     try:
         if lock is not None:
             lock.acquire()
     except OutputDirBusy as e:
-        busy[0] = str(e)
+        refused[0] = (EXIT_USAGE, str(e))
     except OSError as e:  # output_dir not writable: the first write of the run
-        busy[0] = _io_error(e, config.output_dir)
+        refused[0] = (EXIT_IO, _io_error(e, config.output_dir))
     if trainer.accelerator.num_processes > 1:  # every rank stops, or none does
         from accelerate.utils import broadcast_object_list
 
-        broadcast_object_list(busy, from_process=0)
-    if busy[0] is not None:
-        return _fail(EXIT_IO if busy[0].startswith("I/O error") else EXIT_USAGE, busy[0])
+        broadcast_object_list(refused, from_process=0)
+    if refused[0] is not None:
+        return _fail(*refused[0])
     try:
         return _train_and_save(trainer, config, save)
     finally:
@@ -275,9 +275,10 @@ def _train_and_save(trainer, config, save) -> int:
                                                                       "starting from the beginning")
     if resume:
         from sa2va_rl.models.layout import resume_mismatch
+        from sa2va_rl.rl.checkpoints import checkpoint_state
 
         why = resume_mismatch(resume, trainer.accelerator.unwrap_model(trainer.model))
-        written_by = _checkpoint_world_size(resume)
+        written_by = (checkpoint_state(resume) or {}).get("world_size")  # None: a checkpoint from before it was kept
         if why is None and written_by not in (None, trainer.accelerator.num_processes):
             why = (f"{written_by} process(es) wrote it, this run has {trainer.accelerator.num_processes}: the global "
                    "batch, the data order and the per-rank RNG states depend on it")
@@ -320,19 +321,6 @@ def _train_and_save(trainer, config, save) -> int:
     return EXIT_OK
 
 
-def _checkpoint_world_size(checkpoint: str) -> int | None:
-    """How many processes wrote ``checkpoint`` (recorded with its stability state; None for older ones)."""
-    import json
-
-    from sa2va_rl.rl.stability import STATE_FILE
-
-    try:
-        with open(os.path.join(checkpoint, STATE_FILE)) as f:
-            return json.load(f).get("world_size")
-    except (OSError, ValueError):
-        return None
-
-
 def _io_error(e: OSError, output_dir: str, what: str = "") -> str:
     """The first I/O error of the run, then what is left and how to go on."""
     import errno
@@ -341,8 +329,8 @@ def _io_error(e: OSError, output_dir: str, what: str = "") -> str:
 
     name = errno.errorcode.get(e.errno, "") if e.errno is not None else ""
     try:
-        good = last_good_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-    except OSError:
+        good = last_good_checkpoint(output_dir)
+    except OSError:  # listing the directory fails too (ENOTDIR, EIO)
         good = None
     kept = (f"the last complete checkpoint, {good}, is intact (a checkpoint whose writing failed is never used)"
             if good else "no complete checkpoint in the output directory")
@@ -365,8 +353,7 @@ def _eval(argv: list[str]) -> int:
     try:
         args, jargs = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:
-        print(f"sa2va-rl eval: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(EXIT_USAGE, str(e), "eval")
     from sa2va_rl.data.gar import BadRow, NoGoodRows
     from sa2va_rl.models.layout import LayoutError
     from sa2va_rl.models.upstream import UpstreamLoadError
@@ -375,11 +362,9 @@ def _eval(argv: list[str]) -> int:
     try:
         payload = run_eval(args, judge)
     except (FileNotFoundError, NoGoodRows, BadRow) as e:
-        print(f"sa2va-rl eval: {e}", file=sys.stderr)
-        return EXIT_DATA
+        return _fail(EXIT_DATA, str(e), "eval")
     except (ValueError, UpstreamLoadError, LayoutError) as e:
-        print(f"sa2va-rl eval: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(EXIT_USAGE, str(e), "eval")
     finally:
         if judge is not None:
             judge.close()

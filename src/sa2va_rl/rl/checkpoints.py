@@ -71,6 +71,16 @@ def publish(run_dir: str, name: str, save_total_limit: int | None, best_model_ch
     return final
 
 
+def checkpoint_state(checkpoint: str) -> dict | None:
+    """The stability state a checkpoint was saved with (``weights_finite``, ``world_size``, ...), or None when it
+    has none or it cannot be read."""
+    try:
+        with open(os.path.join(checkpoint, STATE_FILE)) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def last_good_checkpoint(output_dir: str) -> str | None:
     """The newest checkpoint in ``output_dir`` whose stability state says its weights were finite."""
     if not os.path.isdir(output_dir):
@@ -79,12 +89,8 @@ def last_good_checkpoint(output_dir: str) -> str | None:
                     if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", n)), reverse=True)
     for s in steps:
         path = os.path.join(output_dir, checkpoint_name(s))
-        try:
-            with open(os.path.join(path, STATE_FILE)) as f:
-                if json.load(f).get("weights_finite", False):
-                    return path
-        except (OSError, json.JSONDecodeError):
-            continue
+        if (checkpoint_state(path) or {}).get("weights_finite", False):
+            return path
     return None
 
 

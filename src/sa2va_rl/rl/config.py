@@ -82,10 +82,10 @@ class Sa2VAGRPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Testing: inject faults, KIND[@STEP][:ARG] ... (see sa2va_rl.rl.faults): nan_logits, "
                           "posinf_logits, huge_logits, empty_completion, nan_grads, inf_grads, nan_weights, "
-                          "reward_raises, reward_nan, reward_none, signal[:INT|TERM], loss_spike[:FACTOR], "
-                          "entropy_collapse[:FACTOR], poison_rows:I+J+... (every batch holding one of these rows "
-                          "spikes); force_token[:TOKEN] (every completion of the step starts with TOKEN, default "
-                          "[SEG], to exercise the mask path)."},
+                          "reward_raises, reward_nan, reward_none, signal[:INT|TERM], io_error[:ENOSPC|EIO|EACCES], "
+                          "loss_spike[:FACTOR], entropy_collapse[:FACTOR], poison_rows:I+J+... (every batch holding "
+                          "one of these rows spikes); force_token[:TOKEN] (every completion of the step starts with "
+                          "TOKEN, default [SEG], to exercise the mask path)."},
     )
     save_on_signal: bool = field(
         default=True,

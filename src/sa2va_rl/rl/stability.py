@@ -114,7 +114,7 @@ class StabilityCallback(TrainerCallback):
         self.grad_guard = grad_guard or GradGuard()
         self.counters = StabilityCounters()
         self.extras: dict = {}  # name -> callable returning JSON-able data for the report (e.g. bad data rows)
-        self.grad_guard_off: str | None = None  # why the GradGuard does not run in this setup (fp16), if it does not
+        self.grad_guard_off: str | None = None  # why the GradGuard did not check the steps (fp16, unguarded DeepSpeed)
         # name -> a monitor (spike guard, collapse monitor, data skip): its state_dict()/load_state_dict() travel
         # with checkpoints; its metrics() join the logs and its report() joins stability.json, where it has them
         self.parts: dict = {}
@@ -126,9 +126,10 @@ class StabilityCallback(TrainerCallback):
         c.dropped_tokens += dropped_tokens
         c.empty_completions += empty
 
-    def record_unguarded_step(self) -> None:
-        """An optimizer step the GradGuard did not check (see ``grad_guard_off``)."""
+    def record_unguarded_step(self, why: str) -> None:
+        """An optimizer step the GradGuard did not check, and why (``grad_guard_off``, in the summary and report)."""
         self.counters.steps += 1
+        self.grad_guard_off = why
 
     def record_grads(self, step: int, report: GradReport, skipped: bool) -> None:
         c = self.counters

@@ -111,8 +111,8 @@ class GARTaskDataset:
             if n <= self.max_prompt_tokens:
                 return row
             path, index = s.source.rsplit(":", 1)
-            self.reader.reject(j, BadRow(path, int(index), "conversations", f"{task} prompt of {n} tokens > "
-                                                                            f"max_prompt_tokens {self.max_prompt_tokens}"))
+            why = f"{task} prompt of {n} tokens > max_prompt_tokens {self.max_prompt_tokens}"
+            self.reader.reject(j, BadRow(path, int(index), "conversations", why))
             j = (j + 1) % len(self.reader)
         raise NoGoodRows(f"{self.reader.data_dir}: no row has a prompt within max_prompt_tokens "
                          f"{self.max_prompt_tokens}: {self.reader.bad_report()}")

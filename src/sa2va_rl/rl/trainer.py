@@ -136,9 +136,6 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self.grad_guard = GradGuard()
         self.stability = StabilityCallback(args.stability_summary_steps, self.logits_guard, self.grad_guard)
         self.add_callback(self.stability)
-        if args.fp16:
-            self.stability.grad_guard_off = ("fp16: torch's GradScaler skips overflowed steps and lowers its scale "
-                                             "itself; use bf16 for the guarded step")
         if any(isinstance(cb, ProgressCallback) for cb in self.callback_handler.callbacks):
             self.remove_callback(ProgressCallback)  # the raw metric dicts -> one readable line (rl/progress.py)
             self.add_callback(ReadableProgress)
@@ -346,7 +343,10 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         ds = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         if (ds and not self._deepspeed_guard) or self.args.fp16:
             # unguarded DeepSpeed (opted in) owns clipping and the step; fp16's GradScaler skips inf/NaN steps.
-            self.stability.record_unguarded_step()
+            self.stability.record_unguarded_step(
+                "fp16: torch's GradScaler skips overflowed steps and lowers its scale itself; use bf16 for the guarded "
+                "step" if self.args.fp16 else "DeepSpeed unguarded (--allow_unguarded_deepspeed): its own overflow "
+                "handling only")
             return super()._clip_grad_norm(model)
         step = self.state.global_step + 1
         guard = self.spike_guard  # None under DeepSpeed (rl/spikes.py: its step is decided inside backward)
