@@ -6,6 +6,14 @@ import torch
 from trl.trainer.utils import nanstd
 
 
+def weighted_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[N, funcs] -> [N] fp32: the weighted sum over the functions with an opinion; NaN where none had one."""
+    rpf = rewards_per_func.float()
+    unscorable = torch.isnan(rpf).all(dim=1)
+    rewards = (rpf * weights.float().to(rpf.device)).nansum(dim=1)
+    return torch.where(unscorable, torch.nan, rewards)
+
+
 def group_advantages(rewards_per_func: torch.Tensor, weights: torch.Tensor, num_generations: int,
                      scale: str, std_floor: float) -> torch.Tensor:
     """Advantages in fp32: (r - group mean) / max(std, floor). NaN rewards are 'no opinion' (TRL's None).
@@ -13,10 +21,7 @@ def group_advantages(rewards_per_func: torch.Tensor, weights: torch.Tensor, num_
     A completion with no reward at all gets advantage 0; a group whose rewards are all equal gets 0s
     (never 0/0); a near-tie cannot blow up past |r - mean| / std_floor.
     """
-    rpf = rewards_per_func.float()
-    unscorable = torch.isnan(rpf).all(dim=1)
-    rewards = (rpf * weights.float().to(rpf.device)).nansum(dim=1)
-    rewards = torch.where(unscorable, torch.nan, rewards)
+    rewards = weighted_rewards(rewards_per_func, weights)
     grouped = rewards.view(-1, num_generations)  # [groups, G]
     mean = torch.nanmean(grouped, dim=1, keepdim=True)
     centred = grouped - mean

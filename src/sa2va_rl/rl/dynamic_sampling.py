@@ -33,6 +33,8 @@ import logging
 import torch
 from trl.trainer.utils import nanstd
 
+from sa2va_rl.rl.advantages import weighted_rewards
+
 logger = logging.getLogger(__name__)
 
 COUNTERS = ("groups", "zero_std_groups", "refilled_groups", "unfilled_groups", "extra_groups")
@@ -42,11 +44,7 @@ LEFT_PADDED = {"prompt_ids", "prompt_mask"}
 def zero_std_groups(rewards_per_func: torch.Tensor, weights: torch.Tensor, num_generations: int) -> torch.Tensor:
     """Bool [groups]: the groups whose weighted rewards have zero std (TRL's ``frac_reward_zero_std`` test,
     ``isclose(std, 0)``), or no reward at all: their advantages are all 0."""
-    rpf = rewards_per_func.float()
-    unscorable = torch.isnan(rpf).all(dim=1)
-    rewards = (rpf * weights.float().to(rpf.device)).nansum(dim=1)
-    rewards = torch.where(unscorable, torch.nan, rewards).view(-1, num_generations)
-    std = nanstd(rewards, dim=1)
+    std = nanstd(weighted_rewards(rewards_per_func, weights).view(-1, num_generations), dim=1)
     return torch.isclose(std, torch.zeros_like(std)) | torch.isnan(std)
 
 
