@@ -404,8 +404,9 @@ def _make_data(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from sa2va_rl.demo import run_demo
 
-    return run_demo(out_dir=args.out_dir, steps=args.steps, seed=args.seed, beta=args.beta,
-                    dynamic_sampling=args.dynamic_sampling)
+    extra = {} if args.steps is None else {"steps": args.steps}
+    return run_demo(out_dir=args.out_dir, seed=args.seed, beta=args.beta, dynamic_sampling=args.dynamic_sampling,
+                    task=args.task, **extra)
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -441,8 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a short GRPO run on the built-in tiny Sa2VA model and synthetic GAR data; "
                                        "writes samples.png and curves.png")
     demo.add_argument("--out_dir", default="sa2va-rl-demo", help="where the model, data, logs and PNGs go")
-    demo.add_argument("--steps", type=int, default=40, help="GRPO steps")
+    demo.add_argument("--steps", type=int, default=None, help="GRPO steps (default: sa2va_rl/demo.py's STEPS)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--task", choices=["mask2caption", "both"], default="mask2caption",
+                      help="what GRPO trains on (the warm start always covers both tasks); 'both' adds caption2mask, "
+                           "whose template answers ('Sure, [SEG].') give GRPO identical groups")
     demo.add_argument("--beta", type=float, default=None,
                       help="KL penalty to the warm-started model (default: the demo's own, see sa2va_rl/demo.py)")
     demo.add_argument("--dynamic_sampling", action="store_true",

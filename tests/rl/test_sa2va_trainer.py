@@ -166,7 +166,7 @@ def test_demo_runs_and_writes_pngs(tmp_path, capsys):
 
     from sa2va_rl.demo import run_demo
 
-    assert run_demo(out_dir=str(tmp_path), steps=3, warm_start_steps=3) == 0
+    assert run_demo(out_dir=str(tmp_path), steps=3, warm_start_steps=3, train_rows=32, eval_samples=4) == 0
     out = capsys.readouterr().out
     assert "mean reward: first" in out and "stability @ step 3" in out
     for name, min_w in (("samples.png", 600), ("curves.png", 600)):

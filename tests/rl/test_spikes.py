@@ -63,6 +63,37 @@ def test_detector_ring_buffer_and_state_round_trip():
     assert torch.equal(e.buf, d.buf) and torch.equal(e.count, d.count)
 
 
+def test_log_scale_judges_a_skewed_signal_by_its_factor_over_the_geometric_mean():
+    # a GRPO grad norm is skewed (healthy steps of several times the median): lognormal, sigma 0.5, 200 steps
+    gen = torch.Generator().manual_seed(1)
+    norms = (math.log(0.4) + 0.9 * torch.randn(200, generator=gen, dtype=torch.float64)).exp()
+    flagged = {}
+    for scale in ("linear", "log"):
+        d = SpikeDetector(["g"], window=128, sigma=6.0, warmup=16, log_scale=("g",) if scale == "log" else ())
+        flagged[scale] = []
+        for i, v in enumerate(norms):
+            if d.decide(v[None]).tolist() == [True]:
+                flagged[scale].append(i)
+            else:
+                d.update(v[None])
+        assert d.decide(torch.tensor([norms.median() * 1e3])).tolist() == [True]  # the drills' 1e3x spike
+    assert flagged["linear"] and flagged["log"] == []  # healthy skew flags linear 6 sigma, not log 6 sigma
+    d = SpikeDetector(["g"], window=8, sigma=6.0, warmup=2, log_scale=("g",))
+    for v in [-1.0, 0.0, 0.5, 2.0]:  # log signals: values <= 0 are neither judged nor recorded
+        assert d.decide(torch.tensor([v])).tolist() == [False]
+        d.update(torch.tensor([v]))
+    assert d.count.tolist() == [2] and d.stats()[1].tolist() == pytest.approx([0.0])  # mean of log 0.5, log 2
+    assert d.threshold().tolist() == pytest.approx([math.exp(6 * math.sqrt(2) * math.log(2))])
+    # a step with almost no learning signal (1e-7: all rewards of every group equal up to rounding) is judged, but
+    # not recorded: it would widen the log band (under 1e-3 x the window's median)
+    n, mean, std = d.stats()
+    assert d.decide(torch.tensor([1e-7])).tolist() == [False]
+    d.update(torch.tensor([1e-7]))
+    assert d.count.tolist() == [2] and torch.equal(d.stats()[2], std)
+    d.update(torch.tensor([2e-3]))  # 2e-3 / median 1.25 is over the cut: recorded
+    assert d.count.tolist() == [3]
+
+
 def test_std_floor_keeps_a_constant_window_from_flagging_noise():
     d = SpikeDetector(["x"], window=8, sigma=6.0, warmup=2, rel_floor=1e-3)
     for _ in range(4):
@@ -123,7 +154,10 @@ def test_loss_spike_is_skipped_with_the_optimizer_untouched(tiny_causal, prompt_
     assert r["spike_causes"] == {"grad_norm": 1}
     (event,) = [e for e in r["events"] if e["kind"] == "spike"]
     assert event["step"] == 8 and event["causes"] == ["grad_norm"]
-    assert event["values"]["grad_norm"] > event["mean"]["grad_norm"] + 6 * event["std"]["grad_norm"]
+    assert event["scale"]["grad_norm"] == "log"  # judged as log(norm): a factor over the geometric mean
+    assert event["values"]["grad_norm"] > event["threshold"]["grad_norm"] > event["mean"]["grad_norm"]
+    assert event["threshold"]["grad_norm"] == pytest.approx(
+        event["mean"]["grad_norm"] * math.exp(6 * event["std"]["grad_norm"]))
     assert r["final_weights_finite"] is True
 
 
@@ -230,6 +264,10 @@ def test_completion_shares_exact():
     assert s["identical_groups"] == pytest.approx(2 / 3)  # a and c
     assert s["max_length"] == pytest.approx(5 / 6)
     assert s["cross_prompt_repeat"] == pytest.approx(4 / 6)  # [1, 2] answers both a and c
+    # a segmentation answer ([SEG] = 9) is the same template for every prompt by design: not a caption collapse
+    seg = completion_shares(comps + [[7, 9], [7, 9]], groups + ["d", "e"], max_len=2, template_token=9)
+    assert seg["cross_prompt_repeat"] == pytest.approx(4 / 6) and seg["identical_groups"] == pytest.approx(2 / 3)
+    assert "cross_prompt_repeat" not in completion_shares([[7, 9], [7, 9]], ["d", "e"], None, template_token=9)
 
 
 def test_entropy_monitor_uses_the_early_value_warns_rate_limited_and_halts(caplog):
@@ -248,6 +286,28 @@ def test_entropy_monitor_uses_the_early_value_warns_rate_limited_and_halts(caplo
     assert halted[0][0] == 5 and "stability/entropy" in halted[0][1] and FIXES["entropy"] in halted[0][1]
     warned = [r for r in caplog.records if "stability/entropy" in r.getMessage()]
     assert [int(r.getMessage().split("at step ")[1].split()[0]) for r in warned] == [4, 5, 7]  # 1st, 2nd, 4th
+
+
+def test_share_monitors_judge_the_mean_of_their_window(caplog):
+    # one batch where two prompts rightly share a caption is not a collapse; a lasting repeat is
+    m = CollapseMonitor(repeat_share=0.5, share_window=3)
+    with caplog.at_level(logging.WARNING, logger="sa2va_rl.rl.collapse"):
+        for step, v in enumerate([1.0, 0.0, 0.0, 0.25, 0.75, 0.75, 0.75], start=1):
+            m.observe("cross_prompt_repeat", v)
+            m.end_step(step)
+            assert m.values["cross_prompt_repeat"] == v  # the logged metric is the step's own
+    # windows: steps 3 (1, 0, 0), 4, 5 (0, .25, .75 -> 0.33) stay under 0.5; step 6 (.25, .75, .75) and 7 cross
+    assert m.report()["cross_prompt_repeat"] == {"crossings": 2, "first_step": 6, "last": 0.75}
+    (first, *_), = [[r.getMessage() for r in caplog.records]]
+    assert "stability/cross_prompt_repeat = 0.5833 at step 6 (mean of the last 3 steps above 0.5" in first
+    n = CollapseMonitor(repeat_share=0.5, share_window=3)
+    n.load_state_dict(json.loads(json.dumps(m.state_dict())))  # a resume keeps the window
+    n.observe("cross_prompt_repeat", 0.0)
+    n.end_step(8)
+    assert n.report()["cross_prompt_repeat"]["crossings"] == 2  # (.75, .75, 0) -> 0.5: not above; count kept
+    n.observe("cross_prompt_repeat", 0.9)
+    n.end_step(9)
+    assert n.report()["cross_prompt_repeat"]["crossings"] == 3  # (.75, 0, .9) -> 0.55
 
 
 def test_entropy_collapse_drill_halts_with_collapse_halt(tiny_causal, prompt_dir, tmp_path):

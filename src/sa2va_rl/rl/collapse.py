@@ -1,6 +1,9 @@
 """Collapse monitors: the quiet failures of GRPO, measured every step, with a warning that says what to do.
 
-Each monitor is a number per optimizer step, logged as ``stability/<name>``; crossing its threshold logs a warning
+Each monitor is a number per optimizer step, logged as ``stability/<name>``. The share monitors (all but entropy)
+are judged on their mean over the last ``share_window`` (8) steps, once that many are in: with the usual 4 prompts
+per step, one batch in which two prompts rightly get the same caption (same colour, shape and place) makes
+cross_prompt_repeat 0.5 by itself, while a collapse lasts. Crossing a threshold logs a warning
 with the fix (rate-limited: the 1st, 2nd, 4th, 8th... crossing of each monitor), is counted in ``stability.json``
 under ``collapse``, and, with ``collapse_halt``, stops the run after ``collapse_patience`` crossing steps in a row.
 
@@ -17,7 +20,9 @@ identical_groups       share of groups whose G completions are token-for-token i
 max_length             share of completions as long as max_completion_length: cut, not finished (above
                        ``collapse_max_length_share``)
 cross_prompt_repeat    share of completions identical to a completion of another prompt in the batch: the same
-                       caption whatever the input (above ``collapse_repeat_share``)
+                       caption whatever the input (above ``collapse_repeat_share``). Answers holding ``[SEG]`` are
+                       left out: Sa2VA's segmentation answer is a template ("Sure, [SEG].") whose content is the
+                       mask, the same text for every prompt by design
 =====================  ===============================================================================================
 
 Costs nothing on the device: the completions are host lists already, and entropy and zero-std shares are values TRL
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
+from collections import Counter, deque
 
 from transformers import TrainerCallback
 
@@ -57,9 +62,11 @@ FIXES = {
 }
 
 
-def completion_shares(completions: list[list[int]], groups: list, max_len: int | None) -> dict[str, float]:
+def completion_shares(completions: list[list[int]], groups: list, max_len: int | None,
+                      template_token: int | None = None) -> dict[str, float]:
     """identical_groups, max_length and cross_prompt_repeat for one batch of completions; ``groups[i]`` says which
-    prompt (row) completion i answers."""
+    prompt (row) completion i answers. Completions holding ``template_token`` (``[SEG]``) are not counted in
+    cross_prompt_repeat."""
     out: dict[str, float] = {}
     if not completions:
         return out
@@ -71,12 +78,12 @@ def completion_shares(completions: list[list[int]], groups: list, max_len: int |
         out["identical_groups"] = sum(len(set(cs)) == 1 for cs in multi) / len(multi)
     if max_len:
         out["max_length"] = sum(len(c) >= max_len for c in completions) / len(completions)
-    if len(by_group) >= 2:
+    free = [(tuple(c), g) for c, g in zip(completions, groups, strict=True) if template_token not in c]
+    if len({g for _c, g in free}) >= 2:
         owners: dict[tuple, set] = {}
-        for g, cs in by_group.items():
-            for c in cs:
-                owners.setdefault(c, set()).add(g)
-        out["cross_prompt_repeat"] = sum(len(owners[tuple(c)]) > 1 for c in completions) / len(completions)
+        for c, g in free:
+            owners.setdefault(c, set()).add(g)
+        out["cross_prompt_repeat"] = sum(len(owners[c]) > 1 for c, _g in free) / len(free)
     return out
 
 
@@ -85,11 +92,13 @@ class CollapseMonitor(TrainerCallback):
 
     def __init__(self, entropy_floor: float = 0.05, entropy_fraction: float = 0.1, warmup_steps: int = 5,
                  zero_std_share: float = 0.8, identical_share: float = 0.5, max_length_share: float = 0.5,
-                 repeat_share: float = 0.5, halt: bool = False, patience: int = 3, on_halt=None) -> None:
+                 repeat_share: float = 0.5, halt: bool = False, patience: int = 3, on_halt=None,
+                 share_window: int = 8) -> None:
         self.entropy_floor, self.entropy_fraction, self.warmup_steps = entropy_floor, entropy_fraction, warmup_steps
         self.limits = {"zero_std_groups": zero_std_share, "identical_groups": identical_share,
                        "max_length": max_length_share, "cross_prompt_repeat": repeat_share}
         self.halt, self.patience, self.on_halt = halt, patience, on_halt
+        self.recent = {m: deque(maxlen=share_window) for m in self.limits}  # the share monitors' last values
         self.values: dict[str, float] = {}  # the last judged step's values
         self._pending: dict[str, list[float]] = {}  # this step's observations
         self.early_entropy: list[float] = []
@@ -103,8 +112,9 @@ class CollapseMonitor(TrainerCallback):
         if value is not None and math.isfinite(value):
             self._pending.setdefault(name, []).append(float(value))
 
-    def observe_completions(self, completions: list[list[int]], groups: list, max_len: int | None) -> None:
-        for name, v in completion_shares(completions, groups, max_len).items():
+    def observe_completions(self, completions: list[list[int]], groups: list, max_len: int | None,
+                            template_token: int | None = None) -> None:
+        for name, v in completion_shares(completions, groups, max_len, template_token).items():
             self.observe(name, v)
 
     # ---------------------------------------------------------------- judging
@@ -127,8 +137,13 @@ class CollapseMonitor(TrainerCallback):
             if len(self.early_entropy) < self.warmup_steps:
                 self.early_entropy.append(values["entropy"])
         for name, limit in self.limits.items():
-            if name in values and values[name] > limit:
-                crossed.append((name, values[name], f"above {limit:.4g}"))
+            if name not in values:
+                continue
+            recent = self.recent[name]
+            recent.append(values[name])
+            mean = sum(recent) / len(recent)
+            if len(recent) == recent.maxlen and mean > limit:
+                crossed.append((name, mean, f"mean of the last {recent.maxlen} steps above {limit:.4g}"))
         names = {c[0] for c in crossed}
         for m in MONITORS:
             self.streak[m] = self.streak[m] + 1 if m in names else 0
@@ -160,6 +175,7 @@ class CollapseMonitor(TrainerCallback):
 
     def state_dict(self) -> dict:
         return {"early_entropy": self.early_entropy, "crossings": dict(self.crossings),
+                "recent": {m: list(v) for m, v in self.recent.items()},
                 "first_crossing": self.first_crossing,
                 "limiters": {m: lim.state_dict() for m, lim in self._limiters.items()}}
 
@@ -167,6 +183,10 @@ class CollapseMonitor(TrainerCallback):
         self.early_entropy = list(state.get("early_entropy", []))
         self.crossings = Counter(state.get("crossings", {}))
         self.first_crossing = dict(state.get("first_crossing", {}))
+        for m, values in state.get("recent", {}).items():
+            if m in self.recent:
+                self.recent[m].clear()
+                self.recent[m].extend(values)
         for m, s in state.get("limiters", {}).items():
             if m in self._limiters:
                 self._limiters[m].load_state_dict(s)

@@ -174,6 +174,11 @@ class Sa2VAGRPOConfig(GRPOConfig):
         default=0.5, metadata={"help": "Collapse monitor: warn when more completions than this share repeat a "
                                        "completion of another prompt in the batch."}
     )
+    collapse_share_window: int = field(
+        default=8, metadata={"help": "Collapse monitor: the share monitors (zero_std, identical, max_length, repeat) "
+                                     "are judged on their mean over this many steps (a collapse lasts; one batch's "
+                                     "coincidence does not)."}
+    )
     collapse_halt: bool = field(
         default=False, metadata={"help": "Collapse monitor: stop the run (exit 4) when a monitor stays crossed "
                                          "for collapse_patience steps in a row."}
@@ -259,6 +264,8 @@ class Sa2VAGRPOConfig(GRPOConfig):
                 problems.append(f"{name}={getattr(self, name)}: use a share in [0, 1] (1 never warns)")
         if not (self.collapse_entropy_floor >= 0):
             problems.append(f"collapse_entropy_floor={self.collapse_entropy_floor}: use 0 (off) or more nats")
+        if self.collapse_share_window < 1:
+            problems.append(f"collapse_share_window={self.collapse_share_window}: use 1 (judge each step) or more")
         if self.collapse_warmup_steps < 1 or self.collapse_patience < 1:
             problems.append(f"collapse_warmup_steps={self.collapse_warmup_steps}, collapse_patience="
                             f"{self.collapse_patience}: use 1 or more")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import deque
 
@@ -55,7 +56,8 @@ class SpikeGuard:
         unknown = set(signals) - set(SIGNALS)
         if unknown:
             raise ValueError(f"spike signals {sorted(unknown)}: use some of {', '.join(SIGNALS)}")
-        self.detector = SpikeDetector(list(SIGNALS), window, sigma, warmup, two_sided=("loss",), device=device)
+        self.detector = SpikeDetector(list(SIGNALS), window, sigma, warmup, two_sided=("loss",),
+                                        log_scale=("grad_norm", "kl"), device=device)
         self.device = torch.device(device)
         # every signal's statistics are kept; only these may flag a step. Built once: a blocking host->device copy
         # waits for the stream on CUDA, so nothing per step is copied that way
@@ -105,13 +107,19 @@ class SpikeGuard:
     def event(self, step: int, causes: list[str]) -> dict:
         """What stability.json records for a spike (failure path only: reads the values back, one sync)."""
         n, mean, std = self.detector.stats()
+        bound = self.detector.threshold().tolist()
+        log = self.detector.log_scale.tolist()
         values = self._values.tolist() if self._values is not None else [None] * len(SIGNALS)
         mean, std, n = mean.tolist(), std.tolist(), n.tolist()
-        return {"step": step, "kind": "spike", "causes": causes,
-                "values": {c: values[SIGNALS.index(c)] for c in causes},
-                "mean": {c: mean[SIGNALS.index(c)] for c in causes},
-                "std": {c: std[SIGNALS.index(c)] for c in causes},
-                "window_steps": {c: n[SIGNALS.index(c)] for c in causes}}
+
+        def per(xs, how=lambda x, i: x):
+            return {c: how(xs[SIGNALS.index(c)], SIGNALS.index(c)) for c in causes}
+
+        return {"step": step, "kind": "spike", "causes": causes, "values": per(values),
+                # the window's mean in the signal's units (geometric for log signals) and the band's upper bound
+                "mean": per(mean, lambda m, i: math.exp(m) if log[i] else m), "threshold": per(bound),
+                "std": per(std), "scale": per(log, lambda b, i: "log" if b else "linear"),
+                "window_steps": per(n)}
 
     def persistent(self) -> bool:
         return len(self.recent) >= self.persistent_count
@@ -267,7 +275,8 @@ def install(trainer) -> tuple[SpikeGuard | None, DataSkip, object]:
                                args.collapse_zero_std_share, args.collapse_identical_share,
                                args.collapse_max_length_share, args.collapse_repeat_share, args.collapse_halt,
                                args.collapse_patience,
-                               on_halt=lambda message: trainer.rollback.halt(message, advice=False))
+                               on_halt=lambda message: trainer.rollback.halt(message, advice=False),
+                               share_window=args.collapse_share_window)
     trainer.stability.parts["collapse"] = collapse
     trainer.add_callback(collapse)
     return guard, skip, collapse

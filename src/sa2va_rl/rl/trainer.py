@@ -204,7 +204,8 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         if self.model.training:  # collapse monitors: host lists, no sync
             rows = self.data_skip.last_rows
             self.collapse.observe_completions(completions, rows if rows is not None and len(rows) == len(completions)
-                                              else [tuple(p) for p in prompt_ids], self.args.max_completion_length)
+                                              else [tuple(p) for p in prompt_ids], self.args.max_completion_length,
+                                              getattr(self.policy, "seg_id", None))
         self.record.drop = drop
         return completions, None
 
