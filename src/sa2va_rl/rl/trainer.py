@@ -89,6 +89,28 @@ def refuse_unguarded_engine(distributed_type, args: Sa2VAGRPOConfig, ds_config: 
     return False
 
 
+@contextlib.contextmanager
+def checkpointing_paused(model: torch.nn.Module):
+    """Activation checkpointing off for a block without backward (generation, no-grad scoring): each module whose
+    ``gradient_checkpointing`` flag is on gets False, and its own value back afterwards.
+
+    TRL (1.16) does this with ``gradient_checkpointing_disable()`` / ``gradient_checkpointing_enable()`` twice per
+    generation batch (around generate() and around its no-grad scoring). Each pair walks the model four times and
+    emits three FutureWarnings, the enable resets a user's ``every_n_layers`` to every layer, and, unless transformers
+    itself loaded a PEFT config, the enable registers one more forward hook on the input embeddings that nothing
+    removes (transformers 5 removes them only for that case): two more hooks per step, each run on every embedding
+    forward, so a run of N steps decodes every token through 2N hooks. Here: one walk, no hook, flags restored
+    exactly. TRL's own pair, run inside this block, finds checkpointing off and does nothing."""
+    paused = [(m, m.gradient_checkpointing) for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    for m, _ in paused:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m, flag in paused:
+            m.gradient_checkpointing = flag
+
+
 class Sa2VAGRPOTrainer(GRPOTrainer):
     def __init__(self, model, reward_funcs, args: Sa2VAGRPOConfig | None = None, policy: Policy | None = None,
                  **kwargs) -> None:
@@ -208,18 +230,10 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
     def _generation_model(self):
         """The unwrapped model that generates: what TRL's ``unwrap_model_for_generation`` yields, without its per-call
         overhead (about 0.8 ms a call on CPU, 2% of a small step). ZeRO-3, whose parameters must be gathered, takes
-        TRL's own context. Elsewhere:
-
-        * the unwrap (``accelerator.unwrap_model``, which reads package metadata from disk on every call) is done once
-          per wrapped model, not per step;
-        * activation checkpointing is paused by setting the flag of each module that has it on to False and restoring
-          that module's own value afterwards. TRL instead calls ``gradient_checkpointing_disable()`` and
-          ``gradient_checkpointing_enable()``, which walk the model three times, emit two FutureWarnings, and (for a
-          model without a PEFT config loaded by transformers) register one more input-embedding forward hook per
-          generation that nothing removes: after N steps every embedding forward runs N hooks. The enable also resets
-          ``every_n_layers`` to 1; restoring each flag keeps the user's choice.
-
-        TRL's generation-config override is a no-op from transformers 5 on (its own check; the package needs 5.x)."""
+        TRL's own context. Elsewhere the unwrap (``accelerator.unwrap_model``, which reads package metadata from disk
+        on every call) is done once per wrapped model, not per step, and activation checkpointing is paused with
+        ``checkpointing_paused`` (TRL's disable/enable pair leaks a hook per call: see there). TRL's generation-config
+        override is a no-op from transformers 5 on (its own check; the package needs 5.x)."""
         if self._dist.is_zero3:
             with unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator,
@@ -233,14 +247,8 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         if wrapped is not self.model_wrapped:  # the first generation, or the Trainer wrapped the model anew
             model = self.accelerator.unwrap_model(self.model_wrapped)
             self._unwrapped_for_generation = (self.model_wrapped, model)
-        paused = [(m, m.gradient_checkpointing) for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
-        for m, _ in paused:
-            m.gradient_checkpointing = False
-        try:
+        with checkpointing_paused(model):
             yield model
-        finally:
-            for m, flag in paused:
-                m.gradient_checkpointing = flag
 
     def _trace_logits(self, model, prompt_ids, gen, step, rows) -> None:
         """First repaired logits of the run: re-run the first affected prompt with nan_trace (failure path only)
@@ -299,7 +307,9 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             inputs = self.data_skip.take(self.state.global_step + 1, inputs)
         else:
             inputs = [{k: v for k, v in x.items() if k != spikes.ROW_KEY} for x in inputs]
-        with self._in_flight(StepRecord.generation(inputs)) as record:
+        # no backward runs in here: checkpointing paused once for the whole batch, so that TRL's own disable/enable
+        # around its no-grad scoring finds it off and does nothing (see checkpointing_paused)
+        with self._in_flight(StepRecord.generation(inputs)) as record, checkpointing_paused(self.model):
             output = super()._generate_and_score_completions(inputs)
         if record.contexts is not None:  # a list: TRL's shuffle and split keep it aligned with the completions
             output["visual"] = record.contexts
