@@ -101,7 +101,9 @@ def checkpointing_paused(model: torch.nn.Module):
     removes (transformers 5 removes them only for that case): two more hooks per step, each run on every embedding
     forward, so a run of N steps decodes every token through 2N hooks. Here: one walk, no hook, flags restored
     exactly. TRL's own pair, run inside this block, finds checkpointing off and does nothing."""
-    paused = [(m, m.gradient_checkpointing) for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    # the flag as the module reads it (its own, else its class's), without nn.Module.__getattr__'s slow miss
+    paused = [(m, flag) for m in model.modules()
+              if (flag := vars(m).get("gradient_checkpointing", getattr(type(m), "gradient_checkpointing", False)))]
     for m, _ in paused:
         m.gradient_checkpointing = False
     try:
