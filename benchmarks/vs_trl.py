@@ -4,8 +4,8 @@ Same tiny causal LM, data, seed, reward function and config (the fields both con
 the stability fields keep their defaults: LogitsGuard, repaired-token drop, GradGuard, reward guard, log-ratio
 clamp and the fp32 floored-std advantages all on). Runs alternate between the two trainers so machine drift hits
 both alike; a step is timed from its start to the next step's start (the Trainer's whole loop iteration, per-step
-logging included); the first step of each run (one-off setup) and the last (no next start) are not counted. The mean completion length of each side is
-printed to show that both decode the same number of tokens.
+logging included); the first step of each run (one-off setup) and the last (no next start) are not counted. The
+mean completion length of each side is printed to show that both decode the same number of tokens.
 
 Run: python benchmarks/vs_trl.py [--rounds 4 --steps 8 --threads 1]   (prints wall and process-CPU medians; CPU time is
 the one to read on a CPU machine that other jobs load)
