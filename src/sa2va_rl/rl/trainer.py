@@ -3,7 +3,9 @@
 TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The overrides, each a seam:
 
 * ``_generate_single_turn``: generation goes through the Policy with the LogitsGuard; completions are the
-  new tokens only; empty completions become one dropped EOS token (zero loss, counted).
+  new tokens only; empty completions become one dropped EOS token (zero loss, counted). The model comes from
+  ``_generation_model`` (TRL's unwrap without its per-step cost), and activation checkpointing is paused once per
+  generation batch by ``checkpointing_paused`` (TRL's own toggle adds an embedding hook per call that stays).
 * ``_generate``: tokens sampled from repaired rows become TRL's ``tool_mask`` zeros, so the loss's own
   mask (``completion_mask * tool_mask``) drops them.
 * ``_get_per_token_logps_and_entropies``: the Policy's fp32, right-padded scoring; dropped positions are
