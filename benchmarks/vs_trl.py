@@ -3,8 +3,9 @@
 Same tiny causal LM, data, seed, reward function and config (the fields both configs share are set from one dict;
 the stability fields keep their defaults: LogitsGuard, repaired-token drop, GradGuard, reward guard, log-ratio
 clamp and the fp32 floored-std advantages all on). Runs alternate between the two trainers so machine drift hits
-both alike; the first step of each run (one-off setup) is not counted. The mean completion length of each side is
-printed to show that both decode the same number of tokens.
+both alike; a step is timed from its start to the next step's start (the Trainer's whole loop iteration, per-step
+logging included); the first step of each run (one-off setup) and the last (no next start) are not counted. The
+mean completion length of each side is printed to show that both decode the same number of tokens.
 
 Run: python benchmarks/vs_trl.py [--rounds 4 --steps 8 --threads 1]   (prints wall and process-CPU medians; CPU time is
 the one to read on a CPU machine that other jobs load)
@@ -31,17 +32,20 @@ from sa2va_rl.rl.trainer import Sa2VAGRPOTrainer
 
 
 class StepTimer(TrainerCallback):
-    """Wall and process CPU seconds per optimizer step (CPU time is what a loaded, shared machine distorts least)."""
+    """Wall and process CPU seconds per optimizer step (CPU time is what a loaded, shared machine distorts least),
+    from one step's start to the next one's: the whole iteration of the Trainer's loop, i.e. the step itself and what
+    the Trainer runs around it every step (every callback, the per-step log with its metrics, the next batch's
+    fetch). Timing only up to on_step_end would leave out the log, where each trainer does its own per-step work."""
 
     def __init__(self):
         self.wall, self.cpu, self.t0 = [], [], None
 
     def on_step_begin(self, *a, **k):
-        self.t0 = (time.perf_counter(), time.process_time())
-
-    def on_step_end(self, *a, **k):
-        self.wall.append(time.perf_counter() - self.t0[0])
-        self.cpu.append(time.process_time() - self.t0[1])
+        now = (time.perf_counter(), time.process_time())
+        if self.t0 is not None:
+            self.wall.append(now[0] - self.t0[0])
+            self.cpu.append(now[1] - self.t0[1])
+        self.t0 = now
 
 
 def shared_config(out: str, steps: int) -> dict:
@@ -63,7 +67,8 @@ def run(ours: bool, model_dir: str, data_dir: str, out: str, steps: int) -> tupl
     timer = StepTimer()
     trainer.add_callback(timer)
     trainer.train()
-    timer.wall, timer.cpu = timer.wall[1:], timer.cpu[1:]  # the first step pays one-off setup
+    timer.wall, timer.cpu = timer.wall[1:], timer.cpu[1:]  # the first step pays one-off setup; the last one has no
+    # next start (so a run of `steps` steps gives steps - 2 timed ones)
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     return timer, statistics.mean(lengths)
 

@@ -465,8 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
-    # TRL 1.16 calls transformers 5's deprecated gradient-checkpointing names around every generation (and passes
-    # the deprecated config field): harmless, not ours to fix, and repeated per rank; docs/troubleshooting.md
+    # TRL 1.16 passes transformers 5's deprecated gradient-checkpointing config field, reads the deprecated
+    # is_gradient_checkpointing every step (and under ZeRO-3 calls the deprecated disable/enable around every
+    # generation): harmless, not ours to fix, and repeated per rank; docs/troubleshooting.md
     warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated",
                             category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -389,3 +389,31 @@ def test_bf16_run_keeps_fp32_master_weights_and_every_trainable_tensor_moves(tin
     trainer.train()
     unchanged = [n for n, p in trainer.model.named_parameters() if torch.equal(p.detach(), before[n])]
     assert not unchanged
+
+
+def test_generation_pauses_checkpointing_restores_each_flag_and_leaks_no_hook(tiny_causal, prompt_dir, tmp_path):
+    """The trainer's generation context (``_generation_model``): activation checkpointing is off while generating,
+    each module's own flag comes back afterwards (a user's every_n_layers=2 pattern included, which TRL's
+    disable/enable would reset to every layer), the input embedding gains no forward hook per generation (TRL's
+    enable registers one each time), and the model generated from is the unwrapped model."""
+    trainer = make_trainer(tiny_causal, prompt_dir, tmp_path)
+    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    model.activation_checkpointing_enable(every_n_layers=2)
+    layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    before = [m.gradient_checkpointing for m in layers]
+    assert True in before and False in before  # the pattern: some layers on, some off
+    hooks = len(model.get_input_embeddings()._forward_hooks)
+    seen = []
+
+    class Recording(CausalLMPolicy):
+        def generate(self, model_, *args, **kwargs):
+            seen.append((model_, [m.gradient_checkpointing for m in layers]))
+            return super().generate(model_, *args, **kwargs)
+
+    trainer.policy = Recording(pad_token_id=trainer.processing_class.pad_token_id)
+    for _ in range(3):
+        trainer._generate_and_score_completions(group_batch(trainer))
+    assert len(seen) == 3
+    assert all(m is model and not any(flags) for m, flags in seen)
+    assert [m.gradient_checkpointing for m in layers] == before
+    assert len(model.get_input_embeddings()._forward_hooks) == hooks

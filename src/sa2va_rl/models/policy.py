@@ -186,10 +186,11 @@ def right_aligned_logprobs(
     padding so it reads [prompt, completion, pad...].
 
     Memory: the fp32 log_softmax runs over chunks of at most ``chunk_elements`` logits (whole rows of the [B, keep]
-    grid while one fits, else windows of one row's positions), never over [B, K, V] at once. With ``head``, each
-    chunk's logits are recomputed in the backward (activation checkpointing of the head and the softmax), so the
-    peak is a few chunks with or without grad; with full logits from ``forward``, those logits are the one
-    [B, keep, V] copy (in the model's dtype). Entropies (only when ``compute_entropy``) carry no gradient.
+    grid while one fits, else windows of one row's positions), never over [B, K, V] at once. With ``head`` and
+    several chunks, each chunk's logits are recomputed in the backward (activation checkpointing of the head and
+    the softmax), so the peak is a few chunks with or without grad; when everything fits one chunk, that chunk is
+    kept for the backward instead of recomputed (the recompute would hold it in the backward anyway); with full
+    logits from ``forward``, those logits are the one [B, keep, V] copy (in the model's dtype). Entropies (only when ``compute_entropy``) carry no gradient.
 
     Dropped positions (padding, and ``drop_mask``, e.g. repaired tokens) get zero logits before log_softmax and zero
     logprob after, so a NaN there can reach neither the loss nor its gradient. Returns (logps [B, K],
@@ -227,7 +228,9 @@ def right_aligned_logprobs(
     # chunks of the [B, keep] grid: whole rows while a row fits the budget, else windows of one row's positions
     rows = max(1, chunk_elements // (keep * vocab))
     width = keep if rows > 1 or keep * vocab <= chunk_elements else max(1, chunk_elements // vocab)
-    checkpoint = head is not None and torch.is_grad_enabled()
+    # under grad, with several chunks, each chunk's logits are recomputed in the backward rather than kept; a single
+    # chunk is kept instead (its recompute would be the backward's own peak anyway: same bound, one head pass less)
+    checkpoint = head is not None and torch.is_grad_enabled() and (rows < B or width < keep)
 
     def chunk_stats(x, toks, dropped):
         return _token_stats(x if head is None else head(x), toks, dropped, temperature, compute_entropy)

@@ -3,7 +3,9 @@
 TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The overrides, each a seam:
 
 * ``_generate_single_turn``: generation goes through the Policy with the LogitsGuard; completions are the
-  new tokens only; empty completions become one dropped EOS token (zero loss, counted).
+  new tokens only; empty completions become one dropped EOS token (zero loss, counted). The model comes from
+  ``_generation_model`` (TRL's unwrap without its per-step cost), and activation checkpointing is paused once per
+  generation batch by ``checkpointing_paused`` (TRL's own toggle adds an embedding hook per call that stays).
 * ``_generate``: tokens sampled from repaired rows become TRL's ``tool_mask`` zeros, so the loss's own
   mask (``completion_mask * tool_mask``) drops them.
 * ``_get_per_token_logps_and_entropies``: the Policy's fp32, right-padded scoring; dropped positions are
@@ -89,6 +91,30 @@ def refuse_unguarded_engine(distributed_type, args: Sa2VAGRPOConfig, ds_config: 
     return False
 
 
+@contextlib.contextmanager
+def checkpointing_paused(model: torch.nn.Module):
+    """Activation checkpointing off for a block without backward (generation, no-grad scoring): each module whose
+    ``gradient_checkpointing`` flag is on gets False, and its own value back afterwards.
+
+    TRL (1.16) does this with ``gradient_checkpointing_disable()`` / ``gradient_checkpointing_enable()`` twice per
+    generation batch (around generate() and around its no-grad scoring). Each pair walks the model four times and
+    emits three FutureWarnings, the enable resets a user's ``every_n_layers`` to every layer, and, unless transformers
+    itself loaded a PEFT config, the enable registers one more forward hook on the input embeddings that nothing
+    removes (transformers 5 removes them only for that case): two more hooks per step, each run on every embedding
+    forward, so a run of N steps decodes every token through 2N hooks. Here: one walk, no hook, flags restored
+    exactly. TRL's own pair, run inside this block, finds checkpointing off and does nothing."""
+    # the flag as the module reads it (its own, else its class's), without nn.Module.__getattr__'s slow miss
+    paused = [(m, flag) for m in model.modules()
+              if (flag := vars(m).get("gradient_checkpointing", getattr(type(m), "gradient_checkpointing", False)))]
+    for m, _ in paused:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m, flag in paused:
+            m.gradient_checkpointing = flag
+
+
 class Sa2VAGRPOTrainer(GRPOTrainer):
     def __init__(self, model, reward_funcs, args: Sa2VAGRPOConfig | None = None, policy: Policy | None = None,
                  **kwargs) -> None:
@@ -145,6 +171,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self.record = StepRecord()  # the rows in flight: what each seam reads and writes (see StepRecord)
         self.last_generation: StepRecord | None = None  # the last finished generation's record; no seam reads it
         self._nonfinite_losses = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
+        self._unwrapped_for_generation = (None, None)  # (model_wrapped, its unwrapped model): see _generation_model
 
     @contextlib.contextmanager
     def _in_flight(self, record: StepRecord):
@@ -163,12 +190,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ generation
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         with (
-            unwrap_model_for_generation(
-                self.model_wrapped, self.accelerator,
-                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                generation_kwargs=self.generation_kwargs,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            ) as unwrapped_model,
+            self._generation_model() as unwrapped_model,
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
             self.accelerator.autocast(),  # bf16 compute over fp32 master weights; nothing when bf16 is off
@@ -208,6 +230,30 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                                               getattr(self.policy, "seg_id", None))
         self.record.drop = drop
         return completions, None
+
+    @contextlib.contextmanager
+    def _generation_model(self):
+        """The unwrapped model that generates: what TRL's ``unwrap_model_for_generation`` yields, without its per-call
+        overhead (about 0.8 ms a call on CPU, 2% of a small step). ZeRO-3, whose parameters must be gathered, takes
+        TRL's own context. Elsewhere the unwrap (``accelerator.unwrap_model``, which reads package metadata from disk
+        on every call) is done once per wrapped model, not per step, and activation checkpointing is paused with
+        ``checkpointing_paused`` (TRL's disable/enable pair leaks a hook per call: see there). TRL's generation-config
+        override is a no-op from transformers 5 on (its own check; the package needs 5.x)."""
+        if self._dist.is_zero3:
+            with unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as model:
+                yield model
+            return
+        wrapped, model = self._unwrapped_for_generation
+        if wrapped is not self.model_wrapped:  # the first generation, or the Trainer wrapped the model anew
+            model = self.accelerator.unwrap_model(self.model_wrapped)
+            self._unwrapped_for_generation = (self.model_wrapped, model)
+        with checkpointing_paused(model):
+            yield model
 
     def _trace_logits(self, model, prompt_ids, gen, step, rows) -> None:
         """First repaired logits of the run: re-run the first affected prompt with nan_trace (failure path only)
@@ -266,7 +312,9 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             inputs = self.data_skip.take(self.state.global_step + 1, inputs)
         else:
             inputs = [{k: v for k, v in x.items() if k != spikes.ROW_KEY} for x in inputs]
-        with self._in_flight(StepRecord.generation(inputs)) as record:
+        # no backward runs in here: checkpointing paused once for the whole batch, so that TRL's own disable/enable
+        # around its no-grad scoring finds it off and does nothing (see checkpointing_paused)
+        with self._in_flight(StepRecord.generation(inputs)) as record, checkpointing_paused(self.model):
             output = super()._generate_and_score_completions(inputs)
         if record.contexts is not None:  # a list: TRL's shuffle and split keep it aligned with the completions
             output["visual"] = record.contexts
