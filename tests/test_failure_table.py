@@ -93,7 +93,7 @@ ELSEWHERE = {  # table row -> the test that runs it end to end (exit code, names
 "a 10,000-word caption (prompt over max_prompt_tokens)":
         "tests.rl.test_sa2va_trainer:test_runaway_caption_prompt_is_skipped_and_counted",
     "demo output: readable lines, no raw metric dicts":
-        "tests.test_demo_learning:test_demo_prints_held_out_accuracy_before_and_after_grpo",
+        "tests.test_demo_learning:test_demo_learns_the_held_out_colours_and_shapes",
     "EXIF orientation": "tests.data.test_gar_inputs:test_exif_rotated_image_follows_its_mask",
     "any per-row failure skipped and counted":
         "tests.data.test_gar_inputs:test_any_row_failure_is_skipped_counted_and_named",
