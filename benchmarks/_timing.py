@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from transformers import TrainerCallback
 
 
 def _sync() -> None:
@@ -43,3 +44,25 @@ def report(title: str, medians: dict[str, float], ratios: list[tuple[str, str, f
         verdict = "" if target is None else ("  [ok, target <= %.2f]" % target if r <= target
                                              else "  [MISSES target <= %.2f]" % target)
         print(f"  ratio {num} / {den}: {r:.3f}{verdict}")
+
+
+class StepTimer(TrainerCallback):
+    """Wall and process CPU seconds per optimizer step (CPU time is what a loaded, shared machine distorts least),
+    from one step's start to the next one's: the whole iteration of the Trainer's loop, i.e. the step itself and what
+    the Trainer runs around it every step (every callback, the per-step log with its metrics, the next batch's
+    fetch). Timing only up to on_step_end would leave out the log, where each trainer does its own per-step work.
+    The first interval (one-off setup) is dropped by ``steady``; the last step has no next start and is not timed."""
+
+    def __init__(self):
+        self.wall, self.cpu, self.t0 = [], [], None
+
+    def on_step_begin(self, *a, **k):
+        now = (time.perf_counter(), time.process_time())
+        if self.t0 is not None:
+            self.wall.append(now[0] - self.t0[0])
+            self.cpu.append(now[1] - self.t0[1])
+        self.t0 = now
+
+    def steady(self) -> StepTimer:
+        self.wall, self.cpu = self.wall[1:], self.cpu[1:]
+        return self

@@ -1,12 +1,15 @@
 """Median GRPO step time with all guards on vs off, on the tiny causal model, measured in one run.
 
+Each step is timed as vs_trl.py times it (``_timing.StepTimer``: from one step's start to the next one's, the
+per-step log included) in process CPU time, the clock a shared CPU machine distorts least; wall time is printed too.
+
 "Off" is the same trainer with the LogitsGuard disabled, TRL's plain clip_grad_norm_ in place of
 GradGuard, and neither spike guard nor collapse monitors; the root-cause fixes (policy generation, fp32
 right-padded scoring) are in both. "No spike" is every guard on except the spike guard, which isolates the
 spike guard's cost (its statistics ride in the GradGuard's one sync). Rounds alternate between the three so
 machine drift hits all alike.
 
-Run: python benchmarks/grpo_step.py [--rounds 6 --steps 8]
+Run: python benchmarks/grpo_step.py [--rounds 6 --steps 10 --threads 1]
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import argparse
 import logging
 import statistics
 import tempfile
-import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_callback import PrinterCallback
 from trl import GRPOTrainer
+
+from _timing import StepTimer
 
 from sa2va_rl.data.prompts import load_prompt_dataset, make_prompt_data
 from sa2va_rl.models.tiny import make_tiny_causal
@@ -34,17 +38,6 @@ class Unguarded(Sa2VAGRPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.collapse.observe = self.collapse.observe_completions = lambda *a, **k: None  # monitors off
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.times, self.t0 = [], None
-
-    def on_step_begin(self, *a, **k):
-        self.t0 = time.perf_counter()
-
-    def on_step_end(self, *a, **k):
-        self.times.append(time.perf_counter() - self.t0)
 
 
 def distinct_words(completions, **kw):
@@ -63,31 +56,38 @@ def run(cls, guards: bool, model_dir, data_dir, out, steps, spike: bool = True) 
     trainer.add_callback(timer)
     trainer.remove_callback(PrinterCallback)  # disable_tqdm prints every log dict otherwise
     trainer.train()
-    return timer.times[1:]  # the first step pays one-off setup
+    return timer.steady()  # the first step pays one-off setup; the last one has no next start
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least sensitive to other load)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
     tmp = tempfile.mkdtemp()
     model_dir, data_dir = make_tiny_causal(f"{tmp}/m"), make_prompt_data(f"{tmp}/d", n=256)
-    on, nospike, off = [], [], []
-    for r in range(args.rounds):
-        on += run(Sa2VAGRPOTrainer, True, model_dir, data_dir, f"{tmp}/on{r}", args.steps)
-        nospike += run(Sa2VAGRPOTrainer, True, model_dir, data_dir, f"{tmp}/ns{r}", args.steps, spike=False)
-        off += run(Unguarded, False, model_dir, data_dir, f"{tmp}/off{r}", args.steps)
-    m_on, m_ns, m_off = statistics.median(on), statistics.median(nospike), statistics.median(off)
-    device = "GPU" if torch.cuda.is_available() else "CPU"
-    print(f"== GRPO step, tiny causal LM, {device}, {len(on)} steps each")
-    print(f"  guards on (spike guard, collapse monitors)  median {m_on * 1e3:8.1f} ms")
-    print(f"  guards on, spike guard off                  median {m_ns * 1e3:8.1f} ms")
-    print(f"  guards off                                  median {m_off * 1e3:8.1f} ms")
-    ratio = m_on / m_off
-    print(f"  ratio on / off: {ratio:.3f}  [{'ok' if ratio <= 1.03 else 'MISSES'}, target <= 1.03]")
-    print(f"  ratio on / spike guard off: {m_on / m_ns:.3f}")
+    variants = {"guards on (spike guard, collapse monitors)": (Sa2VAGRPOTrainer, True, True),
+                "guards on, spike guard off": (Sa2VAGRPOTrainer, True, False),
+                "guards off": (Unguarded, False, False)}
+    wall, cpu = ({k: [] for k in variants} for _ in range(2))
+    for r in range(args.rounds):  # the variants take turns, so machine drift hits all alike
+        for i, (name, (cls, guards, spike)) in enumerate(variants.items()):
+            t = run(cls, guards, model_dir, data_dir, f"{tmp}/{r}-{i}", args.steps, spike=spike)
+            wall[name] += t.wall
+            cpu[name] += t.cpu
+    med = {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in variants}
+    on, nospike, off = (med[k][0] for k in variants)
+    device = "GPU" if torch.cuda.is_available() else f"CPU ({args.threads} thread(s))"
+    print(f"== GRPO step, tiny causal LM, {device}, {len(cpu['guards off'])} steps each; medians, CPU time (wall)")
+    for name, (c, w) in med.items():
+        print(f"  {name:<44s} {c * 1e3:8.1f} ms  ({w * 1e3:.1f} ms wall)")
+    ratio = on / off
+    print(f"  ratio on / off: {ratio:.3f} (wall {med[list(variants)[0]][1] / med['guards off'][1]:.3f})  "
+          f"[{'ok' if ratio <= 1.03 else 'MISSES'}, target <= 1.03]")
+    print(f"  ratio on / spike guard off: {on / nospike:.3f}")
 
 
 if __name__ == "__main__":

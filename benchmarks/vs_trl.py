@@ -18,34 +18,17 @@ import logging
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from _timing import StepTimer
 from grpo_step import distinct_words
 from sa2va_rl.data.prompts import load_prompt_dataset, make_prompt_data
 from sa2va_rl.models.tiny import make_tiny_causal
 from sa2va_rl.rl.config import Sa2VAGRPOConfig
 from sa2va_rl.rl.trainer import Sa2VAGRPOTrainer
-
-
-class StepTimer(TrainerCallback):
-    """Wall and process CPU seconds per optimizer step (CPU time is what a loaded, shared machine distorts least),
-    from one step's start to the next one's: the whole iteration of the Trainer's loop, i.e. the step itself and what
-    the Trainer runs around it every step (every callback, the per-step log with its metrics, the next batch's
-    fetch). Timing only up to on_step_end would leave out the log, where each trainer does its own per-step work."""
-
-    def __init__(self):
-        self.wall, self.cpu, self.t0 = [], [], None
-
-    def on_step_begin(self, *a, **k):
-        now = (time.perf_counter(), time.process_time())
-        if self.t0 is not None:
-            self.wall.append(now[0] - self.t0[0])
-            self.cpu.append(now[1] - self.t0[1])
-        self.t0 = now
 
 
 def shared_config(out: str, steps: int) -> dict:
@@ -67,8 +50,7 @@ def run(ours: bool, model_dir: str, data_dir: str, out: str, steps: int) -> tupl
     timer = StepTimer()
     trainer.add_callback(timer)
     trainer.train()
-    timer.wall, timer.cpu = timer.wall[1:], timer.cpu[1:]  # the first step pays one-off setup; the last one has no
-    # next start (so a run of `steps` steps gives steps - 2 timed ones)
+    timer.steady()  # the first step pays one-off setup; the last one has no next start: steps - 2 timed ones
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     return timer, statistics.mean(lengths)
 

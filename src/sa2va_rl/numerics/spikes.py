@@ -69,6 +69,8 @@ class SpikeDetector:
         self.device = torch.device(device)
         self.two_sided, self.log_scale, self.buf, self.count = (
             t.to(self.device) for t in (self.two_sided, self.log_scale, self.buf, self.count))
+        self._slots = torch.arange(self.window, device=self.device)[None, :]
+        self._seen = None  # (values, judged values, usable, window median) of the last decide, for update
         return self
 
     def _judged(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,22 +79,20 @@ class SpikeDetector:
         safe = torch.where(usable, values, torch.ones_like(values))  # log(1) = 0 where unusable: never read
         return torch.where(self.log_scale, safe.log(), safe), usable
 
-    def _valid(self) -> torch.Tensor:
-        """Bool [signals, window]: which buffer slots hold recorded values."""
-        n = self.count.clamp(max=self.window)
-        return torch.arange(self.window, device=self.device)[None, :] < n[:, None]
+    def _median(self) -> torch.Tensor:
+        """Per signal, the median of the recorded values (NaN for an empty window)."""
+        valid = self._slots < self.count.clamp(max=self.window)[:, None]
+        return torch.where(valid, self.buf, math.nan).nanmedian(dim=1).values
 
     def stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(n, mean, floored std) per signal, on the device; of log(x) for log signals."""
+        """(n, mean, floored std) per signal, on the device; of log(x) for log signals. The slots not yet filled
+        hold 0 (the ring buffer fills from slot 0), so plain sums over the window are sums over the recorded values."""
         n = self.count.clamp(max=self.window)
-        valid = self._valid()
-        zero = torch.zeros((), dtype=self.buf.dtype, device=self.device)
-        nf = n.to(self.buf.dtype)
-        mean = torch.where(valid, self.buf, zero).sum(1) / nf.clamp(min=1)
-        dev = torch.where(valid, self.buf - mean[:, None], zero)
-        std = (dev.square().sum(1) / (nf - 1).clamp(min=1)).sqrt()
-        mean_abs = torch.where(valid, self.buf.abs(), zero).sum(1) / nf.clamp(min=1)
-        floor = torch.where(self.log_scale, torch.full_like(mean_abs, self.rel_floor), self.rel_floor * mean_abs)
+        nf = n.to(self.buf.dtype).clamp(min=1)
+        total, squares, absolute = self.buf.sum(1), self.buf.square().sum(1), self.buf.abs().sum(1)
+        mean = total / nf
+        std = ((squares - total * mean) / (nf - 1).clamp(min=1)).clamp(min=0).sqrt()
+        floor = torch.where(self.log_scale, self.rel_floor, self.rel_floor * absolute / nf)
         return n, mean, torch.maximum(std, floor)
 
     def threshold(self) -> torch.Tensor:
@@ -108,19 +108,24 @@ class SpikeDetector:
         values = values.to(device=self.device, dtype=self.buf.dtype)
         present = torch.ones_like(values, dtype=torch.bool) if present is None else present.to(self.device)
         x, usable = self._judged(values)
+        self._seen = (values, x, usable, self._median())
         n, mean, std = self.stats()
         d = x - mean
         d = torch.where(self.two_sided, d.abs(), d)
         return present & usable & (n >= self.warmup) & (d > self.sigma * std)
 
     def update(self, values: torch.Tensor, present: torch.Tensor | None = None) -> None:
-        """Record an accepted step's values (the caller decided the step was taken). No host sync."""
+        """Record an accepted step's values (the caller decided the step was taken). No host sync. Right after
+        ``decide`` on the same tensor, its work is reused."""
         values = values.to(device=self.device, dtype=self.buf.dtype)
-        x, ok = self._judged(values)
+        if self._seen is not None and self._seen[0] is values:
+            _, x, ok, median = self._seen
+        else:
+            (x, ok), median = self._judged(values), self._median()
+        self._seen = None
         if present is not None:
-            ok &= present.to(self.device)
-        median = torch.where(self._valid(), self.buf, torch.full_like(self.buf, math.nan)).nanmedian(dim=1).values
-        ok &= ~(self.log_scale & (x < median + self.log_cut))  # NaN median (empty window): nothing cut
+            ok = ok & present.to(self.device)
+        ok = ok & ~(self.log_scale & (x < median + self.log_cut))  # NaN median (empty window): nothing cut
         idx = (self.count % self.window)[:, None]
         new = torch.where(ok, x, self.buf.gather(1, idx).squeeze(1))
         self.buf.scatter_(1, idx, new[:, None])
@@ -137,3 +142,4 @@ class SpikeDetector:
             return  # another set of signals, window or scale: start the statistics afresh
         self.buf = torch.tensor(state["buf"], dtype=torch.float64, device=self.device)
         self.count = torch.tensor(state["count"], dtype=torch.long, device=self.device)
+        self._seen = None
