@@ -52,7 +52,9 @@ from sa2va_rl.rl.trainer import Sa2VAGRPOTrainer  # noqa: E402
 
 
 def say(line: str) -> None:
-    os.write(1, f"{line} rank={os.environ.get('RANK', '0')}\n".encode())
+    # one write (atomic on a pipe), starting on a fresh line: another rank's block-buffered stdout can flush half a
+    # line into the shared pipe just before, and a marker glued to it would not match the tests' ^...$ patterns
+    os.write(1, f"\n{line} rank={os.environ.get('RANK', '0')}\n".encode())
 
 
 def _hash(tensors) -> str:

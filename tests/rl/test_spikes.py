@@ -84,14 +84,34 @@ def test_log_scale_judges_a_skewed_signal_by_its_factor_over_the_geometric_mean(
         d.update(torch.tensor([v]))
     assert d.count.tolist() == [2] and d.stats()[1].tolist() == pytest.approx([0.0])  # mean of log 0.5, log 2
     assert d.threshold().tolist() == pytest.approx([math.exp(6 * math.sqrt(2) * math.log(2))])
-    # a step with almost no learning signal (1e-7: all rewards of every group equal up to rounding) is judged, but
-    # not recorded: it would widen the log band (under 1e-3 x the window's median)
-    n, mean, std = d.stats()
+    # a step with almost no learning signal (1e-7: a near-tie in every group) is judged as it is (never flags), but
+    # recorded winsorised at 1e-3 x the window's median: it cannot widen the log band by more than log(1e3)
+    median = 0.5  # torch's median of an even count is the lower middle value: of (0.5, 2), 0.5
     assert d.decide(torch.tensor([1e-7])).tolist() == [False]
     d.update(torch.tensor([1e-7]))
-    assert d.count.tolist() == [2] and torch.equal(d.stats()[2], std)
-    d.update(torch.tensor([2e-3]))  # 2e-3 / median 1.25 is over the cut: recorded
-    assert d.count.tolist() == [3]
+    assert d.count.tolist() == [3] and d.buf[0, 2].item() == pytest.approx(math.log(1e-3 * median))
+    d.update(torch.tensor([2e-3]))  # over the bound: recorded as it is
+    assert d.count.tolist() == [4] and d.buf[0, 3].item() == pytest.approx(math.log(2e-3))
+
+
+def test_low_values_are_winsorised_so_the_window_follows_a_change_of_level():
+    # an early outlier then a level 2000x lower: every value is recorded, the median follows within half a window,
+    # and a 1e3x spike from the new level is flagged (dropping low values instead froze such a window for good)
+    d = SpikeDetector(["g"], window=16, sigma=6.0, warmup=4, log_scale=("g",))
+    d.update(torch.tensor([2000.0]))
+    gen = torch.Generator().manual_seed(0)
+    for v in (1.0 + 0.1 * torch.rand(40, generator=gen, dtype=torch.float64)):
+        assert d.decide(v[None]).tolist() == [False]
+        d.update(v[None])
+    assert d.count.tolist() == [41]
+    assert d.stats()[1].exp().item() == pytest.approx(1.05, rel=0.05)  # the geometric mean is the new level's
+    assert d.decide(torch.tensor([1e3])).tolist() == [True]
+    # the cache between decide and update holds only for the same, unmodified tensor
+    v = torch.tensor([1.0], dtype=torch.float64)
+    d.decide(v)
+    v.fill_(50.0)
+    d.update(v)
+    assert d.buf[0, (d.count.item() - 1) % 16].item() == pytest.approx(math.log(50.0))
 
 
 def test_std_floor_keeps_a_constant_window_from_flagging_noise():
@@ -264,10 +284,13 @@ def test_completion_shares_exact():
     assert s["identical_groups"] == pytest.approx(2 / 3)  # a and c
     assert s["max_length"] == pytest.approx(5 / 6)
     assert s["cross_prompt_repeat"] == pytest.approx(4 / 6)  # [1, 2] answers both a and c
-    # a segmentation answer ([SEG] = 9) is the same template for every prompt by design: not a caption collapse
-    seg = completion_shares(comps + [[7, 9], [7, 9]], groups + ["d", "e"], max_len=2, template_token=9)
+    # answers to segmentation prompts (d, e) are one template by design: not a caption collapse; the same template
+    # answering caption prompts (f, g) is one
+    seg = completion_shares(comps + [[7, 9], [7, 9]], groups + ["d", "e"], max_len=2,
+                            templated=[False] * 6 + [True, True])
     assert seg["cross_prompt_repeat"] == pytest.approx(4 / 6) and seg["identical_groups"] == pytest.approx(2 / 3)
-    assert "cross_prompt_repeat" not in completion_shares([[7, 9], [7, 9]], ["d", "e"], None, template_token=9)
+    assert "cross_prompt_repeat" not in completion_shares([[7, 9], [7, 9]], ["d", "e"], None, templated=[True] * 2)
+    assert completion_shares([[7, 9], [7, 9]], ["f", "g"], None, templated=[False] * 2)["cross_prompt_repeat"] == 1
 
 
 def test_entropy_monitor_uses_the_early_value_warns_rate_limited_and_halts(caplog):
@@ -308,6 +331,15 @@ def test_share_monitors_judge_the_mean_of_their_window(caplog):
     n.observe("cross_prompt_repeat", 0.9)
     n.end_step(9)
     assert n.report()["cross_prompt_repeat"]["crossings"] == 3  # (.75, 0, .9) -> 0.55
+    # the halt's patience counts crossing steps in a row across a resume too
+    h = CollapseMonitor(repeat_share=0.5, share_window=1, halt=True, patience=3)
+    for step, v in enumerate([0.9, 0.9], start=1):
+        h.observe("cross_prompt_repeat", v)
+        assert h.end_step(step) is None
+    r = CollapseMonitor(repeat_share=0.5, share_window=1, halt=True, patience=3)
+    r.load_state_dict(json.loads(json.dumps(h.state_dict())))
+    r.observe("cross_prompt_repeat", 0.9)
+    assert "for 3 steps in a row at step 3" in r.end_step(3)
 
 
 def test_entropy_collapse_drill_halts_with_collapse_halt(tiny_causal, prompt_dir, tmp_path):

@@ -194,6 +194,12 @@ def test_all_equal_rewards_zero_advantages():
     w = torch.ones(1)
     adv = group_advantages(torch.full((8, 1), 0.7), w, 4, "group", 1e-2)
     assert torch.equal(adv, torch.zeros(8))
+    # G = 8: the fp32 mean of eight 0.7s is an ulp off 0.7 (r - mean = 6e-8, which gave a 1e-7 gradient norm where
+    # there is no signal); a tie is centred to exact zeros, also with a "no opinion" (NaN) among the tied
+    tied = torch.full((16, 1), 0.7)
+    tied[9] = math.nan
+    assert (tied[:8] - tied[:8].mean()).abs().max() > 0  # the trap is real
+    assert torch.equal(group_advantages(tied, w, 8, "group", 1e-2), torch.zeros(16))
     none = torch.tensor([[math.nan]] * 4 + [[1.0], [0.0], [1.0], [0.0]])
     adv = group_advantages(none, w, 4, "group", 1e-2)
     assert torch.isfinite(adv).all() and torch.equal(adv[:4], torch.zeros(4))

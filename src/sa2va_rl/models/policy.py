@@ -190,7 +190,8 @@ def right_aligned_logprobs(
     several chunks, each chunk's logits are recomputed in the backward (activation checkpointing of the head and
     the softmax), so the peak is a few chunks with or without grad; when everything fits one chunk, that chunk is
     kept for the backward instead of recomputed (the recompute would hold it in the backward anyway); with full
-    logits from ``forward``, those logits are the one [B, keep, V] copy (in the model's dtype). Entropies (only when ``compute_entropy``) carry no gradient.
+    logits from ``forward``, those logits are the one [B, keep, V] copy (in the model's dtype). Entropies (only when
+    ``compute_entropy``) carry no gradient.
 
     Dropped positions (padding, and ``drop_mask``, e.g. repaired tokens) get zero logits before log_softmax and zero
     logprob after, so a NaN there can reach neither the loss nor its gradient. Returns (logps [B, K],

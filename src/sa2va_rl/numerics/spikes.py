@@ -18,21 +18,27 @@ Rules, per signal:
   1e3x drill spike sits ~14 sigma out.
 * The std is floored at ``rel_floor * mean(|x|)`` (``rel_floor`` itself for log signals: a relative change) so a
   window of near-identical values does not flag noise.
-* A log signal's value under ``low_cut`` (1e-3) times its window's median is not recorded (it is judged: it never
-  flags): a step with almost no learning signal (every group's rewards equal up to rounding) has a gradient norm of
-  ~1e-7, and a few of those would widen the log band until a 1e3x spike fit inside it (seen on the demo: log std
-  3.0 instead of 0.5).
-* Non-finite values and exact zeros (for log signals: values <= 0) are neither judged nor recorded: non-finite steps are the GradGuard's, and an
-  exact zero (no learning signal: every group's advantages zero) says nothing about the signal's scale.
+* A log signal's value under ``low_cut`` (1e-3) times its window's median is recorded as that bound (winsorised;
+  it is judged as it is and never flags): a handful of steps with almost no learning signal (a near-tie in every
+  group) would otherwise widen the log band until a 1e3x spike fit inside it. Clamped, not dropped: every accepted
+  step is recorded, so the window follows a real change of level (the median moves down within half a window)
+  and an early outlier cannot freeze it. (Exact ties give exact-zero advantages, rl/advantages.py, hence a zero
+  norm, which is not recorded at all.)
+* Non-finite values and exact zeros (for log signals: values <= 0) are neither judged nor recorded: non-finite
+  steps are the GradGuard's, and an exact zero (no learning signal: every group's advantages zero) says nothing
+  about the signal's scale.
 * Only accepted steps enter the history (``update(..., accepted=True)``), so one spike does not widen the band for
   the next one.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class SpikeDetector:
@@ -45,7 +51,7 @@ class SpikeDetector:
         warmup: observations a signal needs before it is judged (at least 2).
         two_sided: names judged on |x - mean| rather than x - mean.
         log_scale: names judged on log(x) (positive signals).
-        low_cut: log signals: values under this fraction of the window's median are not recorded.
+        low_cut: log signals: values under this fraction of the window's median are recorded as that bound.
         rel_floor: the std is at least this fraction of the window's mean |x|.
     """
 
@@ -108,7 +114,7 @@ class SpikeDetector:
         values = values.to(device=self.device, dtype=self.buf.dtype)
         present = torch.ones_like(values, dtype=torch.bool) if present is None else present.to(self.device)
         x, usable = self._judged(values)
-        self._seen = (values, x, usable, self._median())
+        self._seen = (values, values._version, x, usable, self._median())
         n, mean, std = self.stats()
         d = x - mean
         d = torch.where(self.two_sided, d.abs(), d)
@@ -118,14 +124,16 @@ class SpikeDetector:
         """Record an accepted step's values (the caller decided the step was taken). No host sync. Right after
         ``decide`` on the same tensor, its work is reused."""
         values = values.to(device=self.device, dtype=self.buf.dtype)
-        if self._seen is not None and self._seen[0] is values:
-            _, x, ok, median = self._seen
+        seen = self._seen
+        if seen is not None and seen[0] is values and seen[1] == values._version:  # the same, unmodified tensor
+            _, _, x, ok, median = seen
         else:
             (x, ok), median = self._judged(values), self._median()
         self._seen = None
         if present is not None:
             ok = ok & present.to(self.device)
-        ok = ok & ~(self.log_scale & (x < median + self.log_cut))  # NaN median (empty window): nothing cut
+        # winsorised from below (log signals): NaN median (empty window) compares False, nothing is clamped
+        x = torch.where(self.log_scale & (x < median + self.log_cut), median + self.log_cut, x)
         idx = (self.count % self.window)[:, None]
         new = torch.where(ok, x, self.buf.gather(1, idx).squeeze(1))
         self.buf.scatter_(1, idx, new[:, None])
@@ -139,7 +147,9 @@ class SpikeDetector:
     def load_state_dict(self, state: dict) -> None:
         if (list(state["names"]) != self.names or len(state["buf"][0]) != self.window
                 or state.get("log_scale", [False] * len(self.names)) != self.log_scale.cpu().tolist()):
-            return  # another set of signals, window or scale: start the statistics afresh
+            logger.info("spike guard: the checkpoint's statistics are for other signals, window or scale (%s, "
+                        "window %d); starting them afresh", state.get("names"), len(state["buf"][0]))
+            return
         self.buf = torch.tensor(state["buf"], dtype=torch.float64, device=self.device)
         self.count = torch.tensor(state["count"], dtype=torch.long, device=self.device)
         self._seen = None

@@ -20,9 +20,10 @@ identical_groups       share of groups whose G completions are token-for-token i
 max_length             share of completions as long as max_completion_length: cut, not finished (above
                        ``collapse_max_length_share``)
 cross_prompt_repeat    share of completions identical to a completion of another prompt in the batch: the same
-                       caption whatever the input (above ``collapse_repeat_share``). Answers holding ``[SEG]`` are
-                       left out: Sa2VA's segmentation answer is a template ("Sure, [SEG].") whose content is the
-                       mask, the same text for every prompt by design
+                       caption whatever the input (above ``collapse_repeat_share``). Answers to segmentation
+                       prompts (caption2mask rows) are left out: Sa2VA's segmentation answer is a template ("Sure,
+                       [SEG].") whose content is the mask, the same text for every prompt by design; a caption
+                       prompt answered with that template still counts
 =====================  ===============================================================================================
 
 Costs nothing on the device: the completions are host lists already, and entropy and zero-std shares are values TRL
@@ -63,10 +64,10 @@ FIXES = {
 
 
 def completion_shares(completions: list[list[int]], groups: list, max_len: int | None,
-                      template_token: int | None = None) -> dict[str, float]:
+                      templated: list[bool] | None = None) -> dict[str, float]:
     """identical_groups, max_length and cross_prompt_repeat for one batch of completions; ``groups[i]`` says which
-    prompt (row) completion i answers. Completions holding ``template_token`` (``[SEG]``) are not counted in
-    cross_prompt_repeat."""
+    prompt (row) completion i answers. Completions whose ``templated[i]`` is True (answers to segmentation prompts,
+    a template by design) are not counted in cross_prompt_repeat."""
     out: dict[str, float] = {}
     if not completions:
         return out
@@ -78,7 +79,8 @@ def completion_shares(completions: list[list[int]], groups: list, max_len: int |
         out["identical_groups"] = sum(len(set(cs)) == 1 for cs in multi) / len(multi)
     if max_len:
         out["max_length"] = sum(len(c) >= max_len for c in completions) / len(completions)
-    free = [(tuple(c), g) for c, g in zip(completions, groups, strict=True) if template_token not in c]
+    templated = templated or [False] * len(completions)
+    free = [(tuple(c), g) for c, g, t in zip(completions, groups, templated, strict=True) if not t]
     if len({g for _c, g in free}) >= 2:
         owners: dict[tuple, set] = {}
         for c, g in free:
@@ -113,8 +115,8 @@ class CollapseMonitor(TrainerCallback):
             self._pending.setdefault(name, []).append(float(value))
 
     def observe_completions(self, completions: list[list[int]], groups: list, max_len: int | None,
-                            template_token: int | None = None) -> None:
-        for name, v in completion_shares(completions, groups, max_len, template_token).items():
+                            templated: list[bool] | None = None) -> None:
+        for name, v in completion_shares(completions, groups, max_len, templated).items():
             self.observe(name, v)
 
     # ---------------------------------------------------------------- judging
@@ -175,7 +177,7 @@ class CollapseMonitor(TrainerCallback):
 
     def state_dict(self) -> dict:
         return {"early_entropy": self.early_entropy, "crossings": dict(self.crossings),
-                "recent": {m: list(v) for m, v in self.recent.items()},
+                "recent": {m: list(v) for m, v in self.recent.items()}, "streak": dict(self.streak),
                 "first_crossing": self.first_crossing,
                 "limiters": {m: lim.state_dict() for m, lim in self._limiters.items()}}
 
@@ -183,6 +185,7 @@ class CollapseMonitor(TrainerCallback):
         self.early_entropy = list(state.get("early_entropy", []))
         self.crossings = Counter(state.get("crossings", {}))
         self.first_crossing = dict(state.get("first_crossing", {}))
+        self.streak = Counter(state.get("streak", {}))
         for m, values in state.get("recent", {}).items():
             if m in self.recent:
                 self.recent[m].clear()

@@ -117,6 +117,7 @@ class SpikeGuard:
 
         return {"step": step, "kind": "spike", "causes": causes, "values": per(values),
                 # the window's mean in the signal's units (geometric for log signals) and the band's upper bound
+                # (a two-sided signal, the loss, also spikes below mean - sigma * std)
                 "mean": per(mean, lambda m, i: math.exp(m) if log[i] else m), "threshold": per(bound),
                 "std": per(std), "scale": per(log, lambda b, i: "log" if b else "linear"),
                 "window_steps": per(n)}

@@ -37,6 +37,7 @@ class StepRecord:
     drop_mask: torch.Tensor | None = None  # [B, K] completion tokens the scoring neutralises
     # generation only
     prompt_ids: list[list[int]] | None = None  # the prompts as generated from
+    tasks: list | None = None  # per row: the dataset's `task` column (Sa2VA: mask2caption / caption2mask); None: none
     drop: list[list[bool]] | None = None  # per completion token: repaired by the LogitsGuard, or empty filler
     rewards_per_func: torch.Tensor | None = None  # [B, reward funcs], all processes
     # loss only
@@ -44,8 +45,9 @@ class StepRecord:
 
     @classmethod
     def generation(cls, inputs: list[dict]) -> StepRecord:
-        contexts = [x.get("visual") for x in inputs]
-        return cls(contexts=contexts if any(c is not None for c in contexts) else None)
+        contexts, tasks = [x.get("visual") for x in inputs], [x.get("task") for x in inputs]
+        return cls(contexts=contexts if any(c is not None for c in contexts) else None,
+                   tasks=tasks if any(t is not None for t in tasks) else None)
 
     @classmethod
     def loss(cls, inputs: dict) -> StepRecord:

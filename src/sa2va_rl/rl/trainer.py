@@ -224,10 +224,12 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                            "empty_completions)", empty, len(completions))
         self.stability.record_generation(repaired_rows, sum(map(sum, drop)), empty)
         if self.model.training:  # collapse monitors: host lists, no sync
-            rows = self.data_skip.last_rows
-            self.collapse.observe_completions(completions, rows if rows is not None and len(rows) == len(completions)
-                                              else [tuple(p) for p in prompt_ids], self.args.max_completion_length,
-                                              getattr(self.policy, "seg_id", None))
+            rows, tasks = self.data_skip.last_rows, self.record.tasks
+            self.collapse.observe_completions(
+                completions, rows if rows is not None and len(rows) == len(completions) else
+                [tuple(p) for p in prompt_ids], self.args.max_completion_length,
+                # segmentation answers are one template by design ("Sure, [SEG]."): not a caption collapse
+                [t == "caption2mask" for t in tasks] if tasks is not None and len(tasks) == len(completions) else None)
         self.record.drop = drop
         return completions, None
 
@@ -430,10 +432,10 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         event = self.spike_guard.event(step, causes)  # failure path: reads the statistics back
         self.stability.record_spike(event, skipped=True)
         if self.spike_guard.limiter():
-            logger.warning("step %d skipped: spike in %s (value %s, window mean %s, std %s); %d spike(s) in the last "
-                           "%d steps (logged on the 1st, 2nd, 4th... spike)", step, ", ".join(causes),
-                           event["values"], event["mean"], event["std"], len(self.spike_guard.recent),
-                           self.args.spike_persistent_window)
+            logger.warning("step %d skipped: spike in %s (value %s, window mean %s, band's upper bound %s; judged "
+                           "in %s scale); %d spike(s) in the last %d steps (logged on the 1st, 2nd, 4th... spike)",
+                           step, ", ".join(causes), event["values"], event["mean"], event["threshold"], event["scale"],
+                           len(self.spike_guard.recent), self.args.spike_persistent_window)
         if self.spike_guard.persistent():
             self.rollback.on_persistent(step, (
                 f"{len(self.spike_guard.recent)} loss/grad-norm/KL spikes within {self.args.spike_persistent_window} "
