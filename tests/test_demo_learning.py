@@ -42,7 +42,8 @@ def demo(tmp_path_factory):
 
 def test_demo_learns_the_held_out_colours_and_shapes(demo):
     """Issue I, item 6: after GRPO the held-out captions name the right colour and shape more often than before,
-    sampled as in training (what GRPO optimises) and greedily; they differ across samples; no collapse monitor
+    sampled as in training (what GRPO optimises; every seed tried rises), and greedily not less often (seed 0: 20 ->
+    22 of 48; other seeds stay within one, docs/stability.md); they differ across samples; no collapse monitor
     fired. Each printed count is what the printed captions give."""
     out_dir, out = demo
     assert "{'" not in out and "step 200/200  reward " in out  # one readable line per step, no raw metric dicts

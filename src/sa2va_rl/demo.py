@@ -1,8 +1,8 @@
 """``sa2va-rl demo``: a short GRPO run on the tiny Sa2VA model and synthetic GAR data, end to end.
 
 It goes through the same code as ``sa2va-rl train`` on a real checkpoint (load_sa2va, Sa2VAPolicy,
-GARTaskDataset, Sa2VAGRPOTrainer, save_sa2va), with settings sized for a laptop CPU (about two minutes on 2
-cores): the tiny LLM trains fully (no LoRA) at a high learning rate. A supervised warm start on both tasks (as Sa2VA
+GARTaskDataset, Sa2VAGRPOTrainer, save_sa2va), with settings sized for a laptop CPU (about a minute on 2
+idle cores): the tiny LLM trains fully (no LoRA) at a high learning rate. A supervised warm start on both tasks (as Sa2VA
 is SFT-trained before RL) teaches the answer formats, the masks and part of the colour/shape mapping; GRPO on
 mask2caption then rewards METEOR plus the right colour and shape words (demo_eval.py), and the held-out captions'
 colour/shape accuracy is printed before and after GRPO, greedy and sampled. The warm-started model is saved too, so
