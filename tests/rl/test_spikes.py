@@ -139,6 +139,22 @@ def test_spike_decision_rides_the_grad_guards_one_sync():
     assert spikes.detector.count.tolist() == [4, 4, 0]  # the spike did not enter the history; no KL logged
 
 
+def test_finite_gradients_whose_norm_overflows_are_a_grad_norm_spike():
+    # every gradient finite (1e30), but the fp32 L2 norm overflows: the GradGuard calls the step finite and would
+    # clip it; the detector cannot judge an inf, so the spike guard names it itself
+    model = torch.nn.Linear(4, 4)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e30)
+    spikes = SpikeGuard(window=8, sigma=6.0, warmup=2)
+    report = GradGuard().check(model, extra=spikes.flags)
+    assert report.finite and math.isinf(report.norm)
+    assert spikes.conclude(1, report.extra, report.finite, report.norm) == ["grad_norm"]
+    assert spikes.detector.count.tolist() == [0, 0, 0]  # nothing recorded
+    loss_only = SpikeGuard(window=8, sigma=6.0, warmup=2, signals=("loss",))
+    assert loss_only.conclude(1, [0.0, 0.0, 0.0], True, math.inf) == []  # grad_norm not judged: not a cause
+    assert spikes.conclude(2, [0.0, 0.0, 0.0], False, math.inf) == []  # non-finite: the GradGuard's business
+
+
 def test_kl_is_judged_when_logged_and_only_then():
     spikes = SpikeGuard(window=8, sigma=6.0, warmup=2)  # default signals: grad_norm and kl
     norm = torch.tensor(1.0)

@@ -62,6 +62,7 @@ class SpikeGuard:
         # every signal's statistics are kept; only these may flag a step. Built once: a blocking host->device copy
         # waits for the stream on CUDA, so nothing per step is copied that way
         self.judged = torch.tensor([name in signals for name in SIGNALS], device=self.device)
+        self.judged_names = {name: name in signals for name in SIGNALS}
         self._present = {kl: torch.tensor([True, True, kl], device=self.device) for kl in (False, True)}
         self.persistent_count, self.persistent_window = persistent_count, persistent_window
         self.reduce_mean = reduce_mean
@@ -90,10 +91,15 @@ class SpikeGuard:
         return self.detector.decide(values, present) & self.judged
 
     # ---------------------------------------------------------------- deciding (host values from the sync)
-    def conclude(self, step: int, flags: list[float], finite: bool) -> list[str]:
+    def conclude(self, step: int, flags: list[float], finite: bool, norm: float | None = None) -> list[str]:
         """The causes that flagged this step ([] when none); the step's values enter the statistics only when it is
-        taken (finite and not a spike). Clears the step's accumulators."""
+        taken (finite and not a spike). Clears the step's accumulators. ``norm``: the GradGuard's read of the global
+        norm; finite gradients whose fp32 L2 norm overflowed (inf) are a grad_norm spike whatever the window says
+        (the detector cannot judge an inf)."""
         causes = [name for name, f in zip(SIGNALS, flags, strict=False) if f] if finite else []
+        overflowed = finite and norm is not None and math.isinf(norm) and self.judged_names.get("grad_norm", False)
+        if overflowed:
+            causes = [name for name in SIGNALS if name in causes or name == "grad_norm"]
         if finite and not causes and self._values is not None:
             self.detector.update(self._values, self._mask)
         if causes:

@@ -406,7 +406,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         else:
             self.faults.grads(step, model, self.accelerator.process_index)
             report = self.grad_guard.check(model, extra=None if guard is None else guard.flags)  # same sync
-        causes = [] if guard is None else guard.conclude(step, report.extra, report.finite)
+        causes = [] if guard is None else guard.conclude(step, report.extra, report.finite, report.norm)
         if causes:  # finite, but a spike: skipped like a non-finite step
             return self._skip_spike(step, report, causes)
         if report.finite:
