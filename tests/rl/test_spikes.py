@@ -356,6 +356,15 @@ def test_share_monitors_judge_the_mean_of_their_window(caplog):
     r.load_state_dict(json.loads(json.dumps(h.state_dict())))
     r.observe("cross_prompt_repeat", 0.9)
     assert "for 3 steps in a row at step 3" in r.end_step(3)
+    # under several processes a completion-based monitor is this rank's own: it warns (counted) but never halts
+    m = CollapseMonitor(repeat_share=0.5, share_window=1, halt=True, patience=1, local=("cross_prompt_repeat",))
+    m.observe("cross_prompt_repeat", 0.9)
+    m.observe("entropy", 0.01)
+    message = m.end_step(1)
+    assert m.report()["cross_prompt_repeat"]["crossings"] == 1 and "stability/entropy" in message
+    m = CollapseMonitor(repeat_share=0.5, share_window=1, halt=True, patience=1, local=("cross_prompt_repeat",))
+    m.observe("cross_prompt_repeat", 0.9)
+    assert m.end_step(1) is None and m.report()["cross_prompt_repeat"]["crossings"] == 1
 
 
 def test_entropy_collapse_drill_halts_with_collapse_halt(tiny_causal, prompt_dir, tmp_path):

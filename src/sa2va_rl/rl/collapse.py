@@ -28,7 +28,8 @@ cross_prompt_repeat    share of completions identical to a completion of another
 
 Costs nothing on the device: the completions are host lists already, and entropy and zero-std shares are values TRL
 has already read back for its logs. Under several processes the completion-based monitors see this process's
-completions (a group split across processes is judged on its local part).
+completions (a group split across processes is judged on its local part), so they warn but do not halt: ranks
+could disagree, and one rank halting alone would leave the others waiting in the next collective.
 """
 
 from __future__ import annotations
@@ -95,11 +96,15 @@ class CollapseMonitor(TrainerCallback):
     def __init__(self, entropy_floor: float = 0.05, entropy_fraction: float = 0.1, warmup_steps: int = 5,
                  zero_std_share: float = 0.8, identical_share: float = 0.5, max_length_share: float = 0.5,
                  repeat_share: float = 0.5, halt: bool = False, patience: int = 3, on_halt=None,
-                 share_window: int = 8) -> None:
+                 share_window: int = 8, local: tuple[str, ...] = ()) -> None:
         self.entropy_floor, self.entropy_fraction, self.warmup_steps = entropy_floor, entropy_fraction, warmup_steps
         self.limits = {"zero_std_groups": zero_std_share, "identical_groups": identical_share,
                        "max_length": max_length_share, "cross_prompt_repeat": repeat_share}
         self.halt, self.patience, self.on_halt = halt, patience, on_halt
+        # monitors judged on this process's values only (the completion-based ones under several processes): they
+        # warn but never halt, since ranks could disagree and one halting rank would leave the others waiting in
+        # the next collective
+        self.local = set(local)
         self.recent = {m: deque(maxlen=share_window) for m in self.limits}  # the share monitors' last values
         self.values: dict[str, float] = {}  # the last judged step's values
         self._pending: dict[str, list[float]] = {}  # this step's observations
@@ -157,7 +162,7 @@ class CollapseMonitor(TrainerCallback):
                 logger.warning("collapse monitor: stability/%s = %.4g at step %d (%s; %d step(s) so far). Fix: %s. "
                                "(Logged on the 1st, 2nd, 4th... crossing.)", name, value, step, how,
                                self.crossings[name], FIXES[name])
-            if self.halt and self.streak[name] >= self.patience and message is None:
+            if self.halt and name not in self.local and self.streak[name] >= self.patience and message is None:
                 message = (f"collapse: stability/{name} = {value:.4g} ({how}) for {self.streak[name]} steps in a row "
                            f"at step {step} (collapse_halt, collapse_patience={self.patience}). Fix: {FIXES[name]}")
         return message

@@ -283,7 +283,9 @@ def install(trainer) -> tuple[SpikeGuard | None, DataSkip, object]:
                                args.collapse_max_length_share, args.collapse_repeat_share, args.collapse_halt,
                                args.collapse_patience,
                                on_halt=lambda message: trainer.rollback.halt(message, advice=False),
-                               share_window=args.collapse_share_window)
+                               share_window=args.collapse_share_window,
+                               local=("identical_groups", "max_length", "cross_prompt_repeat")
+                               if acc.num_processes > 1 else ())
     trainer.stability.parts["collapse"] = collapse
     trainer.add_callback(collapse)
     return guard, skip, collapse
