@@ -127,15 +127,23 @@ def test_generate_new_tokens_only_non_empty(loaded):
     assert all(not any(r) for r in gen.repaired)
 
 
+def two_prompts(tok, policy, question_a: str, question_b: str):
+    """Two samples whose prompts differ in length: image 0 with its region prompt, and a 48x32 image 1 without one;
+    (ids_a, visual_a, ids_b, visual_b)."""
+    (img_a, mask_a), (img_b, _) = sample(0), sample(1, h=48, w=32)
+    prompt_a, vis_a = policy.encode(img_a, question_a, [mask_a], key="a")
+    prompt_b, vis_b = policy.encode(img_b, question_b, None, key="b")
+    ids_a, ids_b = tok(prompt_a).input_ids, tok(prompt_b).input_ids
+    assert len(ids_a) != len(ids_b)
+    return ids_a, vis_a, ids_b, vis_b
+
+
 def test_batched_generation_greedy_equals_one_call_per_group(loaded):
     """Two groups (different images, regions and prompt lengths) in one generate() from left-padded inputs_embeds:
     greedy completions equal one unpadded generate() per group."""
     model, tok, policy = loaded
-    (img_a, mask_a), (img_b, _mask_b) = sample(0), sample(1, h=48, w=32)
-    prompt_a, vis_a = policy.encode(img_a, "Describe the region.", [mask_a], key="a")
-    prompt_b, vis_b = policy.encode(img_b, "What is in this picture? Answer briefly.", None, key="b")
-    ids_a, ids_b = tok(prompt_a).input_ids, tok(prompt_b).input_ids
-    assert len(ids_a) != len(ids_b)
+    ids_a, vis_a, ids_b, vis_b = two_prompts(tok, policy, "Describe the region.",
+                                             "What is in this picture? Answer briefly.")
     gc = GenerationConfig(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=2)
     gen = policy.generate(model, [ids_a] * 2 + [ids_b] * 3, gc, LogitsGuard(eos_token_id=2),
                           contexts=[vis_a] * 2 + [vis_b] * 3)
@@ -173,11 +181,7 @@ def test_segment_one_batched_forward_equals_per_completion(loaded):
     [SEG] at different positions, a second [SEG], a row without: the masks equal the per-completion path's, from
     one LLM forward and one grounding encoding per distinct image."""
     model, tok, policy = loaded
-    (img_a, mask_a), (img_b, _) = sample(0), sample(1, h=48, w=32)
-    prompt_a, vis_a = policy.encode(img_a, "Please segment the region.", [mask_a], key="a")
-    prompt_b, vis_b = policy.encode(img_b, "Please segment it.", None, key="b")
-    ids_a, ids_b = tok(prompt_a).input_ids, tok(prompt_b).input_ids
-    assert len(ids_a) != len(ids_b)
+    ids_a, vis_a, ids_b, vis_b = two_prompts(tok, policy, "Please segment the region.", "Please segment it.")
     seg = policy.seg_id
     w = [tok(x, add_special_tokens=False).input_ids[0] for x in ("red", "the", "cat", "Sure")]
     completions = [[seg], [w[0], seg, w[1]], [w[3], w[2], w[1], seg, w[0], seg], [w[0], w[1]],

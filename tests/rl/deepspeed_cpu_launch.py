@@ -18,7 +18,6 @@ where a digest is this rank's weights (ZeRO-3: its shards) then its optimizer st
 AdamW's moments and step counts.
 """
 
-import hashlib
 import os
 import sys
 
@@ -46,22 +45,9 @@ st.PartialState._prepare_backend = prepare_backend
 importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 from sa2va_rl import cli  # noqa: E402
-from sa2va_rl.rl import rewards  # noqa: E402
-from sa2va_rl.rl import checkpoints, deepspeed_guard  # noqa: E402
+from sa2va_rl.rl import deepspeed_guard, rewards  # noqa: E402
 from sa2va_rl.rl.trainer import Sa2VAGRPOTrainer  # noqa: E402
-
-
-def say(line: str) -> None:
-    # one write (atomic on a pipe), starting on a fresh line: another rank's block-buffered stdout can flush half a
-    # line into the shared pipe just before, and a marker glued to it would not match the tests' ^...$ patterns
-    os.write(1, f"\n{line} rank={os.environ.get('RANK', '0')}\n".encode())
-
-
-def _hash(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+from launch_markers import mark_checkpoints, say, tensor_hash  # noqa: E402
 
 
 def digest(engine) -> str:
@@ -70,12 +56,11 @@ def digest(engine) -> str:
     # the fp32 master partitions (ZeRO-1/2, ZeRO-3) and the torch optimizer's state keyed on them
     masters = list(getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_partitioned_groups_flat)
     state = [v for p in masters for _, v in sorted(zero.optimizer.state.get(p, {}).items()) if torch.is_tensor(v)]
-    return f"{_hash(weights)}-{_hash(masters)}-{_hash(state)}"
+    return f"{tensor_hash(weights)}-{tensor_hash(masters)}-{tensor_hash(state)}"
 
 
 _backward = deepspeed_guard.GuardedEngineWrapper.backward
-_install, _save, _restore = (Sa2VAGRPOTrainer._install_deepspeed_guard, Sa2VAGRPOTrainer._save_checkpoint,
-                             checkpoints.Rollback.restore)
+_install = Sa2VAGRPOTrainer._install_deepspeed_guard
 
 
 def backward(self, loss, sync_gradients=True, **kwargs):
@@ -98,17 +83,6 @@ def install(self):
             f"{type(engine.optimizer).__name__} world={self.accelerator.num_processes}")
 
 
-def save(self, model, trial):
-    say(f"SAVED {self.state.global_step} {digest(self.model_wrapped)}")
-    return _save(self, model, trial)
-
-
-def restore(self, checkpoint, step):
-    say(f"BEFORE {step} {digest(self.trainer.model_wrapped)}")
-    _restore(self, checkpoint, step)
-    say(f"RESTORED {checkpoint.rsplit('-', 1)[1]} {digest(self.trainer.model_wrapped)}")
-
-
 def varied(completions, **kwargs):
     return [float(i % 2) for i in range(len(completions))]
 
@@ -116,7 +90,7 @@ def varied(completions, **kwargs):
 if os.environ.get("SA2VA_DRILL_VARIED_REWARD") == "1":
     rewards.REWARDS["token_f1"] = varied
 deepspeed_guard.GuardedEngineWrapper.backward = backward
-Sa2VAGRPOTrainer._install_deepspeed_guard, Sa2VAGRPOTrainer._save_checkpoint = install, save
-checkpoints.Rollback.restore = restore
+Sa2VAGRPOTrainer._install_deepspeed_guard = install
+mark_checkpoints(lambda trainer: digest(trainer.model_wrapped))
 torch.set_num_threads(1)
 sys.exit(cli.main(sys.argv[1:]))

@@ -12,9 +12,7 @@ checkpoints run as on GPUs), then runs the CLI. It also prints what the test nee
   a rollback; BEFORE <step> <digest> rank=<r>: the shards just before that rollback
 """
 
-import hashlib
 import inspect
-import os
 import re
 import sys
 import textwrap
@@ -31,24 +29,8 @@ exec(compile(src, st.__file__, "exec"), st.__dict__, ns)
 st.AcceleratorState.__init__ = ns["__init__"]
 
 from sa2va_rl import cli  # noqa: E402
-from sa2va_rl.rl import checkpoints  # noqa: E402
 from sa2va_rl.rl.trainer import Sa2VAGRPOTrainer  # noqa: E402
-
-
-def say(line: str) -> None:
-    """One write per line (atomic on a pipe): the two ranks share the launcher's stdout."""
-    # one write (atomic on a pipe), starting on a fresh line: another rank's block-buffered stdout can flush half a
-    # line into the shared pipe just before, and a marker glued to it would not match the tests' ^...$ patterns
-    os.write(1, f"\n{line} rank={os.environ.get('RANK', '0')}\n".encode())
-
-
-def _hash(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach()
-        t = t.to_local() if hasattr(t, "to_local") else t
-        h.update(t.float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+from launch_markers import mark_checkpoints, say, tensor_hash  # noqa: E402
 
 
 def digest(trainer) -> str:
@@ -56,10 +38,10 @@ def digest(trainer) -> str:
     # by key: a restored state dict may list its entries in another order (FSDP1's load does)
     state = [v for p in trainer.model.parameters() for _, v in sorted(trainer.optimizer.state.get(p, {}).items())
              if torch.is_tensor(v)]
-    return f"{_hash(trainer.model.parameters())}-{_hash(state)}"
+    return f"{tensor_hash(trainer.model.parameters())}-{tensor_hash(state)}"
 
 
-_clip, _save, _restore = Sa2VAGRPOTrainer._clip_grad_norm, Sa2VAGRPOTrainer._save_checkpoint, checkpoints.Rollback.restore
+_clip = Sa2VAGRPOTrainer._clip_grad_norm
 
 
 def clip(self, model):
@@ -70,18 +52,7 @@ def clip(self, model):
     return _clip(self, model)
 
 
-def save(self, model, trial):
-    say(f"SAVED {self.state.global_step} {digest(self)}")
-    return _save(self, model, trial)
-
-
-def restore(self, checkpoint, step):
-    say(f"BEFORE {step} {digest(self.trainer)}")
-    _restore(self, checkpoint, step)
-    say(f"RESTORED {checkpoint.rsplit('-', 1)[1]} {digest(self.trainer)}")
-
-
-Sa2VAGRPOTrainer._clip_grad_norm, Sa2VAGRPOTrainer._save_checkpoint = clip, save
-checkpoints.Rollback.restore = restore
+Sa2VAGRPOTrainer._clip_grad_norm = clip
+mark_checkpoints(digest)
 torch.set_num_threads(1)
 sys.exit(cli.main(sys.argv[1:]))

@@ -11,14 +11,13 @@ Skipped when DeepSpeed is not installed (`pip install -e .[dev]` installs it).""
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 
 pytest.importorskip("deepspeed")
 
-from tests.rl.test_distributed import free_port, gloo  # noqa: E402
+from tests.rl.test_distributed import free_port, gloo, run_launch  # noqa: E402
 
 LAUNCHER = os.path.join(os.path.dirname(__file__), "deepspeed_cpu_launch.py")
 OPTIMIZER = {1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}
@@ -40,12 +39,7 @@ def launch(nproc, stage, model, data, out, tmp_path, *extra):
            "--learning_rate", "1e-2", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
            "--deepspeed", ds_config(tmp_path, stage), *extra]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SA2VA_DRILL_VARIED_REWARD": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    report = None
-    if (out / "stability.json").exists():
-        with open(out / "stability.json") as f:
-            report = json.load(f)
-    return proc, report
+    return run_launch(cmd, out, timeout=600, env=env)
 
 
 def steps(proc):

@@ -32,7 +32,12 @@ def launch(model, data, out, *extra, script=None, env=None):
            "--batch_size", "2", "--num_generations", "4", "--max_completion_length", "6", "--warmup_steps", "0",
            "--learning_rate", "1e-2", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
            "--seed", "0", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return run_launch(cmd, out, timeout=300, env=env)
+
+
+def run_launch(cmd, out, timeout, env=None):
+    """Run a launch command; (process, out/stability.json or None when the run wrote none)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     report = None
     if (out / "stability.json").exists():
         with open(out / "stability.json") as f:
