@@ -76,7 +76,7 @@ def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = STEPS, seed: int = 0,
     )
     rows = GARTaskDataset(reader, policy, tasks)
     if warm_start_steps:
-        both = GARTaskDataset(reader, policy, task_list("both"))
+        both = rows if task == "both" else GARTaskDataset(reader, policy, task_list("both"))
         loss0, loss1 = warm_start(model, tokenizer, policy, both, warm_start_steps, seed)
         logger.info("warm start (supervised, %d steps): loss %.3f -> %.3f", warm_start_steps, loss0, loss1)
         save_sa2va(model, tokenizer, os.path.join(out_dir, "warm-start"))

@@ -27,8 +27,8 @@ Rules, per signal:
 * Non-finite values and exact zeros (for log signals: values <= 0) are neither judged nor recorded: non-finite
   steps are the GradGuard's, and an exact zero (no learning signal: every group's advantages zero) says nothing
   about the signal's scale.
-* Only accepted steps enter the history (``update(..., accepted=True)``), so one spike does not widen the band for
-  the next one.
+* Only accepted steps enter the history (the caller ``update``s only the steps it took), so one spike does not
+  widen the band for the next one.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class SpikeDetector:
         self.two_sided, self.log_scale, self.buf, self.count = (
             t.to(self.device) for t in (self.two_sided, self.log_scale, self.buf, self.count))
         self._slots = torch.arange(self.window, device=self.device)[None, :]
-        self._seen = None  # (values, judged values, usable, window median) of the last decide, for update
+        self._seen = None  # (values, their _version, judged values, usable, window median) of the last decide
         return self
 
     def _judged(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,8 +27,8 @@ def group_advantages(rewards_per_func: torch.Tensor, weights: torch.Tensor, num_
     # a group whose rewards are all equal is centred to exact zeros: its fp32 mean can sit an ulp off the rewards, and
     # those ~1e-8 "advantages" gave a gradient of ~1e-7 where there is no signal at all (the spike guard's window
     # then saw a 1e-7 norm among 0.3s; an exact zero it ignores)
-    tied = torch.where(grouped.isnan(), -torch.inf, grouped).amax(1) == torch.where(grouped.isnan(), torch.inf,
-                                                                                      grouped).amin(1)
+    missing = grouped.isnan()
+    tied = torch.where(missing, -torch.inf, grouped).amax(1) == torch.where(missing, torch.inf, grouped).amin(1)
     centred = torch.where(tied[:, None], 0.0, grouped - mean)
     if scale == "group":
         std = nanstd(grouped, dim=1).unsqueeze(1)

@@ -62,7 +62,7 @@ class SpikeGuard:
         # every signal's statistics are kept; only these may flag a step. Built once: a blocking host->device copy
         # waits for the stream on CUDA, so nothing per step is copied that way
         self.judged = torch.tensor([name in signals for name in SIGNALS], device=self.device)
-        self.judged_names = {name: name in signals for name in SIGNALS}
+        self.signals = frozenset(signals)
         self._present = {kl: torch.tensor([True, True, kl], device=self.device) for kl in (False, True)}
         self.persistent_count, self.persistent_window = persistent_count, persistent_window
         self.reduce_mean = reduce_mean
@@ -97,7 +97,7 @@ class SpikeGuard:
         norm; finite gradients whose fp32 L2 norm overflowed (inf) are a grad_norm spike whatever the window says
         (the detector cannot judge an inf)."""
         causes = [name for name, f in zip(SIGNALS, flags, strict=False) if f] if finite else []
-        overflowed = finite and norm is not None and math.isinf(norm) and self.judged_names.get("grad_norm", False)
+        overflowed = finite and norm is not None and math.isinf(norm) and "grad_norm" in self.signals
         if overflowed:
             causes = [name for name in SIGNALS if name in causes or name == "grad_norm"]
         if finite and not causes and self._values is not None:

@@ -4,8 +4,9 @@ TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The o
 
 * ``_generate_single_turn``: generation goes through the Policy with the LogitsGuard; completions are the
   new tokens only; empty completions become one dropped EOS token (zero loss, counted). The model comes from
-  ``_generation_model`` (TRL's unwrap without its per-step cost), and activation checkpointing is paused once per
-  generation batch by ``checkpointing_paused`` (TRL's own toggle adds an embedding hook per call that stays).
+  ``_generation_model`` (TRL's unwrap without its per-step cost); activation checkpointing is paused once per
+  generation batch, around ``_generate_and_score_completions``, by ``checkpointing_paused`` (TRL's own toggle adds
+  an embedding hook per call that stays).
 * ``_generate``: tokens sampled from repaired rows become TRL's ``tool_mask`` zeros, so the loss's own
   mask (``completion_mask * tool_mask``) drops them.
 * ``_get_per_token_logps_and_entropies``: the Policy's fp32, right-padded scoring; dropped positions are
@@ -238,9 +239,10 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         """The unwrapped model that generates: what TRL's ``unwrap_model_for_generation`` yields, without its per-call
         overhead (about 0.8 ms a call on CPU, 2% of a small step). ZeRO-3, whose parameters must be gathered, takes
         TRL's own context. Elsewhere the unwrap (``accelerator.unwrap_model``, which reads package metadata from disk
-        on every call) is done once per wrapped model, not per step, and activation checkpointing is paused with
-        ``checkpointing_paused`` (TRL's disable/enable pair leaks a hook per call: see there). TRL's generation-config
-        override is a no-op from transformers 5 on (its own check; the package needs 5.x)."""
+        on every call) is done once per wrapped model, not per step; activation checkpointing is already paused by
+        ``_generate_and_score_completions``, around every generation (``checkpointing_paused``: TRL's disable/enable
+        pair leaks a hook per call). TRL's generation-config override is a no-op from transformers 5 on (its own
+        check; the package needs 5.x)."""
         if self._dist.is_zero3:
             with unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator,
@@ -254,8 +256,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         if wrapped is not self.model_wrapped:  # the first generation, or the Trainer wrapped the model anew
             model = self.accelerator.unwrap_model(self.model_wrapped)
             self._unwrapped_for_generation = (self.model_wrapped, model)
-        with checkpointing_paused(model):
-            yield model
+        yield model
 
     def _trace_logits(self, model, prompt_ids, gen, step, rows) -> None:
         """First repaired logits of the run: re-run the first affected prompt with nan_trace (failure path only)
