@@ -1,14 +1,13 @@
 import copy
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from sa2va_rl.numerics import GradGuard
+from tests.spawn import spawn_workers
 from tests.syncs import CountSyncs
 
 
@@ -172,11 +171,6 @@ def test_no_grads_is_finite():
     assert GradGuard().check(make_model()).finite
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank, world, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -194,10 +188,6 @@ def _worker(rank, world, port, results):
 
 def test_distributed_ranks_agree():
     """A NaN on rank 1 only: both ranks decide 'non-finite'."""
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(_worker, args=(2, _free_port(), results), nprocs=2, join=True, start_method="spawn")
-        results = dict(results)
+    results = spawn_workers(_worker, 2, expected=2)
     assert results[0][:2] == (False, "nan") and results[1][:2] == (False, "nan")
     assert results[0][2] == [] and results[1][2] == ["0.weight"]

@@ -17,21 +17,14 @@ and agree across ranks, and both ranks name the rank-1 parameter.
 
 import math
 import os
-import warnings
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.spawn import spawn_workers
 
 ENGINES = ["ddp", "fsdp1", "fsdp1_flat", "fsdp2", "zero_parts"]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build():
@@ -189,19 +182,7 @@ def _worker(rank, world, port, results):
 def results():
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch without gloo")
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        res = manager.dict()
-        try:
-            mp.start_processes(_worker, args=(2, _free_port(), res), nprocs=2, join=True, start_method="spawn")
-        except mp.ProcessExitedException:
-            # gloo can abort one process while the two tear the group down ("terminate called without an active
-            # exception", seen once in CI): harmless once every engine's result of both ranks has been delivered
-            # (the tests check them all); a crash before that still fails here
-            if len(res) < 2 * len(ENGINES):
-                raise
-            warnings.warn("a worker aborted after delivering every result (gloo teardown)")
-        return dict(res)
+    return spawn_workers(_worker, 2, expected=2 * len(ENGINES))  # every engine's result of both ranks
 
 
 @pytest.mark.parametrize("engine", ENGINES)

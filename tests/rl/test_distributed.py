@@ -7,18 +7,13 @@ runs multi-CPU jobs only through MPI. Inside, accelerate's Accelerator sets up t
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch.distributed as dist
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.spawn import free_port
 
 
 gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch without gloo")
