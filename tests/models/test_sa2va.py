@@ -9,7 +9,7 @@ from transformers import GenerationConfig
 
 from sa2va_rl.models.sa2va import (BannedTokens, Sa2VAModelArgs, Sa2VAPolicy, is_sa2va_checkpoint, lm_parts,
                                    load_sa2va, prepare_for_training, save_sa2va)
-from sa2va_rl.models.grounding import decode_masks
+from sa2va_rl.models.grounding import decode_masks, encode_image, mask_logits
 from sa2va_rl.models.sa2va_inputs import IMG_CONTEXT, region_cells, tile_image
 from sa2va_rl.numerics import LogitsGuard
 
@@ -209,7 +209,16 @@ def test_segment_one_batched_forward_equals_per_completion(loaded):
     torch.testing.assert_close(got_states, torch.stack([want_states[i] for i in rows]), rtol=1e-5, atol=1e-6)
     for i in rows:
         assert masks[i].shape == contexts[i].image.shape[:2] and masks[i].dtype == bool
-        assert np.array_equal(masks[i], want[i]), i
+        # equal masks, except where the reference's logit is within fp32 noise of 0: the random tiny decoder's logits
+        # are ~3e-4 at most, and the batched forward's last-ulp differences moved one of 2240 pixels' logit (9e-8)
+        # across 0 on the locked versions
+        h, w = contexts[i].image.shape[:2]
+        with torch.no_grad():
+            logit = F.interpolate(mask_logits(model, want_states[i][None], encode_image(model, contexts[i].image))
+                                  [:, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        undecided = (logit.abs() < 1e-3 * logit.abs().max()).numpy()
+        assert np.array_equal(masks[i] | undecided, want[i] | undecided), i
+        assert undecided.mean() < 0.05, i  # the test still decides almost every pixel
     assert len({masks[i].tobytes() for i in rows}) > 2 and any(0 < masks[i].mean() < 1 for i in rows)
 
 

@@ -13,9 +13,12 @@ from PIL import Image
 from safetensors import safe_open
 
 from sa2va_rl.models.sa2va import Sa2VAModelArgs, lm_parts, load_sa2va, make_policy, prepare_for_training, save_sa2va
-from sa2va_rl.models.upstream import FIXES, PIP_EXTRA, UpstreamLoadError, load_upstream
+from sa2va_rl.models.upstream import (FIXES, PIP_EXTRA, UpstreamLoadError, load_upstream,
+                                      transformers_ships_attn_mask_utils)
 
-BASE_FIXES = {"attn_mask_utils", "post_init", "count_attr", "sam2_device"}
+# attn_mask_utils applies only where transformers lacks that module (5.0-5.24; 5.25 ships it again)
+BASE_FIXES = {"post_init", "count_attr", "sam2_device"} | (
+    set() if transformers_ships_attn_mask_utils() else {"attn_mask_utils"})
 
 
 @pytest.fixture
@@ -249,3 +252,21 @@ def test_batched_generation_greedy_equals_one_call_per_group_on_released_code(ck
     single = [c for p, v in zip(prompts, contexts)
               for c in policy.generate(model, [p] * 2, gc, None, contexts=[v] * 2).completion_ids]
     assert batched == single and batched[0] != batched[-1]
+
+
+def test_the_sa2va_extra_leaves_torchvision_to_the_line_made_for_the_installed_torch():
+    """Issue N, item 2: ``pip install -e ".[sa2va]"`` must never replace the installed torch, so the extra names no
+    torchvision; the fix line pairs torch 2.N.p with torchvision 0.(N+15).p from the build's own index."""
+    from sa2va_rl.models.upstream import torchvision_pip_line
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "pyproject.toml"), "rb") as f:
+        extra = tomllib.load(f)["project"]["optional-dependencies"]["sa2va"]
+    assert not [r for r in extra if r.lower().startswith("torchvision")], extra
+    assert torchvision_pip_line("2.13.0+cpu") == \
+        "pip install torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu"
+    assert torchvision_pip_line("2.14.1+cu130") == \
+        "pip install torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu130"
+    assert torchvision_pip_line("2.6.0") == "pip install torchvision==0.21.0"
+    assert torchvision_pip_line() in PIP_EXTRA

@@ -42,6 +42,29 @@ def encode_image(model, image: np.ndarray) -> GroundingImage:
     return GroundingImage(pixels, enc.sam2_model.forward_image(pixels), int(image.shape[0]), int(image.shape[1]))
 
 
+class ImageCache:
+    """The grounding encoder's features of each distinct image, encoded once (keyed by the image array's identity:
+    the G rows of a group share one array). ``encodes`` counts the encoder runs. One per step: the rewards'
+    ``[SEG]`` masks, the cycle reward's re-segmentation and the mask loss all read the same features (SAM2's encoder
+    is frozen, so features computed without grad serve the loss too)."""
+
+    def __init__(self) -> None:
+        self._features: dict[int, tuple[np.ndarray, GroundingImage]] = {}
+        self.encodes = 0
+
+    def get(self, model, image: np.ndarray) -> GroundingImage:
+        hit = self._features.get(id(image))
+        if hit is None or hit[0] is not image:  # the array itself is kept, so its id cannot be reused meanwhile
+            with torch.no_grad():
+                hit = (image, encode_image(model, image))
+            self._features[id(image)] = hit
+            self.encodes += 1
+        return hit[1]
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+
 def _state(enc, img: GroundingImage) -> dict:
     """A fresh single-frame inference state with the devices and the encoded features already set."""
     state = enc.get_sam2_embeddings(img.pixels)

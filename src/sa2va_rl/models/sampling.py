@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from sa2va_rl.models.grounding import decode_masks, encode_image
+from sa2va_rl.models.grounding import ImageCache, decode_masks
 from sa2va_rl.models.policy import (Generation, StepCounter, collect_generation, eos_set, left_pad, prompt_groups,
                                     right_aligned_logprobs, right_pad)
 from sa2va_rl.numerics import LogitsGuard
@@ -164,30 +164,47 @@ class GroundedPolicy:
                                       head_rows=head.weight.shape[0], compute_entropy=compute_entropy)
 
     @torch.no_grad()
-    def segment(self, model, prompt_ids: list[list[int]], completion_ids: list[list[int]], contexts
-                ) -> list[np.ndarray | None]:
-        """The mask of the first ``[SEG]`` of each completion (bool [H, W]), or None without ``[SEG]``.
+    def segment(self, model, prompt_ids: list[list[int]], completion_ids: list[list[int]], contexts,
+                cache: ImageCache | None = None) -> list[np.ndarray | None]:
+        """The mask of the first ``[SEG]`` of each completion (bool [H, W]), or None without ``[SEG]``."""
+        index = [[c.index(self.seg_id)] if self.seg_id in c else [] for c in completion_ids]
+        return [m[0] if m else None
+                for m in self.segment_at(model, prompt_ids, completion_ids, contexts, index, cache)]
 
-        One LLM forward for every row with ``[SEG]``: each row is cut after its first ``[SEG]`` (attention is causal,
-        so the state there does not depend on what follows) and right-padded (the real tokens keep positions 0..n-1);
-        the grounding encoder runs once per distinct image and its decoder once per image for all of that image's
-        rows (models/grounding.py)."""
+    @torch.no_grad()
+    def segment_at(self, model, prompt_ids: list[list[int]], completion_ids: list[list[int]], contexts,
+                   seg_index: list[list[int]], cache: ImageCache | None = None) -> list[list[np.ndarray]]:
+        """The masks of the ``[SEG]`` tokens at completion positions ``seg_index[i]`` of each row (bool [H, W] each,
+        in that order; an empty list where a row names none).
+
+        One LLM forward for every row that names a ``[SEG]``: each row is cut after its last named ``[SEG]``
+        (attention is causal, so the states there do not depend on what follows) and right-padded (the real tokens
+        keep positions 0..n-1); the grounding encoder runs once per distinct image (``cache``, shared with the
+        caller's other calls of the step if given) and its decoder once per image for all of that image's
+        ``[SEG]``s (models/grounding.py)."""
         contexts = self._require(contexts, len(prompt_ids))
-        out: list[np.ndarray | None] = [None] * len(prompt_ids)
-        rows = [i for i, c in enumerate(completion_ids) if self.seg_id in c]
+        out: list[list[np.ndarray]] = [[] for _ in prompt_ids]
+        rows = [i for i, idx in enumerate(seg_index) if idx]
         if not rows:
             return out
+        for i in rows:
+            c = completion_ids[i]
+            bad = [j for j in seg_index[i] if not 0 <= j < len(c) or c[j] != self.seg_id]
+            if bad:
+                raise ValueError(f"segment_at: row {i}: positions {bad} are not [SEG] tokens of its completion")
+        cache = cache if cache is not None else ImageCache()
         device = next(model.parameters()).device
-        seqs = [prompt_ids[i] + completion_ids[i][:completion_ids[i].index(self.seg_id) + 1] for i in rows]
+        seqs = [prompt_ids[i] + completion_ids[i][:max(seg_index[i]) + 1] for i in rows]
         ids, att = right_pad(seqs, self.pad_token_id, device)
         hidden = self._tail_hidden(model, ids, att, ids.shape[1], [contexts[i] for i in rows])  # [n, L, C]
-        last = torch.tensor([len(s) - 1 for s in seqs], device=device)
-        hidden = hidden[torch.arange(len(rows), device=device), last]  # [n, C]: the state at each first [SEG]
-        by_image: dict[int, list[int]] = {}  # the G rows of a group share one image
-        for k, i in enumerate(rows):
-            by_image.setdefault(id(contexts[i].image), []).append(k)
-        for ks in by_image.values():
-            img = encode_image(model, contexts[rows[ks[0]]].image)
-            for k, m in zip(ks, decode_masks(model, hidden[ks], img), strict=True):
-                out[rows[k]] = m.numpy()
+        who = [(k, len(prompt_ids[i]) + j) for k, i in enumerate(rows) for j in seg_index[i]]  # (row, position)
+        states = hidden[torch.tensor([k for k, _ in who], device=device),
+                        torch.tensor([t for _, t in who], device=device)]  # [number of [SEG]s, C]
+        by_image: dict[int, list[int]] = {}  # index into who, per image (the G rows of a group share one image)
+        for n, (k, _) in enumerate(who):
+            by_image.setdefault(id(contexts[rows[k]].image), []).append(n)
+        for ns in by_image.values():
+            img = cache.get(model, contexts[rows[who[ns[0]][0]]].image)
+            for n, m in zip(ns, decode_masks(model, states[ns], img), strict=True):
+                out[rows[who[n][0]]].append(m.numpy())
         return out

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 import types
@@ -39,8 +40,26 @@ INTERNVL, QWEN_VL = "internvl", "qwen_vl"
 # what the released remote code imports at module level, beyond the project's own dependencies
 EXTRA_PACKAGES = {"timm": "timm", "einops": "einops", "torchvision": "torchvision", "qwen_vl_utils": "qwen-vl-utils",
                   "sentencepiece": "sentencepiece", "peft": "peft"}
-PIP_EXTRA = 'pip install -e ".[sa2va]"  (timm, einops, torchvision, qwen-vl-utils; on a GPU, the torchvision ' \
-            'build that matches your torch)'
+
+
+def torchvision_pip_line(torch_version: str | None = None) -> str:
+    """The pip line for the torchvision release built for the installed torch (torch 2.N.p pairs with torchvision
+    0.(N+15).p; a local build tag such as ``+cpu`` or ``+cu128`` names the PyTorch index to take it from)."""
+    version = torch_version or torch.__version__
+    m = re.match(r"^2\.(\d+)\.(\d+)(?:\+(\w+))?", version)
+    if not m:
+        return "pip install torchvision  (the build made for your torch; see pytorch.org/get-started/previous-versions)"
+    minor, patch, local = int(m[1]), int(m[2]), m[3]
+    line = f"pip install torchvision==0.{minor + 15}.{patch}"
+    if local:
+        line += f" --index-url https://download.pytorch.org/whl/{local}"
+    return line
+
+
+# The extra leaves torchvision out: a torchvision pinned there could replace the installed torch (PyPI's wheel pulls
+# its own CUDA torch); the line above installs the one made for this torch.
+PIP_EXTRA = (f'pip install -e ".[sa2va]" && {torchvision_pip_line()}  (timm, einops, qwen-vl-utils, and the '
+             'torchvision made for your torch)')
 
 
 class UpstreamLoadError(RuntimeError):
@@ -246,12 +265,24 @@ def _prepare_4d_causal_attention_mask(attention_mask, input_shape, inputs_embeds
     return torch.zeros(bsz, 1, q, kv, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+_ATTN_MASK_UTILS = "transformers.modeling_attn_mask_utils"
+
+
+def transformers_ships_attn_mask_utils() -> bool:
+    """Whether the installed transformers has its own ``modeling_attn_mask_utils`` (4.x, and again 5.25 on), so the
+    ``attn_mask_utils`` fix is not needed; our stand-in, once registered, does not count."""
+    module = sys.modules.get(_ATTN_MASK_UTILS)
+    if module is not None:
+        return not getattr(module, "_sa2va_rl_shim", False)
+    return importlib.util.find_spec(_ATTN_MASK_UTILS) is not None
+
+
 def _attn_mask_utils_shim(applied: list[str]) -> None:
-    name = "transformers.modeling_attn_mask_utils"
+    name = _ATTN_MASK_UTILS
     if getattr(sys.modules.get(name), "_sa2va_rl_shim", False):
         applied.append("attn_mask_utils")
         return
-    if name in sys.modules or importlib.util.find_spec(name) is not None:
+    if transformers_ships_attn_mask_utils():
         return
     shim = types.ModuleType(name)
     shim.__doc__ = "sa2va-rl: stands in for the module transformers 5 removed (see sa2va_rl.models.upstream)."
