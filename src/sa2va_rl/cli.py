@@ -100,6 +100,10 @@ def _train(argv: list[str]) -> int:
         return _fail(EXIT_USAGE, f"--task {script.task}: {script.model_path} is a causal LM, not a Sa2VA checkpoint; "
                                  "--task applies to Sa2VA only (drop it, or point --model_path at a Sa2VA model)")
     script.task = script.task or "both"
+    if config.mask_loss_weight > 0 and (not sa2va or script.task == "mask2caption"):
+        return _fail(EXIT_USAGE, f"--mask_loss_weight {config.mask_loss_weight}: the mask loss trains Sa2VA's "
+                                 "caption2mask rows; use a Sa2VA checkpoint with --task caption2mask or both (or "
+                                 "--mask_loss_weight 0)")
     if jargs.judge_url and (not sa2va or script.task == "caption2mask"):
         return _fail(EXIT_USAGE, "--judge_url scores captions: it needs a Sa2VA checkpoint and --task mask2caption "
                                  "or both")
@@ -198,7 +202,7 @@ def _build_sa2va_run(script, margs, config, jargs=None):
     from transformers import set_seed
 
     set_seed(config.seed)  # the LoRA init draws before the trainer seeds anything: same --seed, same run
-    prepare_for_training(model, margs)
+    prepare_for_training(model, margs, mask_loss=config.mask_loss_weight > 0)
     judge = jargs.build() if jargs is not None else None
     funcs, weights = task_rewards(tasks, judge=judge)
     if config.reward_weights is None:
@@ -405,6 +409,8 @@ def _demo(args: argparse.Namespace) -> int:
     from sa2va_rl.demo import run_demo
 
     extra = {} if args.steps is None else {"steps": args.steps}
+    if args.mask_loss_weight is not None:
+        extra["mask_loss_weight"] = args.mask_loss_weight
     return run_demo(out_dir=args.out_dir, seed=args.seed, beta=args.beta, dynamic_sampling=args.dynamic_sampling,
                     task=args.task, **extra)
 
@@ -451,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="KL penalty to the warm-started model (default: the demo's own, see sa2va_rl/demo.py)")
     demo.add_argument("--dynamic_sampling", action="store_true",
                       help="refill groups with zero reward std from the data (DAPO), counted in the summary")
+    demo.add_argument("--mask_loss_weight", type=float, default=None,
+                      help="the supervised mask loss on caption2mask rows inside GRPO (rl/mask_loss.py; default: the "
+                           "demo's own, see sa2va_rl/demo.py)")
     demo.set_defaults(func=_demo)
     doctor = sub.add_parser("doctor", help="check versions, device, model, one guarded generation, one fp32 "
                                            "forward/backward, the data and the rewards; exit 1 on any failure")

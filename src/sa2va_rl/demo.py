@@ -42,7 +42,7 @@ GRPO_TASKS = "mask2caption"
 def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = STEPS, seed: int = 0,
              warm_start_steps: int = WARM_START_STEPS, learning_rate: float = 3e-4, beta: float | None = None,
              dynamic_sampling: bool = False, eval_samples: int = EVAL_SAMPLES, task: str = GRPO_TASKS,
-             train_rows: int = TRAIN_ROWS) -> int:
+             train_rows: int = TRAIN_ROWS, mask_loss_weight: float = 0.0) -> int:
     from sa2va_rl.data.gar import GARReader
     from sa2va_rl.data.synthetic import make_gar_data
     from sa2va_rl.demo_eval import caption_accuracy, demo_rewards, sampled_accuracy
@@ -62,7 +62,7 @@ def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = STEPS, seed: int = 0,
     logger.info("demo: tiny Sa2VA in %s, synthetic GAR in %s, run in %s", model_dir, data_dir, run_dir)
 
     model, tokenizer = load_sa2va(model_dir)
-    prepare_for_training(model, Sa2VAModelArgs(lora_r=0))
+    prepare_for_training(model, Sa2VAModelArgs(lora_r=0), mask_loss=mask_loss_weight > 0)
     policy = Sa2VAPolicy(model, tokenizer)
     tasks = task_list(task)
     funcs, weights = demo_rewards(tasks)
@@ -72,7 +72,7 @@ def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = STEPS, seed: int = 0,
         warmup_steps=2, max_completion_length=16, reward_weights=weights, logging_steps=1, save_strategy="no",
         report_to=["tensorboard"], seed=seed, stability_summary_steps=10, disable_tqdm=False,
         beta=BETA if beta is None else beta,
-        dynamic_sampling=dynamic_sampling,
+        dynamic_sampling=dynamic_sampling, mask_loss_weight=mask_loss_weight,
     )
     rows = GARTaskDataset(reader, policy, tasks)
     if warm_start_steps:

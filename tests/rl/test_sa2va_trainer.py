@@ -26,7 +26,8 @@ def distinct_words(completions, **kwargs):
 def make(tiny_sa2va, gar_dir, out, task="both", rewards=None, lora_r=0, **overrides):
     torch.manual_seed(0)
     model, tok = load_sa2va(tiny_sa2va)
-    prepare_for_training(model, Sa2VAModelArgs(lora_r=lora_r, lora_alpha=2 * max(lora_r, 1)))
+    prepare_for_training(model, Sa2VAModelArgs(lora_r=lora_r, lora_alpha=2 * max(lora_r, 1)),
+                         mask_loss=overrides.get("mask_loss_weight", 0) > 0)
     policy = Sa2VAPolicy(model, tok)
     tasks = task_list(task)
     funcs, weights = task_rewards(tasks)
@@ -218,7 +219,7 @@ def test_caption2mask_step_encodes_each_distinct_image_once(tiny_sa2va, gar_dir,
     forward_image = sam2.forward_image
     sam2.forward_image = lambda pixels: encodes.append(pixels.shape) or forward_image(pixels)
     seg_forwards = []  # LLM backbone forwards while the step segments
-    backbone, segment = lm_parts(trainer.model)[1], trainer.policy.segment
+    backbone, segment = lm_parts(trainer.model)[1], trainer.policy.segment_at
 
     def counted_segment(*args, **kwargs):
         h = backbone.register_forward_pre_hook(lambda m, a: seg_forwards.append(1))
@@ -227,14 +228,14 @@ def test_caption2mask_step_encodes_each_distinct_image_once(tiny_sa2va, gar_dir,
         finally:
             h.remove()
 
-    trainer.policy.segment = counted_segment
+    trainer.policy.segment_at = counted_segment
     try:
         rows = batch(trainer, rows=(0, 1))
         trainer._generate_and_score_completions(rows)
     finally:
         hook.remove()
         del sam2.forward_image
-        del trainer.policy.segment
+        del trainer.policy.segment_at
     images = {id(r["visual"].image) for r in rows}
     assert len(images) == 2 and len(rows) == 8
     assert trainer._metrics["train"]["seg/no_seg_frac"][-1] == 0.0  # all 8 completions were segmented

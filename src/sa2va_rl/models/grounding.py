@@ -73,11 +73,18 @@ def _state(enc, img: GroundingImage) -> dict:
     return state
 
 
-def mask_logits(model, seg_hidden: torch.Tensor, img: GroundingImage) -> torch.Tensor:
+def mask_logits(model, seg_hidden: torch.Tensor, img: GroundingImage, grad: bool = False) -> torch.Tensor:
     """Last-layer hidden states at ``[SEG]`` [n, C] -> mask logits [n, h', w'] at the decoder's resolution:
-    ``text_hidden_fcs``, then one object per fresh state, as upstream (differentiable where the decoder is)."""
+    ``text_hidden_fcs``, then one object per fresh state, as upstream.
+
+    ``grad``: the training path, upstream's ``inject_language_embd`` (SAM2's decoder on the language prompt, the
+    low-resolution logits, no memory propagation; what Sa2VA's own training calls), differentiable with respect to
+    the hidden states, ``text_hidden_fcs`` and the decoder. Otherwise the inference path,
+    ``language_embd_inference`` (upstream runs it under ``inference_mode``), as ``predict_forward`` does."""
     enc = model.grounding_encoder
     emb = model.text_hidden_fcs(seg_hidden)  # [n, D]
+    if grad:
+        return torch.cat([enc.inject_language_embd(_state(enc, img), [e[None]])[0, :1] for e in emb])
     return torch.cat([enc.language_embd_inference(_state(enc, img), [e[None]])[0, :1] for e in emb])
 
 

@@ -61,8 +61,9 @@ class Sa2VAModelArgs:
                 "projections; InternLM2: wqkv,wo,w1,w2,w3)."})
     train_vision: bool = field(default=False, metadata={"help": "Train the vision tower and mlp1 (frozen by "
                                                                 "default)."})
-    train_mask_decoder: bool = field(default=False, metadata={"help": "Train text_hidden_fcs and the grounding "
-                                                                      "(SAM2) decoder (frozen by default)."})
+    train_mask_decoder: bool = field(default=False, metadata={
+        "help": "Train text_hidden_fcs and SAM2's mask decoder and prompt encoder (frozen by default; SAM2's image "
+                "encoder never trains). text_hidden_fcs also trains whenever --mask_loss_weight > 0."})
     max_tiles: int | None = field(default=None, metadata={"help": "Most 448-px tiles per image (default: the "
                                                                   "checkpoint's max_dynamic_patch, else 12)."})
     save_dtype: str = field(default="input", metadata={
@@ -160,8 +161,16 @@ def _unwrap(lm):
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
-def prepare_for_training(model, args: Sa2VAModelArgs):
-    """Freeze what the args keep frozen and put LoRA on the LLM (peft). Returns the model.
+def mask_decoder_modules(model) -> list[str]:
+    """The grounding decoder's trainable parts by name: SAM2's ``sam_mask_decoder`` and ``sam_prompt_encoder`` (the
+    language prompt enters there); the image encoder and the memory modules are not among them."""
+    return [name for name, _ in model.grounding_encoder.named_modules(prefix="grounding_encoder")
+            if name.rsplit(".", 1)[-1] in ("sam_mask_decoder", "sam_prompt_encoder")]
+
+
+def prepare_for_training(model, args: Sa2VAModelArgs, mask_loss: bool = False):
+    """Freeze what the args keep frozen and put LoRA on the LLM (peft). Returns the model. ``mask_loss``: the mask
+    loss is on (rl/mask_loss.py), so ``text_hidden_fcs`` trains.
 
     Trainable parameters end up fp32 whatever the checkpoint's dtype (numerics/precision.py: AdamW's small updates
     vanish in bf16 weights); frozen ones keep it (bf16 for the releases), and bf16 compute comes from autocast."""
@@ -181,8 +190,8 @@ def prepare_for_training(model, args: Sa2VAModelArgs):
         for p in getattr(owner, attr).parameters():
             p.requires_grad_(True)
     vision = ["vision_model", "mlp1"] if model_family(model) == INTERNVL else ["model.model.visual"]
-    for name in (vision if args.train_vision else []) + (
-            ["text_hidden_fcs", "grounding_encoder"] if args.train_mask_decoder else []):
+    for name in (vision if args.train_vision else []) + (["text_hidden_fcs"] if mask_loss else []) + (
+            ["text_hidden_fcs"] + mask_decoder_modules(model) if args.train_mask_decoder else []):
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
     fp32_master_weights(model)

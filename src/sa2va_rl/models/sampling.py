@@ -155,10 +155,20 @@ class GroundedPolicy:
         return head_logits_fp32(self._tail_hidden(model, ids, att, keep, contexts), self._lm_head(model), self.banned)
 
     def logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
-                 drop_mask=None, contexts=None, compute_entropy=True):
+                 drop_mask=None, contexts=None, compute_entropy=True, hidden_hook=None):
+        """``hidden_hook(hidden [B, keep, C], keep, L)``, if given, sees the last-layer hidden states of the scoring
+        forward (right-aligned layout, see ``right_aligned_logprobs``) before the head: the mask loss reads its
+        ``[SEG]`` states there, with their gradient, instead of running the LLM again."""
         contexts = self._require(contexts, prompt_ids.shape[0])
         head = self._lm_head(model)
-        return right_aligned_logprobs(lambda ids, att, keep: self._tail_hidden(model, ids, att, keep, contexts),
+
+        def forward(ids, att, keep):
+            hidden = self._tail_hidden(model, ids, att, keep, contexts)  # [B, keep, C]
+            if hidden_hook is not None:
+                hidden_hook(hidden, keep, ids.shape[1])
+            return hidden
+
+        return right_aligned_logprobs(forward,
                                       prompt_ids, prompt_mask, completion_ids, completion_mask, self.pad_token_id,
                                       temperature, drop_mask, head=lambda h: head_logits_fp32(h, head, self.banned),
                                       head_rows=head.weight.shape[0], compute_entropy=compute_entropy)

@@ -85,7 +85,8 @@ class TinyMaskDecoder(nn.Module):
     """Stands in for Sa2VA's SAM2 wrapper, with the calls sa2va-rl makes of it (models/grounding.py):
     ``sam2_model.forward_image(pixels [1, 3, S, S]) -> features``, ``get_sam2_embeddings(pixels) -> state`` (a
     dict, as SAM2's init_state) and ``language_embd_inference(state, [emb [n, D]] * F) -> mask logits
-    [F, n, S, S]``, reading the image features from the state's cache as SAM2 does."""
+    [F, n, S, S]`` (and ``inject_language_embd``, its training twin), reading the image features from the state's
+    cache as SAM2 does."""
 
     def __init__(self, dim: int, image_size: int) -> None:
         super().__init__()
@@ -101,6 +102,10 @@ class TinyMaskDecoder(nn.Module):
 
     def get_sam2_embeddings(self, pixels: torch.Tensor) -> dict:
         return {"images": pixels, "device": pixels.device, "storage_device": pixels.device, "cached_features": {}}
+
+    def inject_language_embd(self, state: dict, language_embd: list[torch.Tensor]) -> torch.Tensor:
+        """Upstream's training call (no memory propagation); here the same computation as the inference one."""
+        return self.language_embd_inference(state, language_embd)
 
     def language_embd_inference(self, state: dict, language_embd: list[torch.Tensor]) -> torch.Tensor:
         cached = state["cached_features"].get(0)

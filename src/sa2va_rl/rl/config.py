@@ -194,6 +194,22 @@ class Sa2VAGRPOConfig(GRPOConfig):
         default=3, metadata={"help": "With dynamic_sampling: refill rounds per generation batch; groups still "
                                      "without a signal after them stay (advantage 0, counted as unfilled)."}
     )
+    mask_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Sa2VA caption2mask rows: weight of the supervised mask loss added to GRPO's loss (0: off). "
+                          "The [SEG] state of the chosen rollouts, from the same scoring forward as the log-probs, "
+                          "goes through text_hidden_fcs and SAM2's decoder; sigmoid CE x mask_loss_ce_weight + Dice x "
+                          "mask_loss_dice_weight against the reference mask, fp32 (rl/mask_loss.py). On: "
+                          "text_hidden_fcs trains; SAM2's decoder only with --train_mask_decoder."},
+    )
+    mask_loss_ce_weight: float = field(default=2.0, metadata={"help": "Mask loss: sigmoid CE weight (Sa2VA's 2.0)."})
+    mask_loss_dice_weight: float = field(default=0.5, metadata={"help": "Mask loss: Dice weight (Sa2VA's 0.5)."})
+    mask_loss_rollouts: str = field(
+        default="best",
+        metadata={"help": "Mask loss: which rollouts learn. 'best': the highest-reward rollout with a [SEG] of each "
+                          "group (the Sa2VA authors'; trains even when a group's rewards tie); 'positive': every "
+                          "rollout with a [SEG], weighted by its positive advantage."},
+    )
 
     def __post_init__(self) -> None:
         if self.batch_size is not None:
@@ -252,9 +268,17 @@ class Sa2VAGRPOConfig(GRPOConfig):
         if self.spike_persistent_count < 1 or self.spike_persistent_window < self.spike_persistent_count:
             problems.append(f"spike_persistent_count={self.spike_persistent_count}, spike_persistent_window="
                             f"{self.spike_persistent_window}: use 1 <= count <= window (defaults 3 and 20)")
-        bad_signals = sorted(set(self.spike_signals or []) - {"loss", "grad_norm", "kl"})
+        bad_signals = sorted(set(self.spike_signals or []) - {"loss", "grad_norm", "kl", "mask_loss"})
         if bad_signals:
-            problems.append(f"spike_signals: {bad_signals} unknown; use some of loss, grad_norm, kl")
+            problems.append(f"spike_signals: {bad_signals} unknown; use some of loss, grad_norm, kl, mask_loss")
+        if not (math.isfinite(self.mask_loss_weight) and self.mask_loss_weight >= 0):
+            problems.append(f"mask_loss_weight={self.mask_loss_weight}: use 0 (off) or a positive weight (1.0)")
+        if min(self.mask_loss_ce_weight, self.mask_loss_dice_weight) < 0 or not (
+                self.mask_loss_ce_weight + self.mask_loss_dice_weight > 0):
+            problems.append(f"mask_loss_ce_weight={self.mask_loss_ce_weight}, mask_loss_dice_weight="
+                            f"{self.mask_loss_dice_weight}: use non-negative weights, not both 0 (Sa2VA: 2.0, 0.5)")
+        if self.mask_loss_rollouts not in ("best", "positive"):
+            problems.append(f"mask_loss_rollouts={self.mask_loss_rollouts!r}: use 'best' or 'positive'")
         if self.on_persistent_spikes not in (None, "halt", "rollback", "continue"):
             problems.append(f"on_persistent_spikes={self.on_persistent_spikes!r}: use 'halt', 'rollback' or "
                             "'continue' (or leave it unset to follow on_persistent_nonfinite)")

@@ -1,7 +1,8 @@
 """Finite spikes and the data behind them: the spike guard's trainer side, and rollback past the data.
 
 ``SpikeGuard`` feeds the step's loss (summed over its micro-batches, on the device), the pre-clip global gradient
-norm and, when the trainer logs a KL (beta > 0), the KL to a ``numerics.SpikeDetector``. The detector's flags are
+norm, when the trainer logs a KL (beta > 0) the KL, and with the mask loss on the mask loss, to a
+``numerics.SpikeDetector``. The detector's flags are
 computed from the device-side norm inside ``GradGuard.check`` and read back in the GradGuard's one host sync
 (``check(extra=...)``): the guard adds no sync. A flagged step is skipped exactly as a non-finite one is (every
 gradient None, optimizer state untouched), counted by cause and named in ``stability.json``'s events; ``k`` spikes
@@ -34,7 +35,7 @@ from sa2va_rl.rl.stability import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-SIGNALS = ("loss", "grad_norm", "kl")
+SIGNALS = ("loss", "grad_norm", "kl", "mask_loss")
 ROW_KEY = "row_index"
 SKIP_FILE = "skipped_rows.json"
 
@@ -48,28 +49,33 @@ class SpikeGuard:
             persistent.
         reduce_mean: under several processes, makes the local loss the mean over ranks (a collective, not a host
             sync), so every rank judges the same values and takes the same decision.
+        mask_loss: the mask loss is on (rl/mask_loss.py): its per-step sum is a signal every step (0 on a step
+            without caption2mask rows, which the log scale leaves unjudged), so ranks agree on what is present.
     """
 
     def __init__(self, window: int = 128, sigma: float = 6.0, warmup: int = 16, persistent_count: int = 3,
                  persistent_window: int = 20, device: torch.device | str = "cpu", reduce_mean=None,
-                 signals: tuple[str, ...] = SIGNALS) -> None:
+                 signals: tuple[str, ...] = SIGNALS, mask_loss: bool = False) -> None:
         unknown = set(signals) - set(SIGNALS)
         if unknown:
             raise ValueError(f"spike signals {sorted(unknown)}: use some of {', '.join(SIGNALS)}")
         self.detector = SpikeDetector(list(SIGNALS), window, sigma, warmup, two_sided=("loss",),
-                                        log_scale=("grad_norm", "kl"), device=device)
+                                        log_scale=("grad_norm", "kl", "mask_loss"), device=device)
         self.device = torch.device(device)
         # every signal's statistics are kept; only these may flag a step. Built once: a blocking host->device copy
         # waits for the stream on CUDA, so nothing per step is copied that way
         self.judged = torch.tensor([name in signals for name in SIGNALS], device=self.device)
         self.signals = frozenset(signals)
-        self._present = {kl: torch.tensor([True, True, kl], device=self.device) for kl in (False, True)}
+        self._present = {(kl, m): torch.tensor([True, True, kl, m], device=self.device)
+                         for kl in (False, True) for m in (False, True)}
         self.persistent_count, self.persistent_window = persistent_count, persistent_window
         self.reduce_mean = reduce_mean
         self._loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self._kl: list[float] = []  # host floats TRL already read (its own .item()): free
+        self._mask = torch.zeros((), dtype=torch.float64, device=self.device)  # the step's mask loss (rl/mask_loss.py)
+        self.mask_loss = mask_loss  # on: a value every step (0 without rows), so ranks agree
         self._values: torch.Tensor | None = None
-        self._mask: torch.Tensor | None = None  # which signals had a value at the last flags()
+        self._present_mask: torch.Tensor | None = None  # which signals had a value at the last flags()
         self.recent: deque[int] = deque()  # steps of recent spikes
         self.limiter = PowerOfTwoLimiter()  # the skip warning: 1st, 2nd, 4th... spike
 
@@ -80,14 +86,19 @@ class SpikeGuard:
     def add_kl(self, kl: float) -> None:
         self._kl.append(float(kl))
 
+    def add_mask_loss(self, value: torch.Tensor) -> None:
+        """The mask loss of a micro-batch (summed over the step, as the loss), on the device."""
+        self._mask += value.detach().to(device=self.device, dtype=torch.float64)
+
     def flags(self, total_norm: torch.Tensor) -> torch.Tensor:
         """The ``extra`` of ``GradGuard.check``: spike flags [signals] as a device tensor, from the device norm."""
         loss = self._loss if self.reduce_mean is None else self.reduce_mean(self._loss)
         kl = sum(self._kl) / len(self._kl) if self._kl else 0.0
         kl = torch.tensor(kl, dtype=torch.float64).to(self.device, non_blocking=True)  # host->device, not a sync
-        values = torch.stack([loss, total_norm.detach().to(device=self.device, dtype=torch.float64), kl])
-        present = self._present[bool(self._kl)]
-        self._values, self._mask = values, present
+        mask = self._mask if self.reduce_mean is None or not self.mask_loss else self.reduce_mean(self._mask)
+        values = torch.stack([loss, total_norm.detach().to(device=self.device, dtype=torch.float64), kl, mask])
+        present = self._present[(bool(self._kl), self.mask_loss)]
+        self._values, self._present_mask = values, present
         return self.detector.decide(values, present) & self.judged
 
     # ---------------------------------------------------------------- deciding (host values from the sync)
@@ -101,13 +112,14 @@ class SpikeGuard:
         if overflowed:
             causes = [name for name in SIGNALS if name in causes or name == "grad_norm"]
         if finite and not causes and self._values is not None:
-            self.detector.update(self._values, self._mask)
+            self.detector.update(self._values, self._present_mask)
         if causes:
             self.recent.append(step)
         while self.recent and self.recent[0] <= step - self.persistent_window:
             self.recent.popleft()
         self._loss.zero_()
         self._kl.clear()
+        self._mask.zero_()
         return causes
 
     def event(self, step: int, causes: list[str]) -> dict:
@@ -271,9 +283,13 @@ def install(trainer) -> tuple[SpikeGuard | None, DataSkip, object]:
         logger.warning("spike guard off under DeepSpeed (it can skip non-finite steps only); NaN/Inf steps are "
                        "still skipped. docs/stability.md")
     elif args.spike_guard:
+        mask_loss = args.mask_loss_weight > 0  # judged whenever it is on (rl/mask_loss.py)
+        signals = tuple(args.spike_signals) + (("mask_loss",) if mask_loss and "mask_loss" not in args.spike_signals
+                                               else ())
         guard = SpikeGuard(args.spike_window, args.spike_sigma, args.spike_warmup, args.spike_persistent_count,
-                           args.spike_persistent_window, device=acc.device, signals=tuple(args.spike_signals),
-                           reduce_mean=(lambda t: acc.reduce(t, "mean")) if acc.num_processes > 1 else None)
+                           args.spike_persistent_window, device=acc.device, signals=signals,
+                           reduce_mean=(lambda t: acc.reduce(t, "mean")) if acc.num_processes > 1 else None,
+                           mask_loss=mask_loss)
         trainer.stability.parts["spike_guard"] = guard
     skip = DataSkip()
     trainer.train_dataset = skip.wrap(trainer.train_dataset)

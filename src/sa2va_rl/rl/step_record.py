@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from sa2va_rl.models.grounding import ImageCache
+from sa2va_rl.rl.mask_loss import MaskLoss
+
 
 @dataclass
 class StepRecord:
@@ -30,7 +33,9 @@ class StepRecord:
 
     Loss (``StepRecord.loss``), one per sub-batch, while ``_compute_loss`` runs: the same prompt's ``drop_mask``
     comes back from ``tool_mask``, its context from ``visual``, and ``refs`` holds its pi_old/pi_ref log-probs
-    (fp32), against which the scoring seam bounds the log-ratios. ``refs`` is None outside the loss: no clamp.
+    (fp32), against which the scoring seam bounds the log-ratios. ``refs`` is None outside the loss: no clamp. With
+    the mask loss on, ``seg_targets`` comes back from ``seg_target`` (set after the rewards, rl/mask_loss.py), and
+    the scoring forward feeds ``mask_loss``, which ``_compute_loss`` adds to GRPO's loss.
     """
 
     contexts: list | None = None  # per row: the Policy context (the dataset's `visual` column); None: text only
@@ -40,8 +45,12 @@ class StepRecord:
     tasks: list | None = None  # per row: the dataset's `task` column (Sa2VA: mask2caption / caption2mask); None: none
     drop: list[list[bool]] | None = None  # per completion token: repaired by the LogitsGuard, or empty filler
     rewards_per_func: torch.Tensor | None = None  # [B, reward funcs], all processes
+    images: ImageCache | None = None  # the grounding encoder's features of this batch's images (segmenting policies)
+    seg_index: list[list[int]] | None = None  # per row: the completion positions of the [SEG]s its masks came from
     # loss only
     refs: dict[str, torch.Tensor] | None = None  # old/ref per-token logps, fp32
+    seg_targets: list | None = None  # per row: its mask-loss target (rl/mask_loss.py SegTarget) or None
+    mask_loss: MaskLoss | None = None  # the sub-batch's mask loss, fed by the scoring forward
 
     @classmethod
     def generation(cls, inputs: list[dict]) -> StepRecord:
@@ -52,7 +61,7 @@ class StepRecord:
     @classmethod
     def loss(cls, inputs: dict) -> StepRecord:
         return cls(drop_mask=(inputs["tool_mask"] == 0) if "tool_mask" in inputs else None,
-                   contexts=inputs.get("visual"),
+                   contexts=inputs.get("visual"), seg_targets=inputs.get("seg_target"),
                    refs={k: inputs[k].float() for k in ("old_per_token_logps", "ref_per_token_logps")
                          if inputs.get(k) is not None})
 

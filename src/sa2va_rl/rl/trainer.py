@@ -53,7 +53,8 @@ from sa2va_rl.models.policy import CausalLMPolicy, Policy
 from sa2va_rl.numerics import GradGuard, LogitsGuard
 from sa2va_rl.numerics.grads import unwrapped_named_parameters
 from sa2va_rl.numerics.precision import fp32_master_weights
-from sa2va_rl.rl import checkpoints, deepspeed_guard, reference, spikes
+from sa2va_rl.models.grounding import ImageCache
+from sa2va_rl.rl import checkpoints, deepspeed_guard, mask_loss, reference, spikes
 from sa2va_rl.rl.advantages import group_advantages
 from sa2va_rl.rl.config import Sa2VAGRPOConfig
 from sa2va_rl.rl.dynamic_sampling import DynamicSampler
@@ -172,6 +173,9 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self.record = StepRecord()  # the rows in flight: what each seam reads and writes (see StepRecord)
         self.last_generation: StepRecord | None = None  # the last finished generation's record; no seam reads it
         self._nonfinite_losses = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
+        self._mask_stats = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)  # ce, dice, weight
+        if args.mask_loss_weight > 0:
+            mask_loss.refuse_unsupported(self.policy, self.accelerator.distributed_type, self._dist.is_zero3)
         self._unwrapped_for_generation = (None, None)  # (model_wrapped, its unwrapped model): see _generation_model
 
     @contextlib.contextmanager
@@ -300,6 +304,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             output["advantages"] = adv[rank * n:(rank + 1) * n]
         if self.model.training:
             output["advantages"] = self.faults.advantages(self.state.global_step + 1, output["advantages"], rows, 1)
+            self._choose_mask_rollouts(output, record)
             self.collapse.observe("zero_std_groups", self._last_metric("frac_reward_zero_std"))
         return output
 
@@ -321,6 +326,10 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             output = super()._generate_and_score_completions(inputs)
         if record.contexts is not None:  # a list: TRL's shuffle and split keep it aligned with the completions
             output["visual"] = record.contexts
+        if self.args.mask_loss_weight > 0 and self.model.training:
+            targets = self._seg_targets(inputs, record)
+            if targets is not None:
+                output["seg_target"] = targets  # a list, aligned like `visual`; weights set after the rewards
         return output, record
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -331,17 +340,46 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _add_pred_masks(self, inputs, completion_ids_list):
-        """Rows with a reference mask get ``pred_mask``: the mask of their completion's first [SEG], or None."""
+        """Rows with a reference mask get ``pred_mask``: the mask of their completion's first [SEG], or None. The
+        positions decoded go to the record (``seg_index``: the mask loss reads them), the image features to its
+        ``images`` cache (one encode per distinct image per generation batch)."""
+        record = self.record
         rows = [i for i, x in enumerate(inputs) if x.get("gt_mask") is not None]
+        seg = self.policy.seg_id
+        index = [[c.index(seg)] if seg in c else [] for c in completion_ids_list]
+        record.seg_index = [index[i] if x.get("gt_mask") is not None else [] for i, x in enumerate(inputs)]
+        record.images = record.images if record.images is not None else ImageCache()
         model = self.accelerator.unwrap_model(self.model)
-        masks = self.policy.segment(model, [self.record.prompt_ids[i] for i in rows],
-                                    [completion_ids_list[i] for i in rows], [self.record.contexts[i] for i in rows])
+        masks = self.policy.segment_at(model, [record.prompt_ids[i] for i in rows],
+                                       [completion_ids_list[i] for i in rows], [record.contexts[i] for i in rows],
+                                       [index[i] for i in rows], cache=record.images)
         out = [{**x, "pred_mask": None} for x in inputs]
         for i, m in zip(rows, masks, strict=True):
-            out[i]["pred_mask"] = m
+            out[i]["pred_mask"] = m[0] if m else None
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["seg/no_seg_frac"].append(sum(m is None for m in masks) / len(masks))
+        self._metrics[mode]["seg/no_seg_frac"].append(sum(not m for m in masks) / len(masks))
         return out
+
+    # ------------------------------------------------------------------ the mask loss (rl/mask_loss.py)
+    def _seg_targets(self, inputs, record: StepRecord) -> list | None:
+        """Per row of this generation batch: its mask-loss target (a decoded [SEG] and a reference mask), or None."""
+        if record.seg_index is None or record.images is None:
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        images = [record.images.get(model, record.contexts[i].image) if idx else None
+                  for i, idx in enumerate(record.seg_index)]
+        return mask_loss.targets(record.seg_index, [x.get("gt_mask") for x in inputs], images)
+
+    def _choose_mask_rollouts(self, output: dict, record: StepRecord) -> None:
+        """Which rollouts the mask loss trains on, and their weights (``mask_loss_rollouts``), after the rewards."""
+        rows = output.get("seg_target")
+        if rows is None or record.rewards_per_func is None:
+            return
+        weights = torch.as_tensor(self.reward_weights).to(record.rewards_per_func)
+        total = (record.rewards_per_func * weights).nansum(dim=1)  # [all rows]: what GRPO's advantages rank
+        chosen = mask_loss.choose(rows, total, output["advantages"], self.accelerator.process_index,
+                                  self.num_generations, self.args.mask_loss_rollouts)
+        self._metrics["train"]["mask_loss/rollouts"].append(float(chosen))
 
     # ------------------------------------------------------------------ scoring
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
@@ -364,6 +402,8 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                     drop_mask=None if drop is None else drop[s:e],
                     **({} if record.contexts is None else {"contexts": record.contexts[s:e]}),
                     **({"compute_entropy": compute_entropy} if self._policy_entropy_flag else {}),
+                    **({"hidden_hook": hook} if (hook := self._mask_loss_hook(model, attention_mask[:, :P], s, e))
+                       is not None else {}),
                 )
             logps.append(lp)
             ents.append(ent)
@@ -373,9 +413,32 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                                                record.refs.get("ref_per_token_logps"), self.args.log_ratio_clamp)
         return logps, (torch.cat(ents) if compute_entropy else None), None
 
+    def _mask_loss_hook(self, model, prompt_mask, start: int, end: int):
+        """The Policy's ``hidden_hook`` for rows ``start:end`` of a loss sub-batch with mask-loss targets (the
+        gradient-carrying scoring forward only), else None."""
+        record = self.record
+        if record.seg_targets is None or not torch.is_grad_enabled():
+            return None
+        if record.mask_loss is None:
+            record.mask_loss = mask_loss.MaskLoss(self.accelerator.unwrap_model(model), record.seg_targets,
+                                                  prompt_mask, self.args.mask_loss_ce_weight,
+                                                  self.args.mask_loss_dice_weight)
+        return record.mask_loss.hook(start, end)
+
     def _compute_loss(self, model, inputs):
-        with self._in_flight(StepRecord.loss(inputs)):
-            return super()._compute_loss(model, inputs)
+        with self._in_flight(StepRecord.loss(inputs)) as record:
+            loss = super()._compute_loss(model, inputs)
+            ml = record.mask_loss
+            if ml is not None and ml.loss is not None:
+                # the targets' weights sum to 1 over the generation batch; TRL divides its loss by the accumulation
+                # steps of a generation batch's share the same way: the sum over sub-batches is the weighted mean
+                scale = self.args.steps_per_generation / self.current_gradient_accumulation_steps
+                term = self.args.mask_loss_weight * ml.loss * scale
+                loss = loss + term
+                self._mask_stats += torch.stack([ml.ce, ml.dice, ml.weight]).to(self._mask_stats)
+                if self.spike_guard is not None:
+                    self.spike_guard.add_mask_loss(term)
+            return loss
 
     def training_step(self, model, inputs, num_items_in_batch):
         if self._deepspeed_guard:
@@ -489,6 +552,12 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             del self._metrics[mode][key]  # no row of that reward's task in these steps: absent, not a NaN/None
         if mode == "train":
             logs = {**logs, **self.stability.metrics()}
+            if self.args.mask_loss_weight > 0:  # weighted means since the last log (one read per log)
+                ce, dice, weight = self._mask_stats.tolist()
+                self._mask_stats.zero_()
+                if weight > 0:
+                    self._metrics[mode]["mask_loss/ce"] = [ce / weight]
+                    self._metrics[mode]["mask_loss/dice"] = [dice / weight]
         super().log(logs, start_time)
 
     def train(self, *args, **kwargs):
