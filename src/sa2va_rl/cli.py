@@ -1,4 +1,4 @@
-"""The ``sa2va-rl`` command line: train | eval | make-tiny | make-data | demo | doctor."""
+"""The ``sa2va-rl`` command line: train | eval | filter | make-tiny | make-data | demo | doctor."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ class TrainArgs:
 
     model_path: str = field(default=None, metadata={"help": "Local directory of the model (from_pretrained): a "
                                                           "Sa2VA checkpoint, or any causal LM."})
-    data_dir: str = field(default=None, metadata={"help": "Sa2VA: a GAR directory (*.arrow, *.parquet or *.jsonl). "
+    data_dir: str = field(default=None, metadata={"help": "Sa2VA: a GAR directory (*.arrow, *.parquet or *.jsonl, "
+                                                        "or a gar_index.json subset from `sa2va-rl filter`). "
                                                         "Causal LM: DIR/train.jsonl."})
     task: str = field(default=None, metadata={"help": "Sa2VA only: mask2caption, caption2mask or both (the "
                                                       "default)."})
@@ -380,6 +381,44 @@ def _eval(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def _filter(argv: list[str]) -> int:
+    """``sa2va-rl filter``: the library is sa2va_rl.filter; here only flags and exit codes."""
+    from transformers import HfArgumentParser
+
+    from sa2va_rl.filter import FilterArgs, FilterConfigMismatch, ScoresFileError, run_filter
+
+    parser = HfArgumentParser(FilterArgs, prog="sa2va-rl filter",
+                              description="Score GAR samples by the std of their rewards over G rollouts, sampled and "
+                                          "rewarded as train does, and write the top K as a data dir for train.")
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=_join_negative_numbers(argv))
+    except ValueError as e:
+        return _fail(EXIT_USAGE, str(e), "filter")
+    from sa2va_rl.data.gar import BadRow, DataFileError, NoGoodRows
+    from sa2va_rl.models.layout import LayoutError
+    from sa2va_rl.models.upstream import UpstreamLoadError
+    from sa2va_rl.rl.reward_guard import RewardError
+    from sa2va_rl.rl.run_lock import OutputDirBusy
+
+    try:
+        payload = run_filter(args)
+    except (FilterConfigMismatch, OutputDirBusy) as e:
+        return _fail(EXIT_USAGE, str(e), "filter")
+    except (FileNotFoundError, NoGoodRows, BadRow, DataFileError, ScoresFileError) as e:  # ValueErrors: first
+        return _fail(EXIT_DATA, str(e), "filter")
+    except (ValueError, UpstreamLoadError, LayoutError) as e:
+        return _fail(EXIT_USAGE, str(e), "filter")
+    except RewardError as e:
+        return _fail(EXIT_REWARD, str(e), "filter")
+    except OSError as e:
+        return _fail(EXIT_IO, f"I/O error: {e.strerror or e} at {e.filename or args.out_dir}; the scores saved so "
+                              "far are kept: fix it and re-run the same command to continue", "filter")
+    print(payload["table"], end="")
+    print(f"wrote scores.jsonl, std_hist.png and summary.md to {args.out_dir}; train on the top "
+          f"{payload['summary']['selected']} with --data_dir {payload['subset_dir']}")
+    return EXIT_OK
+
+
 def _make_tiny(args: argparse.Namespace) -> int:
     if args.kind == "sa2va":
         from sa2va_rl.models.tiny_sa2va import make_tiny_sa2va
@@ -433,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("eval", help="score a checkpoint on a held-out GAR split (METEOR, CIDEr-D, judge, gIoU, cIoU): "
                                 "--model_path M --data_dir D [--compare OTHER]", add_help=False)
+    sub.add_parser("filter", help="keep the GAR samples whose rewards vary most over G rollouts (the Sa2VA "
+                                  "authors' 2k filter): --model_path M --data_dir D --out_dir O --num_generations G "
+                                  "--top_k K; writes O/subset, a data dir for train", add_help=False)
     tiny = sub.add_parser("make-tiny", help="write a tiny model built in code (no download) to OUT_DIR")
     tiny.add_argument("--kind", choices=["causal", "sa2va"], default="causal",
                       help="causal: a Qwen2 LM; sa2va: a Sa2VA-compatible model (vision, LM, [SEG] decoder)")
@@ -485,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(argv[1:])
     if argv and argv[0] == "eval":
         return _eval(argv[1:])
+    if argv and argv[0] == "filter":
+        return _filter(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

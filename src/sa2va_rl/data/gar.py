@@ -5,7 +5,10 @@ Layouts read (see SA2VA_FACTS.md section 7):
 * ``DATA_DIR/{Fine-Grained,Relation,Seed}-Dataset/data-*-of-*.arrow`` (``datasets.save_to_disk``: Arrow IPC
   *stream* files), and the original trainer's ``DATA_DIR/Fine-Grained-Dataset-Part*/*.arrow``;
 * any ``*.arrow`` in IPC *file* or *stream* format, ``*.parquet``, and ``*.jsonl`` whose ``image`` is a
-  path relative to the jsonl file.
+  path relative to the jsonl file;
+* a subset of such files: ``DATA_DIR/gar_index.json`` (``INDEX_FILE``, written by ``sa2va-rl filter``) lists
+  rows of other GAR files by file and row; the reader then reads those rows only, in that order, and each sample
+  keeps its source ``file:row`` in the original file.
 
 Files are memory-mapped; a row's image and mask are decoded only when the row is read. Bad rows (undecodable
 image, bad RLE, mask size != image size, empty mask, missing caption) raise ``BadRow`` naming the file, the
@@ -250,6 +253,50 @@ def _jsonl_rows(path: str) -> tuple[list[dict], list[int]]:
     return rows, lines
 
 
+INDEX_FILE = "gar_index.json"
+INDEX_FORMAT = "sa2va-rl/gar-index"
+
+
+def write_index(out_dir: str, data_dir: str, entries: list[dict], **extra) -> str:
+    """``out_dir/gar_index.json`` naming ``entries`` ({"file": path relative to ``data_dir``, "row": int, any other
+    keys kept as written}) of the GAR files under ``data_dir``; written atomically (temporary file, fsync, rename)."""
+    payload = {"format": INDEX_FORMAT, "version": 1, "data_dir": os.path.abspath(data_dir), **extra, "rows": entries}
+    path = os.path.join(out_dir, INDEX_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_index(data_dir: str) -> list[tuple[str, int]] | None:
+    """The (file path, row) pairs of ``data_dir/gar_index.json``, or None when there is none. File paths are
+    relative to the index's ``data_dir`` (itself relative to the index's directory when not absolute)."""
+    path = os.path.join(data_dir, INDEX_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            payload = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataFileError(f"{path}: not a readable GAR index ({type(e).__name__}: {e}); re-run `sa2va-rl filter`"
+                            " or remove the file") from None
+    if not isinstance(payload, dict) or payload.get("format") != INDEX_FORMAT or not isinstance(
+            payload.get("rows"), list):
+        raise DataFileError(f"{path}: not a GAR index (expected {{format: {INDEX_FORMAT!r}, data_dir, rows: "
+                            "[{file, row}, ...]}}); remove it, or re-run `sa2va-rl filter`")
+    root = os.path.join(data_dir, payload.get("data_dir") or ".")
+    out = []
+    for n, e in enumerate(payload["rows"]):
+        if not (isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("row"), int)
+                and e["row"] >= 0):
+            raise DataFileError(f"{path}: rows[{n}]: expected {{file: str, row: int >= 0}}, got {e!r:.120}")
+        out.append((os.path.join(root, e["file"]), e["row"]))
+    return out
+
+
 def find_files(data_dir: str) -> list[str]:
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"GAR data dir {data_dir!r} is not a directory")
@@ -276,15 +323,25 @@ class GARReader:
     def __post_init__(self) -> None:
         if self.bad_rows not in ("skip", "error"):
             raise ValueError(f"bad_rows={self.bad_rows!r}: use 'skip' or 'error'")
-        self._files = find_files(self.data_dir)
+        listed = read_index(self.data_dir)  # a subset of other files' rows (gar_index.json), or None
+        self._files = find_files(self.data_dir) if listed is None else sorted({p for p, _ in listed})
         self._tables: dict[str, pa.Table | list[dict]] = {}
         self._lines: dict[str, list[int]] = {}  # jsonl: the 1-based line of each row
         self._warn_limiter = PowerOfTwoLimiter()
         self._known_bad: set[int] = set()  # counted once, however often they are read
         self._index: list[tuple[str, int]] = []
         for path in self._files:
+            if listed is not None and not os.path.isfile(path):
+                raise FileNotFoundError(f"{os.path.join(self.data_dir, INDEX_FILE)} lists rows of {path}, which "
+                                        "does not exist: the data it was filtered from moved or is gone")
             n = len(self._rows(path))
-            self._index.extend((path, i) for i in range(n))
+            if listed is None:
+                self._index.extend((path, i) for i in range(n))
+            elif (bad := next((r for p, r in listed if p == path and r >= n), None)) is not None:
+                raise DataFileError(f"{os.path.join(self.data_dir, INDEX_FILE)}: row {bad} of {path}, which has "
+                                    f"{n} rows: the file changed since it was filtered; re-run `sa2va-rl filter`")
+        if listed is not None:
+            self._index = listed
 
     def _rows(self, path: str):
         if path not in self._tables:
@@ -296,6 +353,11 @@ class GARReader:
 
     def __len__(self) -> int:
         return len(self._index)
+
+    def source(self, i: int) -> str:
+        """Row ``i``'s source, "file:row" (as ``GARSample.source``), without reading the row."""
+        path, index = self._index[i]
+        return f"{path}:{index}"
 
     def raw(self, i: int) -> tuple[str, int, dict]:
         path, index = self._index[i]

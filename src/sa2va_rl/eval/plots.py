@@ -1,4 +1,5 @@
-"""Figures with matplotlib (Agg, no display): training curves on a shared step axis and sample grids.
+"""Figures with matplotlib (Agg, no display): training curves on a shared step axis, sample grids and the
+filter's reward-std histogram (``plot_std_histogram``).
 
 * ``plot_training_curves(history, path)``: from a Trainer's ``state.log_history``: the mean reward per reward
   function (raw points faint, an exponential moving average solid), the gradient norm, the entropy of the sampled
@@ -191,3 +192,27 @@ def eval_entries(samples: dict, preds_by_model: dict[str, list[dict]], n: int) -
 def plot_eval_samples(samples: dict, preds_by_model: dict[str, list[dict]], path: str, n: int = 4) -> str:
     return draw_samples(eval_entries(samples, preds_by_model, n), path,
                         title="held-out samples: masks from the reference caption, captions for the reference mask")
+
+
+def plot_std_histogram(stds: list[float], cutoff: float | None, path: str, title: str = "reward std") -> str:
+    """``sa2va-rl filter``'s histogram of the per-row reward std, the top-K cutoff as a vertical line."""
+    fig = _figure(7, 4)
+    ax = fig.subplots()
+    values = np.asarray(stds, dtype=np.float64)
+    if values.size:
+        ax.hist(values, bins=min(40, max(5, values.size // 4)), color="C0", alpha=0.8)
+        zero = int((np.abs(values) <= 1e-8).sum())
+        ax.text(0.98, 0.95, f"{values.size} rows, {zero} with std 0", ha="right", va="top", transform=ax.transAxes,
+                fontsize=9)
+    else:
+        ax.text(0.5, 0.5, "no row has a defined std", ha="center", va="center", transform=ax.transAxes, color="gray")
+    if cutoff is not None:
+        ax.axvline(cutoff, color="C3", linestyle="--", label=f"top-K cutoff {cutoff:.4f}")
+        ax.legend(loc="upper center", fontsize=8, frameon=False)
+    ax.set_xlabel("std of the weighted reward over the rollouts")
+    ax.set_ylabel("task rows")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path

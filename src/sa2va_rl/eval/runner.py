@@ -76,15 +76,16 @@ class EvalArgs:
 
 
 # ------------------------------------------------------------------------------------------------ predicting
-def eval_rows(reader, policy, tasks: list[str], max_samples: int, max_prompt_tokens: int | None = None
-              ) -> tuple[list[dict], dict]:
-    """The task rows of the first ``max_samples`` good samples (all when 0), built as the trainer builds them,
-    and {source: GARSample} for drawing."""
+def eval_rows(reader, policy, tasks: list[str], max_samples: int, max_prompt_tokens: int | None = None,
+              indices=None) -> tuple[list[dict], dict]:
+    """The task rows of the first ``max_samples`` good samples (all when 0) among the reader's rows ``indices``
+    (default: all, in order), built as the trainer builds them, and {source: GARSample} for drawing. A bad row, or
+    one whose prompt is over ``max_prompt_tokens``, is left out (counted by the reader), never replaced."""
     from sa2va_rl.rl.tasks import GARTaskDataset
 
     data = GARTaskDataset(reader, policy, tasks, max_prompt_tokens=max_prompt_tokens)
     rows, samples = [], {}
-    for i in range(len(reader)):
+    for i in range(len(reader)) if indices is None else indices:
         if max_samples and len(samples) >= max_samples:
             break
         s = reader.get(i)
