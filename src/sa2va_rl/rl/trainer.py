@@ -489,7 +489,16 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             del self._metrics[mode][key]  # no row of that reward's task in these steps: absent, not a NaN/None
         if mode == "train":
             logs = {**logs, **self.stability.metrics()}
+        n = len(self.state.log_history)
         super().log(logs, start_time)
+        # HF writes log_history into trainer_state.json with json.dumps, NaN/inf as bare tokens (not JSON): the
+        # entry it keeps gets null instead (docs/troubleshooting.md "Strict JSON"); the callbacks (TensorBoard,
+        # the progress line) were already given the values as they were
+        for i in range(n, len(self.state.log_history)):
+            entry = self.state.log_history[i]
+            for key, value in entry.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    entry[key] = None
 
     def train(self, *args, **kwargs):
         if self.args.should_save:
