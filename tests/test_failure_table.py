@@ -1,9 +1,11 @@
-"""Issue H's failure table, one row each: the input, the exit code, and what the message must name. Rows that need
-a whole run (signals, I/O errors, locks, resume, seeds, fp16) are exercised in the tests named in ``ELSEWHERE``;
-this file checks that each of those still exists, so the table cannot silently lose a row."""
+"""Issue H's failure table (and issue O's eval rows), one row each: the input, the exit code, and what the message
+must name. Rows that need a whole run (signals, I/O errors, locks, resume, seeds, fp16) or a stub judge server are
+exercised in the tests named in ``ELSEWHERE``; this file checks that each of those still exists, so the table
+cannot silently lose a row."""
 
 import importlib
 import json
+import os
 import random
 
 import pyarrow as pa
@@ -12,6 +14,7 @@ import pytest
 
 from sa2va_rl import cli
 from sa2va_rl.data.synthetic import synthetic_row, write_arrow
+from sa2va_rl.jsonio import loads_strict
 
 
 def _rows(n=4):
@@ -87,6 +90,106 @@ def test_bad_prompt_line_is_exit_3_with_file_and_line(tiny_causal, tmp_path, cap
     assert rc == cli.EXIT_DATA and f"{d / 'train.jsonl'}:2:" in err and "prompt" in err, err
 
 
+def _eval_out_dir_is_a_file(tmp_path, monkeypatch):
+    out = tmp_path / "metrics.txt"
+    out.write_text("keep me")
+    return {"out": out, "argv": [], "code": cli.EXIT_USAGE,
+            "says": [f"out_dir '{out}' is a file", "pass a directory for --out_dir"],
+            "after": lambda: out.read_text() == "keep me"}
+
+
+def _eval_out_dir_locked(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    from sa2va_rl.rl.run_lock import LOCK
+
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")  # the first eval's
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (out / LOCK).write_text(json.dumps({"pid": owner.pid, "host": socket.gethostname(), "started": "earlier"}))
+
+    def after():
+        owner.kill()
+        owner.wait()
+        return (out / "metrics.json").read_text() == "{}" and (out / LOCK).exists()
+
+    return {"out": out, "argv": [], "code": cli.EXIT_USAGE,
+            "says": [f"is in use by pid {owner.pid}", "two evals into one --out_dir", "pass another --out_dir"],
+            "after": after}
+
+
+def _eval_sigint(tmp_path, monkeypatch):
+    """SIGINT arrives while the first batch is answered (the progress bar's first update raises it)."""
+    import signal
+
+    import tqdm.auto
+
+    from sa2va_rl.rl.run_lock import LOCK
+
+    class Bar(tqdm.auto.tqdm):
+        def update(self, n=1):
+            out = super().update(n)
+            if str(self.desc).startswith("eval ") and self.n == n:  # eval's bar (not the weight-loading one)
+                signal.raise_signal(signal.SIGINT)
+            return out
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    out = tmp_path / "e"
+
+    def after():
+        (partial,) = [p for p in os.listdir(out) if p.endswith(".partial.jsonl")]
+        with open(out / partial) as f:
+            rows = [loads_strict(line) for line in f]
+        return len(rows) == 2 and sorted(os.listdir(out)) == [partial] and not (out / LOCK).exists()
+
+    return {"out": out, "argv": ["--batch_size", "2"], "code": 130,
+            "says": ["stopped by SIGINT: the answers so far (2 of 6 for", ".partial.jsonl", "no metrics written"],
+            "after": after}
+
+
+def _eval_judge_always_fails(tmp_path, monkeypatch):
+    out = tmp_path / "e"
+
+    def after():
+        with open(out / "metrics.json") as f:
+            payload = loads_strict(f.read())
+        (m,) = payload["models"].values()
+        return (m["mask2caption"]["judge"] is None and m["mask2caption"]["judge_unscored"] == 3
+                and payload["settings"]["judge"]["failed"] >= 1)
+
+    return {"out": out, "argv": ["--task", "mask2caption", "--judge_url", "http://127.0.0.1:9/v1",  # nothing there
+                                 "--judge_retries", "0", "--judge_timeout", "5"],
+            "code": cli.EXIT_OK, "says": [], "stdout": ["| mask2caption | LLM judge (score/10) | - |",
+                                                         "| mask2caption | judge: no score (failed calls) | 3 |"],
+            "after": after}
+
+
+EVAL_ROWS = {  # sa2va-rl eval: exit code, what stderr/stdout say, and what is left in --out_dir
+    "eval --out_dir naming a file (exit 2 before any evaluation)": _eval_out_dir_is_a_file,
+    "two evals into one --out_dir (the second refused by the lock)": _eval_out_dir_locked,
+    "SIGINT during eval (exit 130, partial predictions kept)": _eval_sigint,
+    "every judge call fails (judge null, failures counted)": _eval_judge_always_fails,
+}
+
+
+@pytest.mark.parametrize("row", list(EVAL_ROWS))
+def test_eval_failure_rows(row, tiny_sa2va, gar_dir, tmp_path, monkeypatch, capsys):
+    case = EVAL_ROWS[row](tmp_path, monkeypatch)
+    rc = cli.main(["eval", "--model_path", tiny_sa2va, "--data_dir", gar_dir, "--out_dir", str(case["out"]),
+                   "--max_samples", "3", "--max_new_tokens", "4", "--sample_images", "0", *case["argv"]])
+    captured = capsys.readouterr()
+    assert rc == case["code"], captured.err
+    for text in case["says"]:
+        assert text in captured.err, (text, captured.err)
+    for text in case.get("stdout", []):
+        assert text in captured.out, (text, captured.out)
+    assert "Traceback" not in captured.err
+    assert case["after"](), os.listdir(case["out"]) if os.path.isdir(case["out"]) else case["out"]
+
+
 ELSEWHERE = {  # table row -> the test that runs it end to end (exit code, names, nothing lost)
     "16-bit / palette / CMYK / LA / EXIF images":
         "tests.data.test_gar_inputs:test_image_modes_decode_to_the_right_8_bit_values",
@@ -113,6 +216,16 @@ ELSEWHERE = {  # table row -> the test that runs it end to end (exit code, names
     "two runs on one output_dir": "tests.rl.test_run_lock:test_second_run_refuses_and_leaves_the_first_runs_staging",
     "stale lock of a dead run": "tests.rl.test_run_lock:test_dead_owners_lock_is_taken_over_and_released",
     "SIGINT / SIGTERM": "tests.rl.test_signals:test_signal_saves_a_checkpoint_stops_cleanly_and_resumes",
+    "judge redirects to another origin (no request, no key, reaches it)":
+        "tests.rl.test_judge:test_no_redirect_is_followed_and_the_key_goes_nowhere_else",
+    "judge trickles its reply past --judge_timeout": "tests.rl.test_judge:test_one_deadline_cuts_a_trickled_reply",
+    "judge replies 50 MB": "tests.rl.test_judge:test_a_huge_reply_is_not_read_whole",
+    "judge reply off the one answer format (10/10 but 2, 1e309, two scores)":
+        "tests.rl.test_judge:test_replies_off_the_format_are_no_score_and_counted",
+    "caption injecting instructions / closing its delimiter":
+        "tests.rl.test_judge:test_caption_is_escaped_data_between_its_delimiters",
+    "NaN/inf in a written JSON file (strict JSON, null)":
+        "tests.test_strict_json:test_trainer_state_json_keeps_null_for_non_finite_log_values",
 }
 
 

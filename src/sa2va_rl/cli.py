@@ -363,14 +363,30 @@ def _eval(argv: list[str]) -> int:
     from sa2va_rl.models.layout import LayoutError
     from sa2va_rl.models.upstream import UpstreamLoadError
 
+    from sa2va_rl.eval.runner import EvalStopped
+    from sa2va_rl.rl.run_lock import OutputDirBusy
+    from sa2va_rl.rl.signals import GracefulStop
+
     judge = jargs.build()
+    stop = GracefulStop(save_on_signal=False, doing="batch of answers")
+    stop.install()
     try:
-        payload = run_eval(args, judge)
+        payload = run_eval(args, judge, stop)
+    except EvalStopped as e:
+        return _fail(e.code, str(e), "eval")
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once
+        return _fail(128 + 2, "stopped at once by a second SIGINT: no predictions or metrics written", "eval")
+    except OutputDirBusy as e:
+        return _fail(EXIT_USAGE, str(e), "eval")
     except (FileNotFoundError, NoGoodRows, BadRow) as e:
         return _fail(EXIT_DATA, str(e), "eval")
     except (ValueError, UpstreamLoadError, LayoutError) as e:
         return _fail(EXIT_USAGE, str(e), "eval")
+    except OSError as e:  # out_dir cannot be created or written
+        return _fail(EXIT_IO, f"I/O error: {e.strerror or e} at {e.filename or args.out_dir}: fix --out_dir "
+                              "(space, permissions) and run the eval again", "eval")
     finally:
+        stop.uninstall()
         if judge is not None:
             judge.close()
     meteor = payload["settings"]["meteor"]

@@ -90,7 +90,8 @@ def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = STEPS, seed: int = 0,
     save_sa2va(model, tokenizer, run_dir)
 
     history = [h for h in trainer.state.log_history if "reward" in h]
-    rewards = [h["reward"] for h in history]
+    # a non-finite logged value is kept as None in log_history (strict JSON in trainer_state.json)
+    rewards = [h["reward"] for h in history if h["reward"] is not None]
     k = max(1, min(5, len(rewards) // 4))
     first, last = float(np.mean(rewards[:k])), float(np.mean(rewards[-k:]))
     curves = plot_curves(history, os.path.join(out_dir, "curves.png"))
@@ -118,7 +119,7 @@ def zero_std_line(history: list[dict], counts: dict) -> str:
     """The share of groups with zero reward std (no learning signal) in the batches trained on, and with dynamic
     sampling what it cost to refill them."""
     def mean(key: str) -> float:
-        vals = [float(h[key]) for h in history if key in h]
+        vals = [float(h[key]) for h in history if h.get(key) is not None]
         return float(np.mean(vals)) if vals else float("nan")
 
     if not counts:

@@ -9,6 +9,7 @@ import random
 from datasets import Dataset
 
 from sa2va_rl.data.vocab import COLORS, PLACES, SHAPES
+from sa2va_rl.jsonio import dumps_strict
 
 TRAIN_FILE = "train.jsonl"
 
@@ -53,5 +54,5 @@ def make_prompt_data(out_dir: str, n: int = 64, seed: int = 0) -> str:
     with open(os.path.join(out_dir, TRAIN_FILE), "w", encoding="utf-8") as f:
         for _ in range(n):
             words = [rng.choice(COLORS), rng.choice(SHAPES), rng.choice(PLACES)]
-            f.write(json.dumps({"prompt": "copy : " + " ".join(words), "solution": " ".join(words)}) + "\n")
+            f.write(dumps_strict({"prompt": "copy : " + " ".join(words), "solution": " ".join(words)}) + "\n")
     return out_dir

@@ -16,7 +16,6 @@ table it prints), ``OUT/predictions-LABEL.jsonl`` (each answer) and ``OUT/sample
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -73,6 +72,30 @@ class EvalArgs:
                 raise ValueError(f"{name}={getattr(self, name)}: use 1 or more")
         if self.bad_rows not in ("skip", "error"):
             raise ValueError(f"bad_rows={self.bad_rows!r}: use skip or error")
+        check_out_dir(self.out_dir)
+
+
+def check_out_dir(out_dir: str) -> None:
+    """``--out_dir`` must be a directory or creatable as one: a path naming a file (itself or a parent) is refused
+    before any model is loaded."""
+    path = os.path.abspath(out_dir)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+    if not os.path.isdir(path):
+        what = "is a file" if path == os.path.abspath(out_dir) else f"lies under {path}, which is a file"
+        raise ValueError(f"out_dir {out_dir!r} {what}: pass a directory for --out_dir (it is created if missing; "
+                         "metrics.json, metrics.md, predictions-*.jsonl and samples.png go in it)")
+
+
+class EvalStopped(Exception):
+    """A signal stopped the eval; ``code`` is the exit code (128 + signal), the message says what was kept."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # ------------------------------------------------------------------------------------------------ predicting
@@ -100,9 +123,11 @@ def eval_rows(reader, policy, tasks: list[str], max_samples: int, max_prompt_tok
 
 
 def predict(model, policy, rows: list[dict], batch_size: int = 8, max_new_tokens: int = 64,
-            do_sample: bool = False, progress=None) -> list[dict]:
+            do_sample: bool = False, progress=None, stop=None) -> list[dict]:
     """Each row's answer: {source, task, text, has_seg, mask (bool [H, W] for caption2mask rows with [SEG],
-    else None)}. Greedy unless ``do_sample``; no LogitsGuard (nothing is trained on these tokens)."""
+    else None)}. Greedy unless ``do_sample``; no LogitsGuard (nothing is trained on these tokens). ``stop``: an
+    object whose ``received`` turns non-None on a signal (rl/signals.py GracefulStop): the answers stop after the
+    batch in flight, and those made so far are returned (fewer than the rows)."""
     import torch
     from transformers import GenerationConfig
 
@@ -127,6 +152,8 @@ def predict(model, policy, rows: list[dict], batch_size: int = 8, max_new_tokens
     try:
         with torch.no_grad():
             for start in range(0, len(rows), batch_size):
+                if stop is not None and stop.received is not None:
+                    break
                 chunk = rows[start:start + batch_size]
                 ids = [tok(r["prompt"])["input_ids"] for r in chunk]
                 contexts = [r["visual"] for r in chunk]
@@ -166,7 +193,7 @@ def score(preds: list[dict], samples: dict, backend, judge=None) -> dict:
         if judge is not None:
             js = judge.score(hyps, refs)
             ok = [x for x in js if x is not None]
-            res["judge"] = sum(ok) / len(ok) if ok else float("nan")
+            res["judge"] = sum(ok) / len(ok) if ok else None  # None (null): the judge scored none of them
             res["judge_unscored"] = len(js) - len(ok)
             for p, x in zip(caps, js, strict=True):
                 p["judge"] = x
@@ -183,8 +210,10 @@ def score(preds: list[dict], samples: dict, backend, judge=None) -> dict:
     return out
 
 
-def evaluate_checkpoint(path: str, args: EvalArgs, tasks: list[str], judge, backend) -> tuple[dict, list, dict]:
-    """Load one checkpoint, answer every row, score: (metrics, predictions, {source: sample})."""
+def evaluate_checkpoint(path: str, args: EvalArgs, tasks: list[str], judge, backend, stop=None
+                        ) -> tuple[dict | None, list, dict, int]:
+    """Load one checkpoint, answer every row, score: (metrics, predictions, {source: sample}, number of rows).
+    Stopped by a signal (``stop``, see ``predict``): metrics None and the predictions made so far, unscored."""
     import torch
     from tqdm.auto import tqdm
 
@@ -201,11 +230,13 @@ def evaluate_checkpoint(path: str, args: EvalArgs, tasks: list[str], judge, back
     reader = GARReader(args.data_dir, bad_rows=args.bad_rows)
     rows, samples = eval_rows(reader, policy, tasks, args.max_samples, args.max_prompt_tokens)
     with tqdm(total=len(rows), desc=f"eval {os.path.basename(os.path.normpath(path))}", unit="answer") as bar:
-        preds = predict(model, policy, rows, args.batch_size, args.max_new_tokens, args.do_sample, bar)
+        preds = predict(model, policy, rows, args.batch_size, args.max_new_tokens, args.do_sample, bar, stop)
+    if len(preds) < len(rows):
+        return None, preds, samples, len(rows)
     metrics = score(preds, samples, backend, judge)
     metrics["bad_rows"] = {f"{f}:{fld}": n for (f, fld), n in reader.bad_counts.items()}
     del model
-    return metrics, preds, samples
+    return metrics, preds, samples, len(rows)
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -223,9 +254,9 @@ def markdown_table(results: dict[str, dict], meteor_name: str) -> str:
     head = ["task", "metric", *labels] + (["difference"] if len(labels) == 2 else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task, key, fmt in ROWS:
-        vals = [results[lab].get(task, {}).get(key) for lab in labels]
-        if all(v is None for v in vals):
+        if not any(key in results[lab].get(task, {}) for lab in labels):
             continue
+        vals = [results[lab].get(task, {}).get(key) for lab in labels]
         cells = ["-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v) for v in vals]
         if len(labels) == 2:
             a, b = vals
@@ -242,17 +273,50 @@ def _labels(paths: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else [f"{n} ({k})" for n, k in zip(names, "AB")]
 
 
+def _predictions_file(out_dir: str, label: str, partial: bool = False) -> str:
+    return os.path.join(out_dir, f"predictions-{label.replace(' ', '_')}{'.partial' if partial else ''}.jsonl")
+
+
 def _jsonable(p: dict) -> dict:
     return {k: v for k, v in p.items() if k != "mask"} | {"mask_pixels": None if p["mask"] is None
                                                             else int(np.asarray(p["mask"]).sum())}
 
 
-def run_eval(args: EvalArgs, judge=None) -> dict:
-    """Score ``args.model_path`` (and ``args.compare``) and write the reports; returns the metrics.json payload."""
+def run_eval(args: EvalArgs, judge=None, stop=None) -> dict:
+    """Score ``args.model_path`` (and ``args.compare``) and write the reports; returns the metrics.json payload.
+
+    ``args.out_dir`` is locked for the whole eval (rl/run_lock.py: a second eval into it is refused,
+    ``OutputDirBusy``); if the eval fails, a directory it created is removed again when it is empty. ``stop``
+    (rl/signals.py GracefulStop, installed by the caller): after a signal the answers made so far are written to
+    ``predictions-LABEL.partial.jsonl`` and ``EvalStopped`` is raised; no metrics are written."""
+    from sa2va_rl.rl.run_lock import RunLock
+
+    created = not os.path.isdir(args.out_dir)
+    lock = RunLock(args.out_dir, flag="--out_dir",
+                   clash="two evals into one --out_dir would overwrite each other's predictions and metrics")
+    lock.acquire()  # creates out_dir: OSError when it cannot be
+    done = False
+    try:
+        payload = _run_eval(args, judge, stop)
+        done = True
+        return payload
+    finally:
+        lock.release()
+        if created and not done:
+            try:
+                os.rmdir(args.out_dir)  # only when empty: partial predictions stay
+            except OSError:
+                pass
+
+
+def _run_eval(args: EvalArgs, judge, stop) -> dict:
+    import signal
+
     from transformers import set_seed
 
     from sa2va_rl.eval.metrics import meteor_backend
     from sa2va_rl.eval.plots import plot_eval_samples
+    from sa2va_rl.jsonio import dump_json, dump_jsonl
     from sa2va_rl.rl.tasks import task_list
 
     tasks = task_list(args.task)
@@ -263,12 +327,21 @@ def run_eval(args: EvalArgs, judge=None) -> dict:
     results, all_preds, samples = {}, {}, {}
     for label, path in zip(labels, paths, strict=True):
         set_seed(args.seed)
-        results[label], all_preds[label], samples = evaluate_checkpoint(path, args, tasks, judge, backend)
-    os.makedirs(args.out_dir, exist_ok=True)
+        results[label], all_preds[label], samples, n_rows = evaluate_checkpoint(path, args, tasks, judge, backend,
+                                                                                stop)
+        if results[label] is None or (stop is not None and stop.received is not None):
+            written = []
+            for lab, preds in all_preds.items():
+                if preds:
+                    written.append(_predictions_file(args.out_dir, lab, partial=True))
+                    dump_jsonl((_jsonable(p) for p in preds), written[-1])
+            name = signal.Signals(stop.received).name
+            kept = (f"the answers so far ({len(all_preds[label])} of {n_rows} for {label}) are in "
+                    f"{', '.join(written)}" if written else "no answer was made yet, nothing written")
+            raise EvalStopped(128 + int(stop.received), f"stopped by {name}: {kept}; no metrics written (run the "
+                                                         "eval again for them)")
     for label, preds in all_preds.items():
-        with open(os.path.join(args.out_dir, f"predictions-{label.replace(' ', '_')}.jsonl"), "w") as f:
-            for p in preds:
-                f.write(json.dumps(_jsonable(p)) + "\n")
+        dump_jsonl((_jsonable(p) for p in preds), _predictions_file(args.out_dir, label))
     payload = {
         "models": {lab: {"model_path": p, **results[lab]} for lab, p in zip(labels, paths, strict=True)},
         "settings": {**{k: v for k, v in asdict(args).items() if k not in ("model_path", "compare")},
@@ -277,8 +350,7 @@ def run_eval(args: EvalArgs, judge=None) -> dict:
                                 "note": backend.note},
                      "judge": None if judge is None else judge.report()},
     }
-    with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
-        json.dump(payload, f, indent=2, default=float)
+    dump_json(payload, os.path.join(args.out_dir, "metrics.json"))  # strict JSON: NaN/inf as null
     table = markdown_table(results, backend.describe())
     with open(os.path.join(args.out_dir, "metrics.md"), "w") as f:
         f.write(table)

@@ -173,10 +173,9 @@ class ReleaseLayout:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    from sa2va_rl.jsonio import dump_json
+
+    dump_json(obj, path, atomic=True, sort_keys=True)
 
 
 def resume_mismatch(checkpoint: str, model) -> str | None:

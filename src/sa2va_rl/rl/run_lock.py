@@ -15,6 +15,8 @@ import socket
 import time
 from dataclasses import dataclass
 
+from sa2va_rl.jsonio import dumps_strict
+
 logger = logging.getLogger(__name__)
 
 LOCK = ".sa2va-rl.lock"
@@ -37,6 +39,8 @@ def _alive(pid: int) -> bool:
 @dataclass
 class RunLock:
     output_dir: str
+    flag: str = "--output_dir"  # the flag the message tells the user to change
+    clash: str = "two runs on one output_dir would mix their checkpoints"  # why two owners are refused
 
     @property
     def path(self) -> str:
@@ -60,11 +64,11 @@ class RunLock:
                     continue
                 who = ("an unreadable lock" if owner is None else
                        f"pid {owner.get('pid')} on {owner.get('host')} (started {owner.get('started')})")
-                raise OutputDirBusy(f"{self.output_dir} is in use by {who}: two runs on one output_dir would mix "
-                                    "their checkpoints. Wait for it, or pass another --output_dir; if that run is "
-                                    f"gone (e.g. on another host), delete {self.path}") from None
+                raise OutputDirBusy(f"{self.output_dir} is in use by {who}: {self.clash}. Wait for it, or pass "
+                                    f"another {self.flag}; if that run is gone (e.g. on another host), delete "
+                                    f"{self.path}") from None
             with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+                f.write(dumps_strict(me))
             return
         raise OutputDirBusy(f"{self.output_dir}: another run took over the stale lock first")
 

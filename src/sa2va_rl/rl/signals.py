@@ -23,8 +23,9 @@ HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
 class GracefulStop(TrainerCallback):
-    def __init__(self, save_on_signal: bool = True) -> None:
+    def __init__(self, save_on_signal: bool = True, doing: str = "step") -> None:
         self.save_on_signal = save_on_signal
+        self.doing = doing  # what finishes before the stop (the log line names it)
         self.received: int | None = None  # the signal number, once one arrived
         self.saved_at: int | None = None  # the global step whose checkpoint was requested
         self._previous: dict[int, object] = {}
@@ -48,8 +49,8 @@ class GracefulStop(TrainerCallback):
             signal.raise_signal(signum)
             return
         self.received = signum
-        logger.warning("%s received: finishing the current step, %sthen stopping (send it again to stop at once)",
-                       signal.Signals(signum).name, "saving a checkpoint, " if self.save_on_signal else "")
+        logger.warning("%s received: finishing the current %s, %sthen stopping (send it again to stop at once)",
+                       signal.Signals(signum).name, self.doing, "saving a checkpoint, " if self.save_on_signal else "")
 
     @property
     def exit_code(self) -> int | None:

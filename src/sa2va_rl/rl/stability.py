@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import TrainerCallback
 
+from sa2va_rl.jsonio import dump_json
 from sa2va_rl.numerics import GradGuard, GradReport, LogitsGuard
 from sa2va_rl.numerics.grads import fsdp1_sharded_ids, local_part
 
@@ -48,20 +48,8 @@ class StabilityCounters:
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
-    """Write to a temp file in the same directory, fsync, rename: a reader never sees half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Strict JSON (non-finite floats as null), written atomically: a reader never sees half a file."""
+    dump_json(payload, path, atomic=True, sort_keys=True)
 
 
 def _local_params(model: torch.nn.Module) -> list[tuple[torch.Tensor, bool]]:

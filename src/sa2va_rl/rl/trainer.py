@@ -558,7 +558,16 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                 if weight > 0:
                     self._metrics[mode]["mask_loss/ce"] = [ce / weight]
                     self._metrics[mode]["mask_loss/dice"] = [dice / weight]
+        n = len(self.state.log_history)
         super().log(logs, start_time)
+        # HF writes log_history into trainer_state.json with json.dumps, NaN/inf as bare tokens (not JSON): the
+        # entry it keeps gets null instead (docs/troubleshooting.md "Strict JSON"); the callbacks (TensorBoard,
+        # the progress line) were already given the values as they were
+        for i in range(n, len(self.state.log_history)):
+            entry = self.state.log_history[i]
+            for key, value in entry.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    entry[key] = None
 
     def train(self, *args, **kwargs):
         if self.args.should_save:
