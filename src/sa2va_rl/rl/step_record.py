@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sa2va_rl.models.grounding import ImageCache
+
 
 @dataclass
 class StepRecord:
@@ -40,6 +42,7 @@ class StepRecord:
     tasks: list | None = None  # per row: the dataset's `task` column (Sa2VA: mask2caption / caption2mask); None: none
     drop: list[list[bool]] | None = None  # per completion token: repaired by the LogitsGuard, or empty filler
     rewards_per_func: torch.Tensor | None = None  # [B, reward funcs], all processes
+    images: ImageCache | None = None  # SAM2 features of each distinct image, encoded at most once per generation
     # loss only
     refs: dict[str, torch.Tensor] | None = None  # old/ref per-token logps, fp32
 
