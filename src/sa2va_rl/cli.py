@@ -31,6 +31,14 @@ class TrainArgs:
         "help": "Sa2VA: a GAR sample whose prompt (image tokens included) is longer is skipped and counted under "
                 "bad_rows (a runaway caption would cost a step minutes and gigabytes); set it to the model's "
                 "context minus max_completion_length."})
+    cycle_reward: float = field(default=0.0, metadata={
+        "help": "Sa2VA, mask2caption rows: weight of the cycle reward (0: off). Each sampled caption is segmented "
+                "again by the model with its LoRA adapters off (the policy itself under full fine-tuning), on the "
+                "same image, and rewarded with the IoU of that mask and the row's region. Reference-free; adds to "
+                "METEOR and the judge. See docs/segmentation_cycle.md."})
+    cycle_length_factor: bool = field(default=False, metadata={
+        "help": "With --cycle_reward: multiply the IoU by the original trainer's length factor (captions under 25 "
+                "words scaled down to 0.25x, over 120 words to 0.6x; docs/segmentation_cycle.md)."})
 
 
 def _merge_repeated(argv: list[str], flag: str) -> list[str]:
@@ -108,6 +116,13 @@ def _train(argv: list[str]) -> int:
     if jargs.judge_url and (not sa2va or script.task == "caption2mask"):
         return _fail(EXIT_USAGE, "--judge_url scores captions: it needs a Sa2VA checkpoint and --task mask2caption "
                                  "or both")
+    if not script.cycle_reward >= 0:
+        return _fail(EXIT_USAGE, f"--cycle_reward {script.cycle_reward}: use a weight >= 0 (0 turns it off)")
+    if script.cycle_reward and (not sa2va or script.task == "caption2mask"):
+        return _fail(EXIT_USAGE, "--cycle_reward re-segments mask2caption captions: it needs a Sa2VA checkpoint and "
+                                 "--task mask2caption or both (drop --cycle_reward for caption2mask)")
+    if script.cycle_length_factor and not script.cycle_reward:
+        return _fail(EXIT_USAGE, "--cycle_length_factor scales the cycle reward: add --cycle_reward WEIGHT (> 0)")
     try:  # before any model loads (the trainer would create it, with a traceback)
         os.makedirs(config.output_dir, exist_ok=True)
     except OSError as e:
@@ -205,7 +220,8 @@ def _build_sa2va_run(script, margs, config, jargs=None):
     set_seed(config.seed)  # the LoRA init draws before the trainer seeds anything: same --seed, same run
     prepare_for_training(model, margs, mask_loss=config.mask_loss_weight > 0)
     judge = jargs.build() if jargs is not None else None
-    funcs, weights = task_rewards(tasks, judge=judge)
+    funcs, weights = task_rewards(tasks, judge=judge, cycle_weight=script.cycle_reward,
+                                  cycle_length_factor=script.cycle_length_factor)
     if config.reward_weights is None:
         config.reward_weights = weights
     elif len(config.reward_weights) != len(funcs):

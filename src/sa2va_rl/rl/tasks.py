@@ -7,8 +7,10 @@
 * ``both``: each GAR sample appears once per task.
 
 A row is a dict; TRL hands every key but ``prompt`` to the reward functions: ``task``, ``caption`` (reference,
-mask2caption rows only), ``gt_mask`` (reference, caption2mask rows only), ``source`` ("file:row"), and
-``visual`` (the sample's tiles and region cells, which the trainer passes to the Policy).
+mask2caption rows only), ``gt_mask`` (reference, caption2mask rows only), ``region_mask`` (the region the prompt
+shows, mask2caption rows only: what the cycle reward, rl/cycle.py, compares the re-segmented caption with),
+``source`` ("file:row"), and ``visual`` (the sample's tiles and region cells, which the trainer passes to the
+Policy).
 """
 
 from __future__ import annotations
@@ -33,10 +35,17 @@ def task_list(task: str) -> list[str]:
     return [task]
 
 
-def task_rewards(tasks: list[str], format_weight: float = 0.2, judge=None) -> tuple[list, list[float]]:
+def task_rewards(tasks: list[str], format_weight: float = 0.2, judge=None, cycle_weight: float = 0.0,
+                 cycle_length_factor: bool = False) -> tuple[list, list[float]]:
     """(reward functions, weights) for the tasks. Each function returns None on rows of the other task. With an
     LLM judge (rl/judge.py), mask2caption is rewarded 0.25 x METEOR + 0.75 x the judge's score / 10, as the
-    original trainer did."""
+    original trainer did. ``cycle_weight`` > 0 adds the cycle reward (rl/cycle.py: the caption re-segmented, IoU
+    with its region; ``cycle_length_factor``: times the original's length factor) with that weight."""
+    if cycle_weight < 0 or cycle_weight != cycle_weight:
+        raise ValueError(f"--cycle_reward {cycle_weight}: use a weight >= 0 (0 turns the cycle reward off)")
+    if cycle_weight > 0 and "mask2caption" not in tasks:
+        raise ValueError(f"--cycle_reward scores mask2caption captions; task(s) {tasks} have none: use --task "
+                         "mask2caption or both, or drop --cycle_reward")
     funcs, weights = [], []
     if "mask2caption" in tasks and judge is not None:
         from sa2va_rl.rl.judge import judge_reward
@@ -51,6 +60,11 @@ def task_rewards(tasks: list[str], format_weight: float = 0.2, judge=None) -> tu
         weights.append(1.0)
     funcs.append(format_reward)
     weights.append(format_weight)
+    if cycle_weight > 0:  # last: the other rewards keep their places in --reward_weights
+        from sa2va_rl.rl.cycle import cycle_reward
+
+        funcs.append(cycle_reward(cycle_length_factor))
+        weights.append(cycle_weight)
     return funcs, weights
 
 
@@ -120,8 +134,8 @@ class GARTaskDataset:
     def _row(self, s, task: str) -> dict:
         if task == "mask2caption":
             prompt, visual = self.policy.encode(s.image, s.question or DEFAULT_QUESTION, [s.mask], s.source)
-            return {"prompt": prompt, "task": task, "caption": s.caption, "gt_mask": None, "source": s.source,
-                    "visual": visual}
+            return {"prompt": prompt, "task": task, "caption": s.caption, "gt_mask": None, "region_mask": s.mask,
+                    "source": s.source, "visual": visual}
         prompt, visual = self.policy.encode(s.image, caption2mask_question(s.caption), None, s.source)
-        return {"prompt": prompt, "task": task, "caption": None, "gt_mask": s.mask, "source": s.source,
-                "visual": visual}
+        return {"prompt": prompt, "task": task, "caption": None, "gt_mask": s.mask, "region_mask": None,
+                "source": s.source, "visual": visual}

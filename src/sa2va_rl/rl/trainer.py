@@ -23,9 +23,10 @@ TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The o
 * ``log``, ``training_step``: stability metrics, non-finite losses and metric values counted, not hidden.
 * ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: the stability state travels with checkpoints.
 * ``_calculate_rewards``: for policies that segment (Sa2VA), each completion's ``[SEG]`` mask is added to its row
-  as ``pred_mask`` before the reward functions run. Every plain reward function is wrapped: NaN/inf become
-  "no opinion" (counted); an exception stops the run naming the function and the sample, or, with
-  ``reward_errors='skip'``, costs only the samples it raised on (counted).
+  as ``pred_mask`` before the reward functions run; with the cycle reward (rl/cycle.py), each mask2caption row's
+  caption re-segmented by the listener is added as ``cycle_mask`` (``_add_cycle_masks``). Every plain reward
+  function is wrapped: NaN/inf become "no opinion" (counted); an exception stops the run naming the function and
+  the sample, or, with ``reward_errors='skip'``, costs only the samples it raised on (counted).
 
 Rows may carry a ``visual`` column (Sa2VA: tiles and region cells). The trainer hands it to the Policy for
 generation and scoring and keeps it aligned with the completions through TRL's shuffle and split.
@@ -49,12 +50,12 @@ from transformers.trainer_callback import ProgressCallback
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
+from sa2va_rl.models.grounding import ImageCache
 from sa2va_rl.models.policy import CausalLMPolicy, Policy
 from sa2va_rl.numerics import GradGuard, LogitsGuard
 from sa2va_rl.numerics.grads import unwrapped_named_parameters
 from sa2va_rl.numerics.precision import fp32_master_weights
-from sa2va_rl.models.grounding import ImageCache
-from sa2va_rl.rl import checkpoints, deepspeed_guard, mask_loss, reference, spikes
+from sa2va_rl.rl import checkpoints, cycle, deepspeed_guard, mask_loss, reference, spikes
 from sa2va_rl.rl.advantages import group_advantages
 from sa2va_rl.rl.config import Sa2VAGRPOConfig
 from sa2va_rl.rl.dynamic_sampling import DynamicSampler
@@ -130,6 +131,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self.faults = FaultInjector.from_specs(args.inject)
         self.faults.token_id = getattr(kwargs.get("processing_class"), "convert_tokens_to_ids", None)
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        self._cycle = cycle.needs_cycle_masks(funcs)  # a reward reads cycle_mask: _add_cycle_masks adds it
         funcs = [guarded_reward(self.faults.wrap_reward(f, lambda: self.state.global_step + 1) if i == 0 else f,
                                 args.reward_errors, lambda: self.stability.counters)
                  if callable(f) and not isinstance(f, (str, torch.nn.Module)) and not inspect.iscoroutinefunction(f)
@@ -157,6 +159,9 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         if beta != 0.0:  # after the fp32 cast: pi_ref = pi at step 0, bit for bit
             self.ref_model = reference.build_reference(self, sync_ref)
         self.policy = policy or CausalLMPolicy(pad_token_id=self._tokenizer.pad_token_id)
+        if self._cycle and not hasattr(self.policy, "segment_at"):
+            raise ValueError(f"--cycle_reward re-segments captions: it needs a Sa2VA policy, not "
+                             f"{type(self.policy).__name__}; drop --cycle_reward for a causal LM")
         # entropies only when TRL asks for them, where the Policy can skip them (a third-party one may not take it)
         self._policy_entropy_flag = "compute_entropy" in inspect.signature(self.policy.logprobs).parameters
         self.logits_guard = (LogitsGuard(eos_token_id=self.generation_config.eos_token_id,
@@ -335,6 +340,8 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         if hasattr(self.policy, "segment") and any(x.get("gt_mask") is not None for x in inputs):
             inputs = self._add_pred_masks(inputs, completion_ids_list)
+        if self._cycle:
+            inputs = self._add_cycle_masks(inputs, completions)
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self.record.rewards_per_func = rewards_per_func
         return rewards_per_func
@@ -380,6 +387,27 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         chosen = mask_loss.choose(rows, total, output["advantages"], self.accelerator.process_index,
                                   self.num_generations, self.args.mask_loss_rollouts)
         self._metrics["train"]["mask_loss/rollouts"].append(float(chosen))
+
+    def _add_cycle_masks(self, inputs, completions):
+        """Rows with a region mask (mask2caption) get ``cycle_mask``: the listener's mask for their caption
+        (rl/cycle.py: the policy with its adapters disabled, no grad, one batched forward, SAM2 once per distinct
+        image this step); the others get None."""
+        rows = [i for i, x in enumerate(inputs) if x.get("region_mask") is not None]
+        out = [{**x, "cycle_mask": None} for x in inputs]
+        if not rows:
+            return out
+        if self.record.images is None:
+            self.record.images = ImageCache()
+        model = self.accelerator.unwrap_model(self.model)
+        with cycle.listener(model) as listener:
+            found = cycle.cycle_masks(self.policy, listener, [completions[i] for i in rows],
+                                      [self.record.contexts[i] for i in rows], self.record.images)
+        for i, m in zip(rows, found.masks, strict=True):
+            out[i]["cycle_mask"] = m
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics["cycle/encodes"].append(float(found.encodes))
+        metrics["cycle/no_seg_frac"].append(found.no_seg / len(rows))
+        return out
 
     # ------------------------------------------------------------------ scoring
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
