@@ -133,12 +133,17 @@ def mask_iou(completions, pred_mask=None, gt_mask=None, **kwargs) -> list[float 
 _JUNK = re.compile(r"(<\|[^|>]*\|>|<IMG_CONTEXT>|<img>|</img>|\ufffd)")
 
 
-def format_reward(completions, task=None, **kwargs) -> list[float]:
+def format_reward(completions, task=None, seg_format=None, **kwargs) -> list[float | None]:
     """1.0 for a well-formed answer: non-empty text, no template/image tokens or replacement characters,
-    and exactly the [SEG] use the task needs (caption2mask: at least one; mask2caption: none)."""
-    out = []
+    and exactly the [SEG] use the task needs (caption2mask: at least one; mask2caption: none). None on think rows
+    (``seg_format`` "think"): rl/think.py's think_format_reward scores their format."""
+    out: list[float | None] = []
     tasks = task if isinstance(task, list) else [task] * len(completions)
-    for completion, t in zip(completions, tasks, strict=True):
+    formats = seg_format if isinstance(seg_format, list) else [seg_format] * len(completions)
+    for completion, t, fmt in zip(completions, tasks, formats, strict=True):
+        if fmt == "think":
+            out.append(None)
+            continue
         text = _text(completion)
         words = text.replace("[SEG]", " ").strip()
         ok = bool(words) and not _JUNK.search(text)

@@ -23,18 +23,22 @@ class StepRecord:
     2. ``_generate_single_turn`` sets ``prompt_ids`` and ``drop`` (its completion's repaired or empty tokens);
     3. ``_generate`` turns ``drop`` into TRL's ``tool_mask`` (0 = the loss ignores it) and ``drop_mask``;
     4. the pi_old/pi_ref scoring reads ``drop_mask`` and ``contexts``;
-    5. ``_calculate_rewards`` reads ``prompt_ids`` and ``contexts`` (the ``pred_mask`` of segmenting policies)
-       and sets ``rewards_per_func``, from which the advantages are recomputed;
-    6. the prompt leaves in TRL's output dict: drop flags as ``tool_mask``, context as ``visual``; TRL's shuffle
-       and split keep both aligned with the completion.
+    5. ``_calculate_rewards`` reads ``prompt_ids`` and ``contexts`` (the ``pred_mask``/``pred_masks`` of segmenting
+       policies), sets ``seg_index`` (the completion positions whose ``[SEG]`` masks were decoded) and
+       ``rewards_per_func``, from which the advantages are recomputed;
+    6. the prompt leaves in TRL's output dict: drop flags as ``tool_mask``, context as ``visual``, ``[SEG]``
+       positions as ``seg_index``; TRL's shuffle and split keep them aligned with the completion.
 
     Loss (``StepRecord.loss``), one per sub-batch, while ``_compute_loss`` runs: the same prompt's ``drop_mask``
-    comes back from ``tool_mask``, its context from ``visual``, and ``refs`` holds its pi_old/pi_ref log-probs
+    comes back from ``tool_mask``, its context from ``visual``, its ``seg_index`` from ``seg_index``, and ``refs`` holds its pi_old/pi_ref log-probs
     (fp32), against which the scoring seam bounds the log-ratios. ``refs`` is None outside the loss: no clamp.
     """
 
     contexts: list | None = None  # per row: the Policy context (the dataset's `visual` column); None: text only
     drop_mask: torch.Tensor | None = None  # [B, K] completion tokens the scoring neutralises
+    # per row (this process): completion positions of the [SEG]s whose masks the rewards read (think rows: the
+    # answer's; plain rows: the first); [] where none was decoded; None when nothing was segmented
+    seg_index: list[list[int]] | None = None
     # generation only
     prompt_ids: list[list[int]] | None = None  # the prompts as generated from
     tasks: list | None = None  # per row: the dataset's `task` column (Sa2VA: mask2caption / caption2mask); None: none
@@ -52,7 +56,7 @@ class StepRecord:
     @classmethod
     def loss(cls, inputs: dict) -> StepRecord:
         return cls(drop_mask=(inputs["tool_mask"] == 0) if "tool_mask" in inputs else None,
-                   contexts=inputs.get("visual"),
+                   contexts=inputs.get("visual"), seg_index=inputs.get("seg_index"),
                    refs={k: inputs[k].float() for k in ("old_per_token_logps", "ref_per_token_logps")
                          if inputs.get(k) is not None})
 

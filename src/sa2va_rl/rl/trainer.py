@@ -22,8 +22,9 @@ TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The o
   rows each step consumed: rollback past the data) and the collapse monitors (rl/collapse.py), from host values.
 * ``log``, ``training_step``: stability metrics, non-finite losses and metric values counted, not hidden.
 * ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: the stability state travels with checkpoints.
-* ``_calculate_rewards``: for policies that segment (Sa2VA), each completion's ``[SEG]`` mask is added to its row
-  as ``pred_mask`` before the reward functions run. Every plain reward function is wrapped: NaN/inf become
+* ``_calculate_rewards``: for policies that segment (Sa2VA), each completion's ``[SEG]`` masks are added to its row
+  before the reward functions run: ``pred_masks`` (think rows: the answer's ``[SEG]``s, rl/think.py; plain rows:
+  the first ``[SEG]``) and ``pred_mask`` (the first of them, or None); think rows also get ``seg_text``. Every plain reward function is wrapped: NaN/inf become
   "no opinion" (counted); an exception stops the run naming the function and the sample, or, with
   ``reward_errors='skip'``, costs only the samples it raised on (counted).
 
@@ -53,7 +54,7 @@ from sa2va_rl.models.policy import CausalLMPolicy, Policy
 from sa2va_rl.numerics import GradGuard, LogitsGuard
 from sa2va_rl.numerics.grads import unwrapped_named_parameters
 from sa2va_rl.numerics.precision import fp32_master_weights
-from sa2va_rl.rl import checkpoints, deepspeed_guard, reference, spikes
+from sa2va_rl.rl import checkpoints, deepspeed_guard, reference, spikes, think
 from sa2va_rl.rl.advantages import group_advantages
 from sa2va_rl.rl.config import Sa2VAGRPOConfig
 from sa2va_rl.rl.dynamic_sampling import DynamicSampler
@@ -62,6 +63,7 @@ from sa2va_rl.rl.faults import FaultInjector
 from sa2va_rl.rl.reward_guard import RewardError, guarded_reward
 from sa2va_rl.rl.stability import NonFiniteTrainingError, StabilityCallback, ranks_agree, weights_finite
 from sa2va_rl.rl.step_record import StepRecord, drop_tensor
+from sa2va_rl.rl.think import ThinkTags
 
 __all__ = ["RewardError", "Sa2VAGRPOTrainer", "group_advantages", "guarded_reward"]
 
@@ -171,6 +173,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self.dynamic_sampler = DynamicSampler(self, args.dynamic_sampling_max_rounds) if args.dynamic_sampling else None
         self.record = StepRecord()  # the rows in flight: what each seam reads and writes (see StepRecord)
         self.last_generation: StepRecord | None = None  # the last finished generation's record; no seam reads it
+        self._think_tags: ThinkTags | None = None  # think rows' tags on the policy's tokenizer (rl/think.py), built once
         self._nonfinite_losses = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
         self._unwrapped_for_generation = (None, None)  # (model_wrapped, its unwrapped model): see _generation_model
 
@@ -321,26 +324,43 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             output = super()._generate_and_score_completions(inputs)
         if record.contexts is not None:  # a list: TRL's shuffle and split keep it aligned with the completions
             output["visual"] = record.contexts
+            # the [SEG] positions whose masks the rewards read, per row, for the loss (StepRecord.loss)
+            output["seg_index"] = record.seg_index if record.seg_index is not None else [[] for _ in record.contexts]
         return output, record
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        if hasattr(self.policy, "segment") and any(x.get("gt_mask") is not None for x in inputs):
+        if hasattr(self.policy, "segment_at") and any(x.get("gt_mask") is not None for x in inputs):
             inputs = self._add_pred_masks(inputs, completion_ids_list)
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self.record.rewards_per_func = rewards_per_func
         return rewards_per_func
 
     def _add_pred_masks(self, inputs, completion_ids_list):
-        """Rows with a reference mask get ``pred_mask``: the mask of their completion's first [SEG], or None."""
+        """Rows with a reference mask get ``pred_masks``, the masks of the [SEG]s their rewards read (think rows: the
+        answer's, rl/think.py; other rows: the first), and ``pred_mask``, the first of them or None; every row gets
+        both keys (None where not segmented) and ``seg_text`` (think rows: the completion's text with [SEG] kept).
+        The positions decoded are recorded as ``record.seg_index``."""
         rows = [i for i, x in enumerate(inputs) if x.get("gt_mask") is not None]
+        formats = [inputs[i].get("seg_format") for i in rows]
+        tags = None
+        if "think" in formats:
+            if self._think_tags is None:
+                self._think_tags = ThinkTags(self.policy.tokenizer, self.policy.seg_id)
+            tags = self._think_tags
+        completions = [completion_ids_list[i] for i in rows]
+        index = think.seg_index(completions, formats, self.policy.seg_id, tags)
         model = self.accelerator.unwrap_model(self.model)
-        masks = self.policy.segment(model, [self.record.prompt_ids[i] for i in rows],
-                                    [completion_ids_list[i] for i in rows], [self.record.contexts[i] for i in rows])
-        out = [{**x, "pred_mask": None} for x in inputs]
-        for i, m in zip(rows, masks, strict=True):
-            out[i]["pred_mask"] = m
+        masks = self.policy.segment_at(model, [self.record.prompt_ids[i] for i in rows], completions,
+                                       [self.record.contexts[i] for i in rows], index)
+        out = [{**x, "pred_mask": None, "pred_masks": None, "seg_text": None} for x in inputs]
+        seg_index: list[list[int]] = [[] for _ in inputs]
+        for i, ms, idx, fmt, c in zip(rows, masks, index, formats, completions, strict=True):
+            out[i].update(pred_mask=ms[0] if ms else None, pred_masks=ms,
+                          seg_text=tags.text(c) if fmt == "think" else None)
+            seg_index[i] = idx
+        self.record.seg_index = seg_index
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["seg/no_seg_frac"].append(sum(m is None for m in masks) / len(masks))
+        self._metrics[mode]["seg/no_seg_frac"].append(sum(not ms for ms in masks) / len(masks))
         return out
 
     # ------------------------------------------------------------------ scoring
