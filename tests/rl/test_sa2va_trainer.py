@@ -218,23 +218,23 @@ def test_caption2mask_step_encodes_each_distinct_image_once(tiny_sa2va, gar_dir,
     forward_image = sam2.forward_image
     sam2.forward_image = lambda pixels: encodes.append(pixels.shape) or forward_image(pixels)
     seg_forwards = []  # LLM backbone forwards while the step segments
-    backbone, segment = lm_parts(trainer.model)[1], trainer.policy.segment
+    backbone, segment_at = lm_parts(trainer.model)[1], trainer.policy.segment_at  # the trainer segments through it
 
     def counted_segment(*args, **kwargs):
         h = backbone.register_forward_pre_hook(lambda m, a: seg_forwards.append(1))
         try:
-            return segment(*args, **kwargs)
+            return segment_at(*args, **kwargs)
         finally:
             h.remove()
 
-    trainer.policy.segment = counted_segment
+    trainer.policy.segment_at = counted_segment
     try:
         rows = batch(trainer, rows=(0, 1))
         trainer._generate_and_score_completions(rows)
     finally:
         hook.remove()
         del sam2.forward_image
-        del trainer.policy.segment
+        del trainer.policy.segment_at
     images = {id(r["visual"].image) for r in rows}
     assert len(images) == 2 and len(rows) == 8
     assert trainer._metrics["train"]["seg/no_seg_frac"][-1] == 0.0  # all 8 completions were segmented
