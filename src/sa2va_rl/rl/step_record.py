@@ -30,8 +30,9 @@ class StepRecord:
        positions as ``seg_index``; TRL's shuffle and split keep them aligned with the completion.
 
     Loss (``StepRecord.loss``), one per sub-batch, while ``_compute_loss`` runs: the same prompt's ``drop_mask``
-    comes back from ``tool_mask``, its context from ``visual``, its ``seg_index`` from ``seg_index``, and ``refs`` holds its pi_old/pi_ref log-probs
-    (fp32), against which the scoring seam bounds the log-ratios. ``refs`` is None outside the loss: no clamp.
+    comes back from ``tool_mask``, its context from ``visual``, its ``seg_index`` from ``seg_index``, and ``refs``
+    holds its pi_old/pi_ref log-probs (fp32), against which the scoring seam bounds the log-ratios. ``refs`` is None
+    outside the loss: no clamp.
     """
 
     contexts: list | None = None  # per row: the Policy context (the dataset's `visual` column); None: text only

@@ -24,9 +24,9 @@ TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The o
 * ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: the stability state travels with checkpoints.
 * ``_calculate_rewards``: for policies that segment (Sa2VA), each completion's ``[SEG]`` masks are added to its row
   before the reward functions run: ``pred_masks`` (think rows: the answer's ``[SEG]``s, rl/think.py; plain rows:
-  the first ``[SEG]``) and ``pred_mask`` (the first of them, or None); think rows also get ``seg_text``. Every plain reward function is wrapped: NaN/inf become
-  "no opinion" (counted); an exception stops the run naming the function and the sample, or, with
-  ``reward_errors='skip'``, costs only the samples it raised on (counted).
+  the first ``[SEG]``) and ``pred_mask`` (the first of them, or None); think rows also get ``seg_text``. Every
+  plain reward function is wrapped: NaN/inf become "no opinion" (counted); an exception stops the run naming the
+  function and the sample, or, with ``reward_errors='skip'``, costs only the samples it raised on (counted).
 
 Rows may carry a ``visual`` column (Sa2VA: tiles and region cells). The trainer hands it to the Policy for
 generation and scoring and keeps it aligned with the completions through TRL's shuffle and split.
@@ -173,7 +173,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self.dynamic_sampler = DynamicSampler(self, args.dynamic_sampling_max_rounds) if args.dynamic_sampling else None
         self.record = StepRecord()  # the rows in flight: what each seam reads and writes (see StepRecord)
         self.last_generation: StepRecord | None = None  # the last finished generation's record; no seam reads it
-        self._think_tags: ThinkTags | None = None  # think rows' tags on the policy's tokenizer (rl/think.py), built once
+        self._think_tags: ThinkTags | None = None  # think rows' tags on the policy's tokenizer (rl/think.py)
         self._nonfinite_losses = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
         self._unwrapped_for_generation = (None, None)  # (model_wrapped, its unwrapped model): see _generation_model
 
