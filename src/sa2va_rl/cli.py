@@ -24,6 +24,11 @@ class TrainArgs:
                                                         "Causal LM: DIR/train.jsonl."})
     task: str = field(default=None, metadata={"help": "Sa2VA only: mask2caption, caption2mask or both (the "
                                                       "default)."})
+    seg_format: str = field(default="plain", metadata={
+        "help": "Sa2VA caption2mask answers: 'plain' (Sa2VA's template answer 'Sure, [SEG].'; every rollout of a "
+                "prompt alike) or 'think' (reasoning inside <think></think>, then the answer inside "
+                "<answer></answer>; rewarded by think_format_reward and answer_iou on the answer's [SEG] masks; "
+                "docs/segmentation.md). Needs --task caption2mask or both."})
     bad_rows: str = field(default="skip", metadata={"help": "Bad GAR rows: 'skip' (counted, reported in "
                                                             "stability.json) or 'error' (stop, naming file and row)."})
     reward: str = field(default="token_f1", metadata={"help": "Causal LM only: token_f1 or exact_match."})
@@ -108,11 +113,22 @@ def _train(argv: list[str]) -> int:
     if not sa2va and script.task is not None:
         return _fail(EXIT_USAGE, f"--task {script.task}: {script.model_path} is a causal LM, not a Sa2VA checkpoint; "
                                  "--task applies to Sa2VA only (drop it, or point --model_path at a Sa2VA model)")
+    from sa2va_rl.rl.tasks import SEG_FORMATS
+
+    if script.seg_format not in SEG_FORMATS:
+        return _fail(EXIT_USAGE, f"--seg_format {script.seg_format!r}: use plain (Sa2VA's template answer) or think "
+                                 "(reasoning, then the answer)")
+    if script.seg_format != "plain" and not sa2va:
+        return _fail(EXIT_USAGE, f"--seg_format {script.seg_format}: {script.model_path} is a causal LM, not a Sa2VA "
+                                 "checkpoint; --seg_format formats Sa2VA's caption2mask answers (drop it)")
     script.task = script.task or "both"
     if config.mask_loss_weight > 0 and (not sa2va or script.task == "mask2caption"):
         return _fail(EXIT_USAGE, f"--mask_loss_weight {config.mask_loss_weight}: the mask loss trains Sa2VA's "
                                  "caption2mask rows; use a Sa2VA checkpoint with --task caption2mask or both (or "
                                  "--mask_loss_weight 0)")
+    if script.seg_format == "think" and script.task == "mask2caption":
+        return _fail(EXIT_USAGE, "--seg_format think formats caption2mask answers; --task mask2caption has none: use "
+                                 "--task caption2mask or both, or drop --seg_format")
     if jargs.judge_url and (not sa2va or script.task == "caption2mask"):
         return _fail(EXIT_USAGE, "--judge_url scores captions: it needs a Sa2VA checkpoint and --task mask2caption "
                                  "or both")
@@ -221,13 +237,14 @@ def _build_sa2va_run(script, margs, config, jargs=None):
     prepare_for_training(model, margs, mask_loss=config.mask_loss_weight > 0)
     judge = jargs.build() if jargs is not None else None
     funcs, weights = task_rewards(tasks, judge=judge, cycle_weight=script.cycle_reward,
-                                  cycle_length_factor=script.cycle_length_factor)
+                                  cycle_length_factor=script.cycle_length_factor, seg_format=script.seg_format)
     if config.reward_weights is None:
         config.reward_weights = weights
     elif len(config.reward_weights) != len(funcs):
         return _fail(EXIT_USAGE, f"--reward_weights has {len(config.reward_weights)} values; task {script.task!r} "
                                  f"has {len(funcs)} rewards: {[f.__name__ for f in funcs]}")
-    dataset = GARTaskDataset(reader, policy, tasks, max_prompt_tokens=script.max_prompt_tokens)
+    dataset = GARTaskDataset(reader, policy, tasks, max_prompt_tokens=script.max_prompt_tokens,
+                             seg_format=script.seg_format)
     trainer = Sa2VAGRPOTrainer(model=model, reward_funcs=funcs, args=config, train_dataset=dataset.to_dataset(),
                                processing_class=tokenizer, policy=policy)
     trainer.stability.extras["bad_rows"] = lambda: {f"{f}:{fld}": n for (f, fld), n in reader.bad_counts.items()}

@@ -142,6 +142,7 @@ def warm_start(model, tokenizer, policy, rows, steps: int, seed: int, batch: int
 
     _lm, backbone, head = lm_parts(model)
     decoder = [model.text_hidden_fcs, model.grounding_encoder]
+    frozen = [p for m in decoder for p in m.parameters() if not p.requires_grad]  # frozen again afterwards
     for m in decoder:
         m.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -180,8 +181,8 @@ def warm_start(model, tokenizer, policy, rows, steps: int, seed: int, batch: int
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    for m in decoder:
-        m.requires_grad_(False)
+    for p in frozen:
+        p.requires_grad_(False)
     k = max(1, steps // 10)
     return float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
 

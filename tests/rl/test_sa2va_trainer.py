@@ -219,12 +219,12 @@ def test_caption2mask_step_encodes_each_distinct_image_once(tiny_sa2va, gar_dir,
     forward_image = sam2.forward_image
     sam2.forward_image = lambda pixels: encodes.append(pixels.shape) or forward_image(pixels)
     seg_forwards = []  # LLM backbone forwards while the step segments
-    backbone, segment = lm_parts(trainer.model)[1], trainer.policy.segment_at
+    backbone, segment_at = lm_parts(trainer.model)[1], trainer.policy.segment_at  # the trainer segments through it
 
     def counted_segment(*args, **kwargs):
         h = backbone.register_forward_pre_hook(lambda m, a: seg_forwards.append(1))
         try:
-            return segment(*args, **kwargs)
+            return segment_at(*args, **kwargs)
         finally:
             h.remove()
 

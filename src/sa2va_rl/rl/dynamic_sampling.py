@@ -141,4 +141,6 @@ class DynamicSampler:
         record.rewards_per_func = torch.stack([records[o].rewards_per_func[r] for o, r in rows])
         if record.contexts is not None:
             record.contexts = [records[o].contexts[r] for o, r in rows]
+        if any(r.seg_index is not None for r in records):
+            record.seg_index = [[] if records[o].seg_index is None else records[o].seg_index[r] for o, r in rows]
         return merged, record

@@ -133,13 +133,21 @@ def mask_iou(completions, pred_mask=None, gt_mask=None, **kwargs) -> list[float 
 _JUNK = re.compile(r"(<\|[^|>]*\|>|<IMG_CONTEXT>|<img>|</img>|\ufffd)")
 
 
-def format_reward(completions, task=None, **kwargs) -> list[float]:
+def format_reward(completions, task=None, seg_format=None, seg_text=None, **kwargs) -> list[float | None]:
     """1.0 for a well-formed answer: non-empty text, no template/image tokens or replacement characters,
-    and exactly the [SEG] use the task needs (caption2mask: at least one; mask2caption: none)."""
-    out = []
+    and exactly the [SEG] use the task needs (caption2mask: at least one; mask2caption: none). None on think rows
+    (``seg_format`` "think"): rl/think.py's think_format_reward scores their format. ``seg_text``: the completions
+    with ``[SEG]`` kept (the trainer adds it for Sa2VA: TRL decodes without special tokens, ``[SEG]`` among them),
+    read instead of ``completions`` where given."""
+    out: list[float | None] = []
     tasks = task if isinstance(task, list) else [task] * len(completions)
-    for completion, t in zip(completions, tasks, strict=True):
-        text = _text(completion)
+    formats = seg_format if isinstance(seg_format, list) else [seg_format] * len(completions)
+    texts = seg_text if isinstance(seg_text, list) else [None] * len(completions)
+    for completion, t, fmt, kept in zip(completions, tasks, formats, texts, strict=True):
+        if fmt == "think":
+            out.append(None)
+            continue
+        text = _text(completion) if kept is None else kept
         words = text.replace("[SEG]", " ").strip()
         ok = bool(words) and not _JUNK.search(text)
         if t == "caption2mask":

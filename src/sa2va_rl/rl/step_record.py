@@ -26,16 +26,19 @@ class StepRecord:
     2. ``_generate_single_turn`` sets ``prompt_ids`` and ``drop`` (its completion's repaired or empty tokens);
     3. ``_generate`` turns ``drop`` into TRL's ``tool_mask`` (0 = the loss ignores it) and ``drop_mask``;
     4. the pi_old/pi_ref scoring reads ``drop_mask`` and ``contexts``;
-    5. ``_calculate_rewards`` reads ``prompt_ids`` and ``contexts`` (the ``pred_mask`` of segmenting policies)
-       and sets ``rewards_per_func``, from which the advantages are recomputed;
-    6. the prompt leaves in TRL's output dict: drop flags as ``tool_mask``, context as ``visual``; TRL's shuffle
-       and split keep both aligned with the completion.
+    5. ``_calculate_rewards`` reads ``prompt_ids`` and ``contexts`` (the ``pred_mask``/``pred_masks`` of segmenting
+       policies), sets ``seg_index`` (the completion positions whose ``[SEG]`` masks were decoded), ``images`` (the
+       grounding features, encoded once per image) and ``rewards_per_func``, from which the advantages are
+       recomputed;
+    6. the prompt leaves in TRL's output dict: drop flags as ``tool_mask``, context as ``visual``, and with the mask
+       loss on its ``seg_target`` (rl/mask_loss.py: the ``[SEG]`` position, the reference mask, the image's
+       features, the weight set after the rewards); TRL's shuffle and split keep them aligned with the completion.
 
     Loss (``StepRecord.loss``), one per sub-batch, while ``_compute_loss`` runs: the same prompt's ``drop_mask``
-    comes back from ``tool_mask``, its context from ``visual``, and ``refs`` holds its pi_old/pi_ref log-probs
-    (fp32), against which the scoring seam bounds the log-ratios. ``refs`` is None outside the loss: no clamp. With
-    the mask loss on, ``seg_targets`` comes back from ``seg_target`` (set after the rewards, rl/mask_loss.py), and
-    the scoring forward feeds ``mask_loss``, which ``_compute_loss`` adds to GRPO's loss.
+    comes back from ``tool_mask``, its context from ``visual``, its ``seg_targets`` from ``seg_target``, and ``refs``
+    holds its pi_old/pi_ref log-probs (fp32), against which the scoring seam bounds the log-ratios. ``refs`` is None
+    outside the loss: no clamp. The gradient-carrying scoring forward feeds ``mask_loss``, which ``_compute_loss``
+    adds to GRPO's loss.
     """
 
     contexts: list | None = None  # per row: the Policy context (the dataset's `visual` column); None: text only
@@ -46,7 +49,9 @@ class StepRecord:
     drop: list[list[bool]] | None = None  # per completion token: repaired by the LogitsGuard, or empty filler
     rewards_per_func: torch.Tensor | None = None  # [B, reward funcs], all processes
     images: ImageCache | None = None  # the grounding encoder's features of this batch's images (segmenting policies)
-    seg_index: list[list[int]] | None = None  # per row: the completion positions of the [SEG]s its masks came from
+    # per row (this process): completion positions of the [SEG]s whose masks the rewards read (think rows: the
+    # answer's; plain rows: the first); [] where none was decoded; None when nothing was segmented
+    seg_index: list[list[int]] | None = None
     # loss only
     refs: dict[str, torch.Tensor] | None = None  # old/ref per-token logps, fp32
     seg_targets: list | None = None  # per row: its mask-loss target (rl/mask_loss.py SegTarget) or None

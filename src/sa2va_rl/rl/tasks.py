@@ -6,11 +6,16 @@
   against the reference mask, plus the format reward.
 * ``both``: each GAR sample appears once per task.
 
+caption2mask has two answer formats (``seg_format``): ``plain`` (the default) asks to segment the caption and the
+model answers with Sa2VA's template ("Sure, [SEG]."); ``think`` asks for reasoning inside ``<think></think>`` and then
+the answer inside ``<answer></answer>``, so that the G rollouts of a prompt differ before their ``[SEG]``
+(rl/think.py; docs/segmentation.md).
+
 A row is a dict; TRL hands every key but ``prompt`` to the reward functions: ``task``, ``caption`` (reference,
 mask2caption rows only), ``gt_mask`` (reference, caption2mask rows only), ``region_mask`` (the region the prompt
 shows, mask2caption rows only: what the cycle reward, rl/cycle.py, compares the re-segmented caption with),
-``source`` ("file:row"), and ``visual`` (the sample's tiles and region cells, which the trainer passes to the
-Policy).
+``seg_format`` (caption2mask rows: "plain" or "think"; None on mask2caption rows), ``source`` ("file:row"), and
+``visual`` (the sample's tiles and region cells, which the trainer passes to the Policy).
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from collections import OrderedDict
 
 from sa2va_rl.data.gar import BadRow, GARReader, NoGoodRows
 from sa2va_rl.rl.rewards import caption_meteor, format_reward, mask_iou
+from sa2va_rl.rl.think import answer_iou, think_format_reward
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("mask2caption", "caption2mask")
+SEG_FORMATS = ("plain", "think")
 DEFAULT_QUESTION = "Describe the masked region in detail."
 
 
@@ -35,12 +42,27 @@ def task_list(task: str) -> list[str]:
     return [task]
 
 
+def check_seg_format(seg_format: str, tasks: list[str]) -> None:
+    """Refuse an unknown ``seg_format``, and ``think`` for tasks without caption2mask rows (it would change nothing)."""
+    if seg_format not in SEG_FORMATS:
+        raise ValueError(f"seg_format {seg_format!r}: use plain (the template answer) or think (reasoning, then the "
+                         "answer)")
+    if seg_format == "think" and "caption2mask" not in tasks:
+        raise ValueError(f"seg_format think formats caption2mask answers; the tasks {tasks} have none: use task "
+                         "caption2mask or both, or drop seg_format")
+
+
 def task_rewards(tasks: list[str], format_weight: float = 0.2, judge=None, cycle_weight: float = 0.0,
-                 cycle_length_factor: bool = False) -> tuple[list, list[float]]:
+                 cycle_length_factor: bool = False, seg_format: str = "plain") -> tuple[list, list[float]]:
     """(reward functions, weights) for the tasks. Each function returns None on rows of the other task. With an
     LLM judge (rl/judge.py), mask2caption is rewarded 0.25 x METEOR + 0.75 x the judge's score / 10, as the
     original trainer did. ``cycle_weight`` > 0 adds the cycle reward (rl/cycle.py: the caption re-segmented, IoU
-    with its region; ``cycle_length_factor``: times the original's length factor) with that weight."""
+    with its region; ``cycle_length_factor``: times the original's length factor) with that weight.
+
+    ``seg_format`` think: caption2mask is rewarded by ``think_format_reward`` (1.0) and ``answer_iou`` (1.0) in place
+    of ``mask_iou`` and ``format_reward``'s caption2mask part (format_reward has no opinion on think rows; it stays
+    for mask2caption rows, and is left out when there are none)."""
+    check_seg_format(seg_format, tasks)
     if cycle_weight < 0 or cycle_weight != cycle_weight:
         raise ValueError(f"--cycle_reward {cycle_weight}: use a weight >= 0 (0 turns the cycle reward off)")
     if cycle_weight > 0 and "mask2caption" not in tasks:
@@ -55,11 +77,15 @@ def task_rewards(tasks: list[str], format_weight: float = 0.2, judge=None, cycle
     elif "mask2caption" in tasks:
         funcs.append(caption_meteor)
         weights.append(1.0)
-    if "caption2mask" in tasks:
+    if "caption2mask" in tasks and seg_format == "think":
+        funcs += [think_format_reward, answer_iou]
+        weights += [1.0, 1.0]
+    elif "caption2mask" in tasks:
         funcs.append(mask_iou)
         weights.append(1.0)
-    funcs.append(format_reward)
-    weights.append(format_weight)
+    if seg_format == "plain" or "mask2caption" in tasks:
+        funcs.append(format_reward)
+        weights.append(format_weight)
     if cycle_weight > 0:  # last: the other rewards keep their places in --reward_weights
         from sa2va_rl.rl.cycle import cycle_reward
 
@@ -68,8 +94,16 @@ def task_rewards(tasks: list[str], format_weight: float = 0.2, judge=None, cycle
     return funcs, weights
 
 
-def caption2mask_question(caption: str) -> str:
-    return f"Please segment {caption.rstrip('.')}."
+def caption2mask_question(caption: str, seg_format: str = "plain") -> str:
+    """The caption2mask question. ``think`` asks for the reasoning inside <think></think>, where [SEG] may point at
+    the objects it reasons about, then the answer inside <answer></answer> with a [SEG] for each object asked for
+    (our wording, after the think/answer format of the Sa2VA authors' reasoning-segmentation RL)."""
+    target = caption.rstrip(".")
+    if seg_format == "think":
+        return (f"Please segment {target}. First think about which objects in the image it is and where they are, "
+                "inside <think> </think>; you may mark an object you reason about with [SEG]. Then give the answer "
+                "inside <answer> </answer>, with one [SEG] for each object to segment.")
+    return f"Please segment {target}."
 
 
 class GARTaskDataset:
@@ -81,10 +115,12 @@ class GARTaskDataset:
     """
 
     def __init__(self, reader: GARReader, policy, tasks: list[str], cache_size: int = 16,
-                 max_prompt_tokens: int | None = None) -> None:
+                 max_prompt_tokens: int | None = None, seg_format: str = "plain") -> None:
         for t in tasks:
             task_list(t)
+        check_seg_format(seg_format, list(tasks))
         self.reader, self.policy, self.tasks = reader, policy, list(tasks)
+        self.seg_format = seg_format
         self.max_prompt_tokens = max_prompt_tokens
         self._cache: OrderedDict[tuple[int, str], dict] = OrderedDict()
         self.cache_size = cache_size
@@ -135,7 +171,9 @@ class GARTaskDataset:
         if task == "mask2caption":
             prompt, visual = self.policy.encode(s.image, s.question or DEFAULT_QUESTION, [s.mask], s.source)
             return {"prompt": prompt, "task": task, "caption": s.caption, "gt_mask": None, "region_mask": s.mask,
-                    "source": s.source, "visual": visual}
-        prompt, visual = self.policy.encode(s.image, caption2mask_question(s.caption), None, s.source)
+                    "seg_format": None, "source": s.source, "visual": visual}
+        prompt, visual = self.policy.encode(s.image, caption2mask_question(s.caption, self.seg_format), None,
+                                            s.source)
         return {"prompt": prompt, "task": task, "caption": None, "gt_mask": s.mask, "region_mask": None,
+                "seg_format": self.seg_format,
                 "source": s.source, "visual": visual}

@@ -22,9 +22,11 @@ TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The o
   rows each step consumed: rollback past the data) and the collapse monitors (rl/collapse.py), from host values.
 * ``log``, ``training_step``: stability metrics, non-finite losses and metric values counted, not hidden.
 * ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: the stability state travels with checkpoints.
-* ``_calculate_rewards``: for policies that segment (Sa2VA), each completion's ``[SEG]`` mask is added to its row
-  as ``pred_mask`` before the reward functions run; with the cycle reward (rl/cycle.py), each mask2caption row's
-  caption re-segmented by the listener is added as ``cycle_mask`` (``_add_cycle_masks``). Every plain reward
+* ``_calculate_rewards``: for policies that segment (Sa2VA), each completion's ``[SEG]`` masks are added to its row
+  before the reward functions run: ``pred_masks`` (think rows: the answer's ``[SEG]``s, rl/think.py; plain rows:
+  the first ``[SEG]``) and ``pred_mask`` (the first of them, or None), and every row gets ``seg_text`` (its text
+  with ``[SEG]`` kept: TRL's decode drops special tokens); with the cycle reward (rl/cycle.py), each mask2caption
+  row's caption re-segmented by the listener is added as ``cycle_mask`` (``_add_cycle_masks``). Every plain reward
   function is wrapped: NaN/inf become "no opinion" (counted); an exception stops the run naming the function and
   the sample, or, with ``reward_errors='skip'``, costs only the samples it raised on (counted).
 
@@ -55,7 +57,7 @@ from sa2va_rl.models.policy import CausalLMPolicy, Policy
 from sa2va_rl.numerics import GradGuard, LogitsGuard
 from sa2va_rl.numerics.grads import unwrapped_named_parameters
 from sa2va_rl.numerics.precision import fp32_master_weights
-from sa2va_rl.rl import checkpoints, cycle, deepspeed_guard, mask_loss, reference, spikes
+from sa2va_rl.rl import checkpoints, cycle, deepspeed_guard, mask_loss, reference, spikes, think
 from sa2va_rl.rl.advantages import group_advantages
 from sa2va_rl.rl.config import Sa2VAGRPOConfig
 from sa2va_rl.rl.dynamic_sampling import DynamicSampler
@@ -64,6 +66,7 @@ from sa2va_rl.rl.faults import FaultInjector
 from sa2va_rl.rl.reward_guard import RewardError, guarded_reward
 from sa2va_rl.rl.stability import NonFiniteTrainingError, StabilityCallback, ranks_agree, weights_finite
 from sa2va_rl.rl.step_record import StepRecord, drop_tensor
+from sa2va_rl.rl.think import ThinkTags
 
 __all__ = ["RewardError", "Sa2VAGRPOTrainer", "group_advantages", "guarded_reward"]
 
@@ -177,6 +180,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self.dynamic_sampler = DynamicSampler(self, args.dynamic_sampling_max_rounds) if args.dynamic_sampling else None
         self.record = StepRecord()  # the rows in flight: what each seam reads and writes (see StepRecord)
         self.last_generation: StepRecord | None = None  # the last finished generation's record; no seam reads it
+        self._think_tags: ThinkTags | None = None  # think rows' tags on the policy's tokenizer (rl/think.py)
         self._nonfinite_losses = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
         self._mask_stats = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)  # ce, dice, weight
         if args.mask_loss_weight > 0:
@@ -338,8 +342,12 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         return output, record
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        if hasattr(self.policy, "segment") and any(x.get("gt_mask") is not None for x in inputs):
-            inputs = self._add_pred_masks(inputs, completion_ids_list)
+        if hasattr(self.policy, "segment_at"):
+            # TRL's completions are decoded without special tokens, [SEG] among them: the format reward reads this
+            tags = self._tags()
+            inputs = [{**x, "seg_text": tags.text(c)} for x, c in zip(inputs, completion_ids_list, strict=True)]
+            if any(x.get("gt_mask") is not None for x in inputs):
+                inputs = self._add_pred_masks(inputs, completion_ids_list)
         if self._cycle:
             inputs = self._add_cycle_masks(inputs, completions)
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -347,25 +355,34 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _add_pred_masks(self, inputs, completion_ids_list):
-        """Rows with a reference mask get ``pred_mask``: the mask of their completion's first [SEG], or None. The
-        positions decoded go to the record (``seg_index``: the mask loss reads them), the image features to its
-        ``images`` cache (one encode per distinct image per generation batch)."""
+        """Rows with a reference mask get ``pred_masks``, the masks of the [SEG]s their rewards read (think rows: the
+        answer's, rl/think.py; other rows: the first), and ``pred_mask``, the first of them or None; every row gets
+        both keys (None where not segmented). The positions decoded are recorded as ``record.seg_index`` (the mask
+        loss reads them), the image features in ``record.images`` (one encode per distinct image per batch)."""
         record = self.record
         rows = [i for i, x in enumerate(inputs) if x.get("gt_mask") is not None]
-        seg = self.policy.seg_id
-        index = [[c.index(seg)] if seg in c else [] for c in completion_ids_list]
-        record.seg_index = [index[i] if x.get("gt_mask") is not None else [] for i, x in enumerate(inputs)]
+        formats = [inputs[i].get("seg_format") for i in rows]
+        completions = [completion_ids_list[i] for i in rows]
+        index = think.seg_index(completions, formats, self.policy.seg_id, self._tags())
         record.images = record.images if record.images is not None else ImageCache()
         model = self.accelerator.unwrap_model(self.model)
-        masks = self.policy.segment_at(model, [record.prompt_ids[i] for i in rows],
-                                       [completion_ids_list[i] for i in rows], [record.contexts[i] for i in rows],
-                                       [index[i] for i in rows], cache=record.images)
-        out = [{**x, "pred_mask": None} for x in inputs]
-        for i, m in zip(rows, masks, strict=True):
-            out[i]["pred_mask"] = m[0] if m else None
+        masks = self.policy.segment_at(model, [record.prompt_ids[i] for i in rows], completions,
+                                       [record.contexts[i] for i in rows], index, cache=record.images)
+        out = [{**x, "pred_mask": None, "pred_masks": None} for x in inputs]
+        seg_index: list[list[int]] = [[] for _ in inputs]
+        for i, ms, idx in zip(rows, masks, index, strict=True):
+            out[i].update(pred_mask=ms[0] if ms else None, pred_masks=ms)
+            seg_index[i] = idx
+        record.seg_index = seg_index
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["seg/no_seg_frac"].append(sum(not m for m in masks) / len(masks))
+        self._metrics[mode]["seg/no_seg_frac"].append(sum(not ms for ms in masks) / len(masks))
         return out
+
+    def _tags(self) -> ThinkTags:
+        """The think format's tags and a [SEG]-keeping decode on the policy's tokenizer (rl/think.py), built once."""
+        if self._think_tags is None:
+            self._think_tags = ThinkTags(self.policy.tokenizer, self.policy.seg_id)
+        return self._think_tags
 
     # ------------------------------------------------------------------ the mask loss (rl/mask_loss.py)
     def _seg_targets(self, inputs, record: StepRecord) -> list | None:
