@@ -7,7 +7,7 @@ alternate between the two so machine drift hits both alike. The cycle's own shar
 (``_add_cycle_masks``: prompt building, the batched listener forward, SAM2 encode and decode).
 
 The tiny model's SAM2 stand-in is small, its prompts short: the ratio says what the cycle's machinery costs around a
-tiny step, not what a 4B step pays (docs/segmentation_cycle.md estimates that).
+tiny step, not what a 4B step pays (docs/segmentation.md estimates that).
 
 Run: python benchmarks/cycle_reward.py [--rounds 3 --steps 8 --threads 1]
 """

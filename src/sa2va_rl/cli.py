@@ -40,10 +40,10 @@ class TrainArgs:
         "help": "Sa2VA, mask2caption rows: weight of the cycle reward (0: off). Each sampled caption is segmented "
                 "again by the model with its LoRA adapters off (the policy itself under full fine-tuning), on the "
                 "same image, and rewarded with the IoU of that mask and the row's region. Reference-free; adds to "
-                "METEOR and the judge. See docs/segmentation_cycle.md."})
+                "METEOR and the judge. See docs/segmentation.md."})
     cycle_length_factor: bool = field(default=False, metadata={
         "help": "With --cycle_reward: multiply the IoU by the original trainer's length factor (captions under 25 "
-                "words scaled down to 0.25x, over 120 words to 0.6x; docs/segmentation_cycle.md)."})
+                "words scaled down to 0.25x, over 120 words to 0.6x; docs/segmentation.md)."})
 
 
 def _merge_repeated(argv: list[str], flag: str) -> list[str]:
@@ -497,10 +497,8 @@ def _demo(args: argparse.Namespace) -> int:
     from sa2va_rl.demo import run_demo
 
     extra = {} if args.steps is None else {"steps": args.steps}
-    if args.mask_loss_weight is not None:
-        extra["mask_loss_weight"] = args.mask_loss_weight
     return run_demo(out_dir=args.out_dir, seed=args.seed, beta=args.beta, dynamic_sampling=args.dynamic_sampling,
-                    task=args.task, **extra)
+                    task=args.task, segmentation=args.segmentation, mask_loss_weight=args.mask_loss_weight, **extra)
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -548,9 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="KL penalty to the warm-started model (default: the demo's own, see sa2va_rl/demo.py)")
     demo.add_argument("--dynamic_sampling", action="store_true",
                       help="refill groups with zero reward std from the data (DAPO), counted in the summary")
+    demo.add_argument("--segmentation", action="store_true",
+                      help="both halves learn: GRPO on both tasks with the mask loss on caption2mask rows "
+                           "(rl/mask_loss.py), and the held-out masks' gIoU/cIoU printed before and after")
     demo.add_argument("--mask_loss_weight", type=float, default=None,
-                      help="the supervised mask loss on caption2mask rows inside GRPO (rl/mask_loss.py; default: the "
-                           "demo's own, see sa2va_rl/demo.py)")
+                      help="the mask loss's weight (default: 0, or the demo's SEGMENTATION_MASK_LOSS with "
+                           "--segmentation; see sa2va_rl/demo.py)")
     demo.set_defaults(func=_demo)
     doctor = sub.add_parser("doctor", help="check versions, device, model, one guarded generation, one fp32 "
                                            "forward/backward, the data and the rewards; exit 1 on any failure")

@@ -16,9 +16,11 @@ colour/shape accuracy is printed before and after GRPO, greedy and sampled. The 
 Why these sizes: the tiny model's vision tower is random and frozen (as Sa2VA's is in RL), so the LLM has to learn
 colour and shape from random features. With 96 training rows the warm start memorised them (train 23/24, held-out
 6/24) and GRPO had nothing left to learn on them (training reward 0.95); with 1000 rows the warm start generalises
-and GRPO's gains show on held-out samples. GRPO trains on mask2caption only: a caption2mask answer is the template
-"Sure, [SEG]." for every prompt, so its groups are identical text with nothing for GRPO to compare (the
-identical-groups and entropy monitors fire on them, rightly), and they halve the caption signal per step.
+and GRPO's gains show on held-out samples. GRPO trains on mask2caption only by default: a caption2mask answer is the
+template "Sure, [SEG]." for every prompt, so its groups are identical text with nothing for GRPO to compare, and
+they halve the caption signal per step. ``--segmentation`` trains both tasks and adds the mask loss on caption2mask
+rows (rl/mask_loss.py), the gradient that reaches the mask path, and prints the held-out masks' gIoU/cIoU before and
+after; steps whose batch holds only template answers have near-zero entropy, so the entropy monitor warns on them.
 """
 
 from __future__ import annotations
@@ -37,21 +39,29 @@ TRAIN_ROWS = 1000  # synthetic GAR rows to train on: few enough to write in seco
 BETA = 0.0  # KL to the warm-started model
 EVAL_SAMPLES = 48  # held-out samples whose captions are checked before and after GRPO
 GRPO_TASKS = "mask2caption"
+SEGMENTATION_MASK_LOSS = 4.0  # --segmentation: the mask loss's weight (rl/mask_loss.py; docs/segmentation.md: 1 vs 4)
 
 
 def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = STEPS, seed: int = 0,
              warm_start_steps: int = WARM_START_STEPS, learning_rate: float = 3e-4, beta: float | None = None,
              dynamic_sampling: bool = False, eval_samples: int = EVAL_SAMPLES, task: str = GRPO_TASKS,
-             train_rows: int = TRAIN_ROWS, mask_loss_weight: float = 0.0) -> int:
+             train_rows: int = TRAIN_ROWS, mask_loss_weight: float | None = None, mask_loss_rollouts: str = "best",
+             segmentation: bool = False) -> int:
+    """``segmentation``: GRPO on both tasks with the mask loss (SEGMENTATION_MASK_LOSS unless ``mask_loss_weight``),
+    and the held-out masks' gIoU/cIoU printed before and after (docs/segmentation.md)."""
     from sa2va_rl.data.gar import GARReader
     from sa2va_rl.data.synthetic import make_gar_data
-    from sa2va_rl.demo_eval import caption_accuracy, demo_rewards, sampled_accuracy
+    from sa2va_rl.demo_eval import caption_accuracy, demo_rewards, mask_accuracy, sampled_accuracy
     from sa2va_rl.models.sa2va import Sa2VAModelArgs, Sa2VAPolicy, load_sa2va, prepare_for_training, save_sa2va
     from sa2va_rl.models.tiny_sa2va import make_tiny_sa2va
     from sa2va_rl.rl.config import Sa2VAGRPOConfig
     from sa2va_rl.rl.tasks import GARTaskDataset, task_list
     from sa2va_rl.rl.trainer import Sa2VAGRPOTrainer
 
+    if segmentation:
+        task = "both"
+        mask_loss_weight = SEGMENTATION_MASK_LOSS if mask_loss_weight is None else mask_loss_weight
+    mask_loss_weight = mask_loss_weight or 0.0
     os.makedirs(out_dir, exist_ok=True)
     model_dir = make_tiny_sa2va(os.path.join(out_dir, "tiny-sa2va"), seed=seed)
     data_dir = make_gar_data(os.path.join(out_dir, "gar-train"), n=train_rows, seed=seed)
@@ -72,7 +82,7 @@ def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = STEPS, seed: int = 0,
         warmup_steps=2, max_completion_length=16, reward_weights=weights, logging_steps=1, save_strategy="no",
         report_to=["tensorboard"], seed=seed, stability_summary_steps=10, disable_tqdm=False,
         beta=BETA if beta is None else beta,
-        dynamic_sampling=dynamic_sampling, mask_loss_weight=mask_loss_weight,
+        dynamic_sampling=dynamic_sampling, mask_loss_weight=mask_loss_weight, mask_loss_rollouts=mask_loss_rollouts,
     )
     rows = GARTaskDataset(reader, policy, tasks)
     if warm_start_steps:
@@ -82,11 +92,13 @@ def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = STEPS, seed: int = 0,
         save_sa2va(model, tokenizer, os.path.join(out_dir, "warm-start"))
     before = caption_accuracy(model, tokenizer, eval_reader)
     before_sampled = sampled_accuracy(model, policy, eval_reader, seed=seed)
+    masks_before = mask_accuracy(model, policy, eval_reader) if segmentation else None
     trainer = Sa2VAGRPOTrainer(model=model, reward_funcs=funcs, args=config, processing_class=tokenizer,
                                train_dataset=rows.to_dataset(), policy=policy)
     trainer.train()
     after = caption_accuracy(model, tokenizer, eval_reader)
     after_sampled = sampled_accuracy(model, policy, eval_reader, seed=seed)
+    masks_after = mask_accuracy(model, policy, eval_reader) if segmentation else None
     save_sa2va(model, tokenizer, run_dir)
 
     history = [h for h in trainer.state.log_history if "reward" in h]
@@ -106,12 +118,17 @@ def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = STEPS, seed: int = 0,
           f"{after_sampled.both}/{after_sampled.n * after_sampled.k}")
     print(f"  before GRPO: {before_sampled.line()}")
     print(f"  after GRPO:  {after_sampled.line()}")
+    if segmentation:
+        print(f"held-out masks from the reference captions (caption2mask, greedy, {masks_after['n']} samples): gIoU "
+              f"{masks_before['gIoU']:.4f} -> {masks_after['gIoU']:.4f}, cIoU {masks_before['cIoU']:.4f} -> "
+              f"{masks_after['cIoU']:.4f}")
     print(zero_std_line(history, trainer.stability.counters.dynamic_sampling))
     print(trainer.stability.summary_line(trainer.state.global_step))
     print(f"wrote {samples}, {curves}, {os.path.join(run_dir, 'stability.json')} and the trained model in {run_dir}")
     if warm_start_steps:
         print(f"compare it with its warm start: sa2va-rl eval --model_path {run_dir} --compare "
-              f"{os.path.join(out_dir, 'warm-start')} --data_dir {os.path.join(out_dir, 'gar-eval')}")
+              f"{os.path.join(out_dir, 'warm-start')} --data_dir {os.path.join(out_dir, 'gar-eval')}"
+              + (" --task both" if segmentation else ""))
     return 0
 
 

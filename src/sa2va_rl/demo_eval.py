@@ -128,3 +128,14 @@ def demo_rewards(tasks: list[str], attribute_weight: float = 1.0) -> tuple[list,
     if "mask2caption" in tasks and attribute_weight:
         funcs, weights = funcs + [attribute_reward], weights + [attribute_weight]
     return funcs, weights
+
+
+def mask_accuracy(model, policy, reader) -> dict:
+    """caption2mask on the held-out samples, greedy, scored as ``sa2va-rl eval`` scores it (eval/runner.py's rows,
+    answers and masks; eval/metrics.py's gIoU, cIoU and the share without ``[SEG]``)."""
+    from sa2va_rl.eval.metrics import mask_metrics
+    from sa2va_rl.eval.runner import eval_rows, predict
+
+    rows, samples = eval_rows(reader, policy, ["caption2mask"], 0)
+    preds = predict(model, policy, rows)
+    return mask_metrics([p["mask"] for p in preds], [samples[p["source"]].mask for p in preds])

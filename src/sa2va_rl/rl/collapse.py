@@ -16,7 +16,7 @@ entropy                mean token entropy of the step's completions, nats, from 
 zero_std_groups        share of groups whose rewards are all equal: no learning signal (TRL's frac_reward_zero_std)
                        (above ``collapse_zero_std_share``)
 identical_groups       share of groups whose G completions are token-for-token identical (above
-                       ``collapse_identical_share``)
+                       ``collapse_identical_share``); segmentation groups are left out (see cross_prompt_repeat)
 max_length             share of completions as long as max_completion_length: cut, not finished (above
                        ``collapse_max_length_share``)
 cross_prompt_repeat    share of completions identical to a completion of another prompt in the batch: the same
@@ -68,19 +68,20 @@ def completion_shares(completions: list[list[int]], groups: list, max_len: int |
                       templated: list[bool] | None = None) -> dict[str, float]:
     """identical_groups, max_length and cross_prompt_repeat for one batch of completions; ``groups[i]`` says which
     prompt (row) completion i answers. Completions whose ``templated[i]`` is True (answers to segmentation prompts,
-    a template by design) are not counted in cross_prompt_repeat."""
+    a template by design) are not counted in identical_groups and cross_prompt_repeat."""
     out: dict[str, float] = {}
     if not completions:
         return out
+    templated = templated or [False] * len(completions)
     by_group: dict = {}
-    for c, g in zip(completions, groups, strict=True):
-        by_group.setdefault(g, []).append(tuple(c))
+    for c, g, t in zip(completions, groups, templated, strict=True):
+        if not t:  # a group of segmentation answers is one template by design
+            by_group.setdefault(g, []).append(tuple(c))
     multi = [cs for cs in by_group.values() if len(cs) >= 2]
     if multi:
         out["identical_groups"] = sum(len(set(cs)) == 1 for cs in multi) / len(multi)
     if max_len:
         out["max_length"] = sum(len(c) >= max_len for c in completions) / len(completions)
-    templated = templated or [False] * len(completions)
     free = [(tuple(c), g) for c, g, t in zip(completions, groups, templated, strict=True) if not t]
     if len({g for _c, g in free}) >= 2:
         owners: dict[tuple, set] = {}

@@ -13,7 +13,7 @@ reference caption is read.
   greedy decoding per caption, and it is deterministic.
 * The listener is the policy's own model with its LoRA adapters disabled (``listener``): the model at step 0, a
   fixed judge that cannot drift with the captions it judges; without adapters (full fine-tuning) it is the live
-  policy, under no grad (see docs/segmentation_cycle.md). It runs in eval mode: no dropout, deterministic.
+  policy, under no grad (see docs/segmentation.md). It runs in eval mode: no dropout, deterministic.
 * Each distinct image is tiled once (its rows' captions share one visual-inputs object, so the vision tower runs
   once per image) and encoded by SAM2 at most once per step (the step's ``ImageCache``).
 
