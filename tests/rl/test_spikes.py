@@ -136,7 +136,8 @@ def test_spike_decision_rides_the_grad_guards_one_sync():
             causes = spikes.conclude(step, report.extra, report.finite)
         assert c.count == 1, c.calls  # the GradGuard's own sync, nothing more
         assert causes == ([] if step < 5 else ["loss", "grad_norm"])
-    assert spikes.detector.count.tolist() == [4, 4, 0]  # the spike did not enter the history; no KL logged
+    # the spike did not enter the history; no KL logged, no mask loss
+    assert spikes.detector.count.tolist() == [4, 4, 0, 0]
 
 
 def test_finite_gradients_whose_norm_overflows_are_a_grad_norm_spike():
@@ -149,10 +150,10 @@ def test_finite_gradients_whose_norm_overflows_are_a_grad_norm_spike():
     report = GradGuard().check(model, extra=spikes.flags)
     assert report.finite and math.isinf(report.norm)
     assert spikes.conclude(1, report.extra, report.finite, report.norm) == ["grad_norm"]
-    assert spikes.detector.count.tolist() == [0, 0, 0]  # nothing recorded
+    assert spikes.detector.count.tolist() == [0, 0, 0, 0]  # nothing recorded
     loss_only = SpikeGuard(window=8, sigma=6.0, warmup=2, signals=("loss",))
-    assert loss_only.conclude(1, [0.0, 0.0, 0.0], True, math.inf) == []  # grad_norm not judged: not a cause
-    assert spikes.conclude(2, [0.0, 0.0, 0.0], False, math.inf) == []  # non-finite: the GradGuard's business
+    assert loss_only.conclude(1, [0.0] * 4, True, math.inf) == []  # grad_norm not judged: not a cause
+    assert spikes.conclude(2, [0.0] * 4, False, math.inf) == []  # non-finite: the GradGuard's business
 
 
 def test_kl_is_judged_when_logged_and_only_then():
@@ -164,7 +165,7 @@ def test_kl_is_judged_when_logged_and_only_then():
     spikes.add_kl(0.5)
     assert spikes.conclude(4, spikes.flags(norm).tolist(), finite=True) == ["kl"]
     assert spikes.conclude(5, spikes.flags(norm).tolist(), finite=True) == []  # no KL logged: not judged
-    assert spikes.detector.count.tolist() == [0, 4, 3]  # loss never logged; the KL spike not recorded
+    assert spikes.detector.count.tolist() == [0, 4, 3, 0]  # loss never logged; the KL spike not recorded
 
 
 def test_norm_read_with_extra_is_the_same_float():
@@ -396,3 +397,21 @@ def test_config_validates_the_new_fields(tmp_path):
     msg = str(e.value)
     assert "spike_warmup=1" in msg and "on_persistent_spikes='stop'" in msg and "collapse_repeat_share=2.0" in msg
     assert os.path.basename(SKIP_FILE) == "skipped_rows.json"
+
+
+def test_mask_loss_is_a_signal_every_step_when_on_and_never_when_off():
+    """With the mask loss on (rl/mask_loss.py) its per-step sum is judged (log scale): a step without caption2mask
+    rows feeds 0, which is not judged and not recorded; a jump flags ``mask_loss``."""
+    spikes = SpikeGuard(window=8, sigma=6.0, warmup=2, mask_loss=True)
+    norm = torch.tensor(1.0)
+    for step, value in enumerate([0.20, 0.22, 0.21], start=1):
+        spikes.add_mask_loss(torch.tensor(value))
+        assert spikes.conclude(step, spikes.flags(norm).tolist(), finite=True) == []
+    assert spikes.conclude(4, spikes.flags(norm).tolist(), finite=True) == []  # no rows this step: 0, unjudged
+    spikes.add_mask_loss(torch.tensor(50.0))
+    assert spikes.conclude(5, spikes.flags(norm).tolist(), finite=True) == ["mask_loss"]
+    assert spikes.detector.count.tolist()[3] == 3  # the spike and the empty step were not recorded
+    off = SpikeGuard(window=8, sigma=6.0, warmup=2)
+    for step in range(1, 6):
+        assert off.conclude(step, off.flags(norm).tolist(), finite=True) == []
+    assert off.detector.count.tolist()[3] == 0
