@@ -46,7 +46,13 @@ class Generation:
 
 class Policy(Protocol):
     """``contexts``: one opaque object per row from the dataset's ``visual`` column (Sa2VA: the sample's
-    tiles and region cells), or None for text-only policies."""
+    tiles and region cells), or None for text-only policies.
+
+    Optional keyword arguments the trainer passes only to a Policy whose method names them (and refuses, at start,
+    the TRL option that needs one the Policy lacks; docs/trl_parity.md): ``generate(..., multimodal=)`` and
+    ``logprobs(..., multimodal=)`` (a plain VLM's pixels, TRL's fields), ``logprobs(..., compute_entropy=,
+    entropy_grad=)`` (TRL's entropy bonus), ``logprobs(..., compute_aux_loss=)`` (then a third value: an MoE
+    router's aux loss)."""
 
     def generate(self, model: torch.nn.Module, prompt_ids: list[list[int]], generation_config: GenerationConfig,
                  logits_guard: LogitsGuard | None, contexts: list | None = None) -> Generation: ...
@@ -139,9 +145,10 @@ CHUNK_ELEMENTS = 2 ** 24
 
 
 def _token_stats(logits: torch.Tensor, tokens: torch.Tensor, drop: torch.Tensor, temperature: float,
-                 entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits [..., V] -> (fp32 log-prob of each position's token [...], its entropy [...] or None, no grad).
-    Dropped positions get zero logits before the log_softmax, so a NaN there reaches neither value nor gradient."""
+                 entropy: bool, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits [..., V] -> (fp32 log-prob of each position's token [...], its entropy [...] or None; the entropy
+    carries a gradient only with ``entropy_grad``: TRL's entropy bonus). Dropped positions get zero logits before the
+    log_softmax, so a NaN there reaches neither value nor gradient."""
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -150,6 +157,8 @@ def _token_stats(logits: torch.Tensor, tokens: torch.Tensor, drop: torch.Tensor,
     logps = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     if not entropy:
         return logps, None
+    if entropy_grad:  # the entropy bonus trains on it: keep the graph (clamp: 0 * -inf is NaN, 0 * finfo.min is 0)
+        return logps, -(logp_all.exp() * logp_all.clamp(min=torch.finfo(torch.float32).min)).sum(-1)
     with torch.no_grad():  # a metric (and TRL's entropy mask): no graph, no saved [n, V] tensors
         logp_all = logp_all.detach()
         ent = -(logp_all.exp() * logp_all.clamp(min=torch.finfo(torch.float32).min)).sum(-1)
@@ -176,6 +185,7 @@ def right_aligned_logprobs(
     forward, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
     completion_mask: torch.Tensor, pad_token_id: int, temperature: float = 1.0, drop_mask: torch.Tensor | None = None,
     head=None, head_rows: int | None = None, compute_entropy: bool = True, chunk_elements: int = CHUNK_ELEMENTS,
+    entropy_grad: bool = False, per_token: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token logprobs and entropies of the completion, fp32, computed on a right-padded layout, in chunks.
 
@@ -191,7 +201,11 @@ def right_aligned_logprobs(
     the softmax), so the peak is a few chunks with or without grad; when everything fits one chunk, that chunk is
     kept for the backward instead of recomputed (the recompute would hold it in the backward anyway); with full
     logits from ``forward``, those logits are the one [B, keep, V] copy (in the model's dtype). Entropies (only when
-    ``compute_entropy``) carry no gradient.
+    ``compute_entropy``) carry no gradient unless ``entropy_grad`` (TRL's entropy bonus).
+
+    ``per_token``: model inputs laid out like the tokens, [B, P + K] in TRL's layout (e.g. a VLM's
+    ``token_type_ids`` / ``mm_token_type_ids``); they are shifted like the tokens (0 on the padding) and handed to
+    ``forward`` as keyword arguments.
 
     Dropped positions (padding, and ``drop_mask``, e.g. repaired tokens) get zero logits before log_softmax and zero
     logprob after, so a NaN there can reach neither the loss nor its gradient. Returns (logps [B, K],
@@ -208,10 +222,11 @@ def right_aligned_logprobs(
     src = src.clamp(max=L - 1)
     ids = ids.gather(1, src).masked_fill(~inside, pad_token_id)
     att = att.gather(1, src) * inside
+    fields = {k: v.to(ids.device).gather(1, src).masked_fill(~inside, 0) for k, v in (per_token or {}).items()}
 
     first = P - int(pad_left.max())  # earliest completion position over rows (one sync per forward)
     keep = L - first + 1  # outputs for positions [first - 1, L)
-    out = forward(ids, att, keep)  # [B, keep, V] logits, or [B, keep, C] hidden states with head
+    out = forward(ids, att, keep, **fields)  # [B, keep, V] logits, or [B, keep, C] hidden states with head
     # completion token j of row b sits at P - pad_left[b] + j and is predicted one position earlier
     pos = (P - pad_left)[:, None] + torch.arange(K, device=ids.device)[None, :] - 1 - (L - keep)  # [B, K]
     drop = completion_mask == 0
@@ -234,7 +249,7 @@ def right_aligned_logprobs(
     checkpoint = head is not None and torch.is_grad_enabled() and (rows < B or width < keep)
 
     def chunk_stats(x, toks, dropped):
-        return _token_stats(x if head is None else head(x), toks, dropped, temperature, compute_entropy)
+        return _token_stats(x if head is None else head(x), toks, dropped, temperature, compute_entropy, entropy_grad)
 
     lp_rows, ent_rows = [], []
     for b0 in range(0, B, rows):
@@ -258,25 +273,55 @@ def right_aligned_logprobs(
     return logps, torch.where(drop, zero, torch.cat(ent_rows).gather(1, pos))
 
 
+# a VLM's inputs laid out like the tokens ([B, P + K] in TRL's layout): shifted with them in the scoring layout
+PER_TOKEN_FIELDS = ("token_type_ids", "mm_token_type_ids")
+
+
+def generation_inputs(multimodal: dict | None, pad_width: int, device) -> dict:
+    """TRL's ``multimodal_fields`` (what the processor returned besides the prompt ids: ``pixel_values``,
+    ``image_grid_thw``, per-token ``token_type_ids``...) -> generate() keyword arguments, as TRL 1.16's
+    ``_generate_single_turn`` builds them: tensors as they are, per-token lists left-padded like the prompts (to
+    ``pad_width``), anything else as a tensor."""
+    import numpy as np
+
+    out = {}
+    for k, v in (multimodal or {}).items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device)
+        elif isinstance(v, list) and v and isinstance(v[0], list):
+            out[k] = torch.tensor([[0] * (pad_width - len(r)) + list(r) for r in v], device=device)
+        else:
+            out[k] = torch.tensor(np.array(v), device=device)
+    return out
+
+
 class CausalLMPolicy:
-    """Any Hugging Face causal LM: generate from ``input_ids``, score with one right-padded forward.
+    """Any Hugging Face causal LM, and plain VLMs (Qwen2-VL, Gemma 3, LLaVA-NeXT...) through TRL's multimodal
+    inputs: generate from ``input_ids``, score with one right-padded forward.
 
     ``generate_from_embeds=True`` feeds ``inputs_embeds`` instead, as Sa2VA does; generate() then returns
-    the new tokens only, and the completions must come out the same.
+    the new tokens only, and the completions must come out the same (text only: the images of a VLM are merged
+    into the embeddings by the model's own forward, which that path skips).
     """
 
     def __init__(self, pad_token_id: int, generate_from_embeds: bool = False) -> None:
         self.pad_token_id = pad_token_id
         self.generate_from_embeds = generate_from_embeds
 
-    def generate(self, model, prompt_ids, generation_config, logits_guard, contexts=None) -> Generation:
-        """Every row in one generate() call (prompts left-padded); the LogitsGuard's per-row flags as before."""
+    def generate(self, model, prompt_ids, generation_config, logits_guard, contexts=None,
+                 multimodal: dict | None = None) -> Generation:
+        """Every row in one generate() call (prompts left-padded); the LogitsGuard's per-row flags as before.
+        ``multimodal``: TRL's ``multimodal_fields`` of these prompts (a VLM's pixels and their layout)."""
         device = next(model.parameters()).device
         prompt, mask = left_pad(prompt_ids, self.pad_token_id, device)
         counter = logits_guard if logits_guard is not None else StepCounter()
+        extra = generation_inputs(multimodal, prompt.shape[1], device)
+        if extra and self.generate_from_embeds:
+            raise ValueError(f"CausalLMPolicy(generate_from_embeds=True) cannot generate with {sorted(extra)}: the "
+                             "model merges the images into its embeddings itself; use generate_from_embeds=False")
         inputs = ({"inputs_embeds": model.get_input_embeddings()(prompt)} if self.generate_from_embeds
                   else {"input_ids": prompt})
-        out = model.generate(**inputs, attention_mask=mask, generation_config=generation_config,
+        out = model.generate(**inputs, **extra, attention_mask=mask, generation_config=generation_config,
                              logits_processor=LogitsProcessorList([counter]))
         return collect_generation(out, prompt, logits_guard, counter, eos_set(generation_config))
 
@@ -286,21 +331,36 @@ class CausalLMPolicy:
         return first_nonfinite_module(model, input_ids=torch.tensor(prompt_ids[:1], device=device), use_cache=False)
 
     def logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
-                 drop_mask=None, contexts=None, compute_entropy=True):
+                 drop_mask=None, contexts=None, compute_entropy=True, entropy_grad=False,
+                 multimodal: dict | None = None, compute_aux_loss=False):
+        """(logps [B, K], entropies [B, K] or None), and with ``compute_aux_loss`` a third value: the MoE router's
+        load-balancing loss (the model's own ``aux_loss`` with ``output_router_logits=True``, as TRL asks for it).
+        ``multimodal``: the model inputs TRL passes for these rows besides the tokens (``pixel_values``,
+        ``image_grid_thw``, ``token_type_ids``...); the per-token ones are shifted with the tokens."""
+        multimodal = {k: v for k, v in (multimodal or {}).items() if v is not None}
+        per_token = {k: multimodal.pop(k) for k in PER_TOKEN_FIELDS if k in multimodal}
         args = (prompt_ids, prompt_mask, completion_ids, completion_mask, self.pad_token_id, temperature, drop_mask)
-        split = split_head(model)
-        if split is None:  # a wrapper (DDP, FSDP, DeepSpeed) or scaled logits: the model's own forward, full logits
-            def forward(ids, att, keep):
-                return model(input_ids=ids, attention_mask=att, logits_to_keep=keep, use_cache=False).logits
+        kw = dict(compute_entropy=compute_entropy, entropy_grad=entropy_grad, per_token=per_token)
+        split = None if compute_aux_loss else split_head(model)
+        if split is None:  # a wrapper (DDP, FSDP, DeepSpeed), scaled logits or the router's aux loss: the model's own
+            aux = []       # forward, full logits
 
-            return right_aligned_logprobs(forward, *args, compute_entropy=compute_entropy)
+            def forward(ids, att, keep, **fields):
+                out = model(input_ids=ids, attention_mask=att, logits_to_keep=keep, use_cache=False, **multimodal,
+                            **fields, **({"output_router_logits": True} if compute_aux_loss else {}))
+                if compute_aux_loss:
+                    aux.append(out.aux_loss)
+                return out.logits
+
+            logps, ents = right_aligned_logprobs(forward, *args, **kw)
+            return (logps, ents, aux[0]) if compute_aux_loss else (logps, ents)
         backbone, head = split
 
-        def hidden(ids, att, keep):
-            return backbone(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state[:, -keep:]
+        def hidden(ids, att, keep, **fields):
+            return backbone(input_ids=ids, attention_mask=att, use_cache=False, **multimodal,
+                            **fields).last_hidden_state[:, -keep:]
 
-        return right_aligned_logprobs(hidden, *args, head=head, head_rows=head.weight.shape[0],
-                                      compute_entropy=compute_entropy)
+        return right_aligned_logprobs(hidden, *args, head=head, head_rows=head.weight.shape[0], **kw)
 
 
 # logit scalings a plain ``lm_head(hidden)`` would skip (TRL's add_fused_lm_head lists the same attributes)

@@ -155,7 +155,7 @@ class GroundedPolicy:
         return head_logits_fp32(self._tail_hidden(model, ids, att, keep, contexts), self._lm_head(model), self.banned)
 
     def logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
-                 drop_mask=None, contexts=None, compute_entropy=True, hidden_hook=None):
+                 drop_mask=None, contexts=None, compute_entropy=True, hidden_hook=None, entropy_grad=False):
         """``hidden_hook(hidden [B, keep, C], keep, L)``, if given, sees the last-layer hidden states of the scoring
         forward (right-aligned layout, see ``right_aligned_logprobs``) before the head: the mask loss reads its
         ``[SEG]`` states there, with their gradient, instead of running the LLM again."""
@@ -171,7 +171,8 @@ class GroundedPolicy:
         return right_aligned_logprobs(forward,
                                       prompt_ids, prompt_mask, completion_ids, completion_mask, self.pad_token_id,
                                       temperature, drop_mask, head=lambda h: head_logits_fp32(h, head, self.banned),
-                                      head_rows=head.weight.shape[0], compute_entropy=compute_entropy)
+                                      head_rows=head.weight.shape[0], compute_entropy=compute_entropy,
+                                      entropy_grad=entropy_grad)
 
     @torch.no_grad()
     def segment(self, model, prompt_ids: list[list[int]], completion_ids: list[list[int]], contexts,

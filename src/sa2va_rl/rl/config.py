@@ -11,6 +11,27 @@ from trl import GRPOConfig
 from sa2va_rl.rl.faults import Fault
 
 
+# GRPOConfig options this trainer refuses at start, by name, each with its reason (docs/trl_parity.md). Everything
+# else is TRL's and behaves as in TRL; the options that need the model or the Policy to judge (router_aux_loss_coef,
+# entropy_coef, a VLM processor) are refused by the trainer at start (Sa2VAGRPOTrainer._refuse_unsupported_trl_options).
+GUARD_BYPASS = ("generation goes through the Policy with the LogitsGuard (repair of NaN/inf logit rows, the "
+                "repaired-token drop); {name} samples outside it")
+REFUSED_TRL_OPTIONS: dict[str, tuple] = {
+    "use_vllm": (lambda a: a.use_vllm, GUARD_BYPASS.format(name="vLLM")),
+    "use_transformers_continuous_batching": (lambda a: a.use_transformers_continuous_batching,
+                                             GUARD_BYPASS.format(name="transformers' continuous batching")),
+    "generation_kwargs['num_beams']": (
+        lambda a: int((a.generation_kwargs or {}).get("num_beams") or 1) > 1,
+        "beam search: the LogitsGuard sees batch x beams rows, reordered at every step, and cannot say which of them "
+        "a returned token came from, so repaired tokens could not be dropped from the loss; use num_beams=1 "
+        "(sampling, TRL's default)"),
+    "generation_kwargs['num_return_sequences']": (
+        lambda a: int((a.generation_kwargs or {}).get("num_return_sequences") or 1) > 1,
+        "GRPO's group is num_generations (the sampler repeats each prompt); more sequences per prompt would not "
+        "match the prompts they are scored against; use num_generations"),
+}
+
+
 def bf16_supported() -> bool:
     """bf16 where the hardware has it: a CUDA device with native bf16. CPU runs stay fp32."""
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
@@ -39,7 +60,14 @@ class Sa2VAGRPOConfig(GRPOConfig):
         default=True, metadata={"help": "Run the LM head in fp32 so logprobs are not computed from bf16 logits "
                                         "(the Sa2VA policy always does)."}
     )
-    logging_steps: float = field(default=1, metadata={"help": "Log metrics every N optimizer steps."})
+    logging_steps: float = field(
+        default=1,
+        metadata={"help": "Log metrics every N optimizer steps. Default 1 (TRL's GRPOConfig: 10): one readable line "
+                          "and one metrics entry per step, so a NaN or a spike is seen at the step it happens. As in "
+                          "TRL, the metrics of the steps after the last log are merged into the end-of-training entry; "
+                          "with 1 there are none left, so the last log_history entry holds train_runtime & co. only "
+                          "(pass --logging_steps 10 for TRL's behaviour)."},
+    )
 
     batch_size: int | None = field(
         default=None,
@@ -298,6 +326,9 @@ class Sa2VAGRPOConfig(GRPOConfig):
         if self.dynamic_sampling and self.multi_objective_aggregation != "sum_then_normalize":
             problems.append("dynamic_sampling needs multi_objective_aggregation='sum_then_normalize' (its advantages "
                             "are recomputed per group after the refill)")
+        for name, (refused, why) in REFUSED_TRL_OPTIONS.items():
+            if refused(self):
+                problems.append(f"{name}: not supported by Sa2VAGRPOTrainer: {why} (docs/trl_parity.md)")
         if problems:
             raise ValueError("Invalid Sa2VAGRPOConfig:\n  - " + "\n  - ".join(problems))
         super().__post_init__()

@@ -212,15 +212,18 @@ class DataSkip:
             return dataset
         return IndexedRows(dataset, self.rows)
 
-    def take(self, step: int, inputs: list) -> list:
-        """The generation batch without ``row_index``; its rows are noted as consumed by ``step``."""
-        if not inputs or not isinstance(inputs[0], dict) or ROW_KEY not in inputs[0]:
+    def take(self, step: int, inputs: list, rows: list[int] | None = None) -> list:
+        """The generation batch without ``row_index``; its rows (their ``row_index``, or ``rows`` when the trainer's
+        ``_prepare_inputs`` already took the key off) are noted as consumed by ``step``."""
+        if inputs and isinstance(inputs[0], dict) and ROW_KEY in inputs[0]:
+            rows = [x[ROW_KEY] for x in inputs]
+            inputs = [{k: v for k, v in x.items() if k != ROW_KEY} for x in inputs]
+        if rows is None or len(rows) != len(inputs):
             self.last_rows = None
             return inputs
-        rows = [x[ROW_KEY] for x in inputs]
         self.last_rows = rows
         self.consumed.append((step, sorted(set(rows))))
-        return [{k: v for k, v in x.items() if k != ROW_KEY} for x in inputs]
+        return inputs
 
     def since(self, step: int) -> list[int]:
         """The rows consumed by the steps after ``step``."""

@@ -30,6 +30,10 @@ TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The o
   function is wrapped: NaN/inf become "no opinion" (counted); an exception stops the run naming the function and
   the sample, or, with ``reward_errors='skip'``, costs only the samples it raised on (counted).
 
+TRL options are honoured as TRL honours them (plain VLMs' images, an MoE router's aux loss, the entropy bonus) or
+refused at start by name (rl/config.py ``REFUSED_TRL_OPTIONS``, ``_refuse_unsupported_trl_options``;
+docs/trl_parity.md). ``_prepare_inputs`` takes the data skip's ``row_index`` off the rows before TRL sees them.
+
 Rows may carry a ``visual`` column (Sa2VA: tiles and region cells). The trainer hands it to the Policy for
 generation and scoring and keeps it aligned with the completions through TRL's shuffle and split.
 
@@ -61,6 +65,7 @@ from sa2va_rl.rl import checkpoints, cycle, deepspeed_guard, mask_loss, referenc
 from sa2va_rl.rl.advantages import group_advantages
 from sa2va_rl.rl.config import Sa2VAGRPOConfig
 from sa2va_rl.rl.dynamic_sampling import DynamicSampler
+from sa2va_rl.rl.multimodal import multimodal_rows
 from sa2va_rl.rl.progress import ReadableProgress
 from sa2va_rl.rl.faults import FaultInjector
 from sa2va_rl.rl.reward_guard import RewardError, guarded_reward
@@ -122,7 +127,7 @@ def checkpointing_paused(model: torch.nn.Module):
 
 
 class Sa2VAGRPOTrainer(GRPOTrainer):
-    def __init__(self, model, reward_funcs, args: Sa2VAGRPOConfig | None = None, policy: Policy | None = None,
+    def __init__(self, model, reward_funcs=None, args: Sa2VAGRPOConfig | None = None, policy: Policy | None = None,
                  **kwargs) -> None:
         if args is None:
             args = Sa2VAGRPOConfig(output_dir="outputs/sa2va-rl")
@@ -133,7 +138,8 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                              "use_vllm and use_transformers_continuous_batching are not supported")
         self.faults = FaultInjector.from_specs(args.inject)
         self.faults.token_id = getattr(kwargs.get("processing_class"), "convert_tokens_to_ids", None)
-        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        # None: as in TRL, no reward function of the user's (an environment's get_reward may own the reward)
+        funcs = [] if reward_funcs is None else reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
         self._cycle = cycle.needs_cycle_masks(funcs)  # a reward reads cycle_mask: _add_cycle_masks adds it
         funcs = [guarded_reward(self.faults.wrap_reward(f, lambda: self.state.global_step + 1) if i == 0 else f,
                                 args.reward_errors, lambda: self.stability.counters)
@@ -167,6 +173,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                              f"{type(self.policy).__name__}; drop --cycle_reward for a causal LM")
         # entropies only when TRL asks for them, where the Policy can skip them (a third-party one may not take it)
         self._policy_entropy_flag = "compute_entropy" in inspect.signature(self.policy.logprobs).parameters
+        self._refuse_unsupported_trl_options()
         self.logits_guard = (LogitsGuard(eos_token_id=self.generation_config.eos_token_id,
                                          max_abs_logit=args.max_abs_logit) if args.logits_guard else None)
         self.grad_guard = GradGuard()
@@ -186,6 +193,40 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         if args.mask_loss_weight > 0:
             mask_loss.refuse_unsupported(self.policy, self.accelerator.distributed_type, self._dist.is_zero3)
         self._unwrapped_for_generation = (None, None)  # (model_wrapped, its unwrapped model): see _generation_model
+
+    def _refuse_unsupported_trl_options(self) -> None:
+        """TRL options this trainer's Policy cannot honour are refused here, at start, by name (never accepted and
+        ignored). The config refuses the ones that need no model (rl/config.py REFUSED_TRL_OPTIONS)."""
+        takes = inspect.signature(self.policy.logprobs).parameters
+        who = type(self.policy).__name__
+        if self.aux_loss_enabled and "compute_aux_loss" not in takes:
+            raise ValueError(
+                f"router_aux_loss_coef: {type(self.model).__name__} is a Mixture-of-Experts model and TRL adds its "
+                f"router's load-balancing loss (coefficient {self.router_aux_loss_coef}), but {who} cannot return it; "
+                "pass --router_aux_loss_coef 0 to train without it, or use a Policy whose logprobs() takes "
+                "compute_aux_loss (CausalLMPolicy does)")
+        if self._entropy_bonus_enabled and "entropy_grad" not in takes:
+            raise ValueError(
+                f"entropy_coef / use_adaptive_entropy: TRL's entropy bonus needs entropies that carry a gradient, "
+                f"which {who}.logprobs() cannot give (no entropy_grad argument); without it the bonus would change "
+                "the logged loss and not the weights. Leave entropy_coef at 0 and use_adaptive_entropy off")
+        if self._is_vlm and "multimodal" not in takes:
+            raise ValueError(
+                f"processing_class is a {type(self.processing_class).__name__} (a VLM's processor): TRL hands the "
+                f"images to the model as pixel_values & co., which {who} cannot take, so the model would see the "
+                "image placeholder tokens without their pixels. Use CausalLMPolicy (plain VLMs) or a tokenizer")
+
+    def _prepare_inputs(self, generation_batch):
+        """TRL's, on rows without the data skip's ``row_index`` (rl/spikes.py): TRL, a subclass and the reward
+        functions see the dataset's columns only. The indices go to ``_score_generation`` beside the rows."""
+        rows = generation_batch
+        if isinstance(rows, list) and rows and isinstance(rows[0], dict) and spikes.ROW_KEY in rows[0]:
+            self._row_index = [x.get(spikes.ROW_KEY) for x in rows]
+            rows = [{k: v for k, v in x.items() if k != spikes.ROW_KEY} for x in rows]
+        try:
+            return super()._prepare_inputs(rows)
+        finally:
+            self._row_index = None
 
     @contextlib.contextmanager
     def _in_flight(self, record: StepRecord):
@@ -211,6 +252,8 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         ):
             # contexts only when the rows carry them: a text-only Policy need not take the argument
             extra = {} if self.record.contexts is None else {"contexts": self.record.contexts}
+            if multimodal_fields:  # a VLM's pixels and their layout, as TRL passes them to generate()
+                extra["multimodal"] = multimodal_fields
             step = self.state.global_step + 1
             hooks = self.faults.before_generation(step, unwrapped_model)
             try:
@@ -326,7 +369,8 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         """TRL's generation and scoring of one generation batch (the first draw, or a dynamic-sampling refill): (its
         output dict, its StepRecord). Its rows are noted as consumed by this step (rollback past the data)."""
         if self.model.training:
-            inputs = self.data_skip.take(self.state.global_step + 1, inputs)
+            inputs = self.data_skip.take(self.state.global_step + 1, inputs, getattr(self, "_row_index", None))
+            self._row_index = None  # the first draw's; a dynamic-sampling refill's rows carry their own
         else:
             inputs = [{k: v for k, v in x.items() if k != spikes.ROW_KEY} for x in inputs]
         # no backward runs in here: checkpointing paused once for the whole batch, so that TRL's own disable/enable
@@ -436,27 +480,36 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         if drop is not None and drop.shape[1] != K:  # TRL may pad completions further (pad_to_multiple_of)
             drop = torch.nn.functional.pad(drop[:, :K], (0, max(0, K - drop.shape[1])), value=False)
         batch_size = batch_size or input_ids.shape[0]
-        logps, ents = [], []
+        logps, ents, aux = [], [], []
+        # TRL's entropy bonus trains on the entropies: with grad then (docs/trl_parity.md)
+        entropy_grad = compute_entropy and self._entropy_bonus_enabled and torch.is_grad_enabled()
         for s in range(0, input_ids.shape[0], batch_size):
             e = min(s + batch_size, input_ids.shape[0])
             # the KL reference: a frozen copy, or (AdapterReference) the policy's model with its adapters disabled
             with self.accelerator.autocast(), reference.scoring(model) as scored:
-                lp, ent = self.policy.logprobs(
+                scores = self.policy.logprobs(
                     scored, input_ids[s:e, :P], attention_mask[s:e, :P], input_ids[s:e, P:],
                     attention_mask[s:e, P:], temperature=self.temperature,
                     drop_mask=None if drop is None else drop[s:e],
                     **({} if record.contexts is None else {"contexts": record.contexts[s:e]}),
                     **({"compute_entropy": compute_entropy} if self._policy_entropy_flag else {}),
+                    **({"entropy_grad": True} if entropy_grad else {}),
+                    **({"compute_aux_loss": True} if compute_aux_loss else {}),
+                    **({"multimodal": mm} if (mm := multimodal_rows(multimodal, s, e, input_ids.shape[0])) else {}),
                     **({"hidden_hook": hook} if (hook := self._mask_loss_hook(model, attention_mask[:, :P], s, e))
                        is not None else {}),
                 )
+            lp, ent = scores[:2]
+            if compute_aux_loss:
+                aux.append(scores[2])
             logps.append(lp)
             ents.append(ent)
         logps = torch.cat(logps)
         if record.refs is not None:  # bound the log-ratios that the loss exponentiates (the ratio and the k3 KL)
             logps = reference.bound_log_ratios(logps, record.refs.get("old_per_token_logps"),
                                                record.refs.get("ref_per_token_logps"), self.args.log_ratio_clamp)
-        return logps, (torch.cat(ents) if compute_entropy else None), None
+        aux_loss = torch.stack(aux).mean() if compute_aux_loss else None  # TRL's: the mean over chunks
+        return logps, (torch.cat(ents) if compute_entropy else None), aux_loss
 
     def _mask_loss_hook(self, model, prompt_mask, start: int, end: int):
         """The Policy's ``hidden_hook`` for rows ``start:end`` of a loss sub-batch with mask-loss targets (the
