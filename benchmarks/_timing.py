@@ -66,3 +66,35 @@ class StepTimer(TrainerCallback):
     def steady(self) -> StepTimer:
         self.wall, self.cpu = self.wall[1:], self.cpu[1:]
         return self
+
+
+def alternating_steps(variants: dict[str, object], run: Callable[[object, str], tuple[StepTimer, object]],
+                      rounds: int) -> tuple[dict[str, StepTimer], dict[str, list]]:
+    """Each variant's training run ``rounds`` times, the variants taking turns so that machine drift hits all alike.
+    ``run(value, tag)`` trains once (``tag``: a fresh name for its output) and returns (its steady StepTimer, its
+    trainer). Returns every variant's pooled step times and its trainers."""
+    pooled = {k: StepTimer() for k in variants}
+    trainers: dict[str, list] = {k: [] for k in variants}
+    for r in range(rounds):
+        for i, (name, value) in enumerate(variants.items()):
+            timer, trainer = run(value, f"{r}-{i}")
+            pooled[name].wall += timer.wall
+            pooled[name].cpu += timer.cpu
+            trainers[name].append(trainer)
+    return pooled, trainers
+
+
+def report_steps(title: str, pooled: dict[str, StepTimer], threads: int) -> tuple[float, float, int]:
+    """Print each variant's median step (CPU time on a CPU machine, wall time on a GPU; the other clock beside it)
+    and the ratio of the first variant to the second. Returns (first, second, judged clock index: 0 CPU, 1 wall)."""
+    judged = 1 if torch.cuda.is_available() else 0  # on a GPU the step is device time: judge wall time
+    med = {k: (statistics.median(t.cpu), statistics.median(t.wall)) for k, t in pooled.items()}
+    clock = ("wall", "CPU") if judged else ("CPU", "wall")
+    device = "GPU" if torch.cuda.is_available() else f"CPU ({threads} thread(s))"
+    first, second = list(med)[:2]
+    print(f"== {title}, {device}, {len(pooled[second].cpu)} steps each; medians, {clock[0]} time ({clock[1]})")
+    for name, times in med.items():
+        print(f"  {name:<40s} {times[judged] * 1e3:8.1f} ms  ({times[1 - judged] * 1e3:.1f} ms {clock[1]})")
+    print(f"  ratio {first} / {second}: {med[first][judged] / med[second][judged]:.3f} "
+          f"({clock[1]} {med[first][1 - judged] / med[second][1 - judged]:.3f})")
+    return med[first][judged], med[second][judged], judged

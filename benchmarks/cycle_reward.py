@@ -23,7 +23,7 @@ import time
 import torch
 from transformers.trainer_callback import PrinterCallback
 
-from _timing import StepTimer
+from _timing import StepTimer, alternating_steps, report_steps
 
 from sa2va_rl.data.gar import GARReader
 from sa2va_rl.data.synthetic import make_gar_data
@@ -80,33 +80,15 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     model_dir, data_dir = make_tiny_sa2va(f"{tmp}/m"), make_gar_data(f"{tmp}/d", n=64)
     variants = {"cycle reward on (--cycle_reward 1)": 1.0, "cycle reward off": 0.0}
-    wall, cpu = ({k: [] for k in variants} for _ in range(2))
-    inner_cpu, inner_wall, encodes = [], [], []
-    for r in range(args.rounds):  # the variants take turns, so machine drift hits both alike
-        for i, (name, weight) in enumerate(variants.items()):
-            t, trainer = run(weight, model_dir, data_dir, f"{tmp}/{r}-{i}", args.steps)
-            wall[name] += t.wall
-            cpu[name] += t.cpu
-            if weight:
-                inner_cpu += trainer.cycle_cpu[1:]
-                inner_wall += trainer.cycle_wall[1:]
-                encodes += trainer.encodes
-    judged = 1 if torch.cuda.is_available() else 0  # on a GPU the step is device time: judge wall time
-    med = {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in variants}
-    clock = ("wall", "CPU") if judged else ("CPU", "wall")
-    on, off = (med[k][judged] for k in variants)
-    device = "GPU" if torch.cuda.is_available() else f"CPU ({args.threads} thread(s))"
-    print(f"== GRPO step, tiny Sa2VA, mask2caption, batch 2 x G 4, {device}, {len(cpu['cycle reward off'])} steps "
-          f"each; medians, {clock[0]} time ({clock[1]})")
-    for name, times in med.items():
-        print(f"  {name:<40s} {times[judged] * 1e3:8.1f} ms  ({times[1 - judged] * 1e3:.1f} ms {clock[1]})")
-    inner = statistics.median(inner_wall if judged else inner_cpu)
+    pooled, trainers = alternating_steps(variants, lambda w, tag: run(w, model_dir, data_dir, f"{tmp}/{tag}",
+                                                                      args.steps), args.rounds)
+    on_name = "cycle reward on (--cycle_reward 1)"
+    on, off, judged = report_steps("GRPO step, tiny Sa2VA, mask2caption, batch 2 x G 4", pooled, args.threads)
+    inner = statistics.median([x for t in trainers[on_name] for x in (t.cycle_wall if judged else t.cycle_cpu)[1:]])
+    encodes = [e for t in trainers[on_name] for e in t.encodes]
     print(f"  _add_cycle_masks alone, in the on steps  {inner * 1e3:8.1f} ms  (SAM2 encodes per step: "
           f"{statistics.mean(encodes):.1f} for 2 images x 4 captions)")
-    other = med[list(variants)[0]][1 - judged] / med["cycle reward off"][1 - judged]
-    print(f"  ratio on / off: {on / off:.3f} ({clock[1]} {other:.3f})")
     print(f"  ratio (off + _add_cycle_masks) / off: {(off + inner) / off:.3f}")
-
 
 if __name__ == "__main__":
     main()

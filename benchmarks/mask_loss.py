@@ -25,7 +25,7 @@ import tempfile
 import torch
 from transformers.trainer_callback import PrinterCallback
 
-from _timing import StepTimer
+from _timing import StepTimer, alternating_steps, report_steps
 
 from sa2va_rl.data.gar import GARReader
 from sa2va_rl.data.synthetic import make_gar_data
@@ -78,28 +78,12 @@ def main() -> None:
     data_dir = make_gar_data(f"{tmp}/d", n=64)
     model_dir = warm(tmp, data_dir)
     variants = {"mask loss on (--mask_loss_weight 1)": 1.0, "mask loss off": 0.0}
-    wall, cpu = ({k: [] for k in variants} for _ in range(2))
-    rows = []
-    for r in range(args.rounds):  # the variants take turns, so machine drift hits both alike
-        for i, (name, weight) in enumerate(variants.items()):
-            t, trainer = run(weight, model_dir, data_dir, f"{tmp}/{r}-{i}", args.steps)
-            wall[name] += t.wall
-            cpu[name] += t.cpu
-            if weight:
-                rows += [h["mask_loss/rollouts"] for h in trainer.state.log_history if "mask_loss/rollouts" in h]
-    judged = 1 if torch.cuda.is_available() else 0  # on a GPU the step is device time: judge wall time
-    med = {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in variants}
-    clock = ("wall", "CPU") if judged else ("CPU", "wall")
-    on, off = (med[k][judged] for k in variants)
-    device = "GPU" if torch.cuda.is_available() else f"CPU ({args.threads} thread(s))"
-    print(f"== GRPO step, tiny Sa2VA (warm-started), caption2mask, batch 2 x G 4, {device}, "
-          f"{len(cpu['mask loss off'])} steps each; medians, {clock[0]} time ({clock[1]})")
-    for name, times in med.items():
-        print(f"  {name:<40s} {times[judged] * 1e3:8.1f} ms  ({times[1 - judged] * 1e3:.1f} ms {clock[1]})")
-    other = med[list(variants)[0]][1 - judged] / med["mask loss off"][1 - judged]
+    pooled, trainers = alternating_steps(variants, lambda w, tag: run(w, model_dir, data_dir, f"{tmp}/{tag}",
+                                                                      args.steps), args.rounds)
+    report_steps("GRPO step, tiny Sa2VA (warm-started), caption2mask, batch 2 x G 4", pooled, args.threads)
+    rows = [h["mask_loss/rollouts"] for t in trainers["mask loss on (--mask_loss_weight 1)"]
+            for h in t.state.log_history if "mask_loss/rollouts" in h]
     print(f"  rollouts in the mask loss per step: {statistics.mean(rows) if rows else 0:.2f} (2 groups)")
-    print(f"  ratio on / off: {on / off:.3f} ({clock[1]} {other:.3f})")
-
 
 if __name__ == "__main__":
     main()

@@ -35,6 +35,8 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from sa2va_rl.jsonio import dump_json, dumps_strict
+
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE, SCORES_FILE, SKIPPED_FILE = "filter_config.json", "scores.jsonl", "skipped.jsonl"
@@ -141,15 +143,6 @@ def scored_with(args: FilterArgs, funcs, weights) -> dict:
     return ident
 
 
-def _atomic_json(path: str, payload: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def claim_out_dir(out_dir: str, ident: dict) -> bool:
     """Write ``filter_config.json`` (atomically), or check the one there: raises FilterConfigMismatch naming every
     field that differs. Returns whether a previous run's config was found."""
@@ -171,7 +164,7 @@ def claim_out_dir(out_dir: str, ident: dict) -> bool:
     if os.path.exists(os.path.join(out_dir, SCORES_FILE)):
         raise FilterConfigMismatch(f"--out_dir {out_dir} holds a {SCORES_FILE} but no {CONFIG_FILE}: not written by "
                                    "`sa2va-rl filter`, or by another version; use a new --out_dir")
-    _atomic_json(path, {"scored_with": ident})
+    dump_json({"scored_with": ident}, path, indent=1)
     return False
 
 
@@ -211,7 +204,7 @@ def _append_jsonl(path: str, records: list[dict]) -> None:
     """One write, flushed and fsync'd: a kill leaves at most the last line torn (read_jsonl_keyed cuts it)."""
     if not records:
         return
-    text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
+    text = "".join(dumps_strict(r) + "\n" for r in records)
     with open(path, "a") as f:
         f.write(text)
         f.flush()

@@ -260,14 +260,11 @@ INDEX_FORMAT = "sa2va-rl/gar-index"
 def write_index(out_dir: str, data_dir: str, entries: list[dict], **extra) -> str:
     """``out_dir/gar_index.json`` naming ``entries`` ({"file": path relative to ``data_dir``, "row": int, any other
     keys kept as written}) of the GAR files under ``data_dir``; written atomically (temporary file, fsync, rename)."""
+    from sa2va_rl.jsonio import dump_json
+
     payload = {"format": INDEX_FORMAT, "version": 1, "data_dir": os.path.abspath(data_dir), **extra, "rows": entries}
     path = os.path.join(out_dir, INDEX_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    dump_json(payload, path, indent=1)
     return path
 
 
