@@ -17,7 +17,7 @@ import logging
 from collections import OrderedDict
 
 from sa2va_rl.data.gar import BadRow, GARReader, NoGoodRows
-from sa2va_rl.rl.rewards import caption_meteor, format_reward, mask_iou
+from sa2va_rl.rl.rewards import format_reward, make_caption_meteor, mask_iou
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +33,15 @@ def task_list(task: str) -> list[str]:
     return [task]
 
 
-def task_rewards(tasks: list[str], format_weight: float = 0.2, judge=None) -> tuple[list, list[float]]:
+def task_rewards(tasks: list[str], format_weight: float = 0.2, judge=None, meteor: str = "auto"
+                 ) -> tuple[list, list[float]]:
     """(reward functions, weights) for the tasks. Each function returns None on rows of the other task. With an
     LLM judge (rl/judge.py), mask2caption is rewarded 0.25 x METEOR + 0.75 x the judge's score / 10, as the
-    original trainer did."""
+    original trainer did. ``meteor``: which METEOR (``caption_meteor_impl``: auto, meteor-1.5 or nltk;
+    eval/meteor.py)."""
     funcs, weights = [], []
+    if "mask2caption" in tasks:
+        caption_meteor = make_caption_meteor(meteor)
     if "mask2caption" in tasks and judge is not None:
         from sa2va_rl.rl.judge import judge_reward
 
