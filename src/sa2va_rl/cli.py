@@ -236,8 +236,12 @@ def _build_sa2va_run(script, margs, config, jargs=None):
     set_seed(config.seed)  # the LoRA init draws before the trainer seeds anything: same --seed, same run
     prepare_for_training(model, margs, mask_loss=config.mask_loss_weight > 0)
     judge = jargs.build() if jargs is not None else None
-    funcs, weights = task_rewards(tasks, judge=judge, cycle_weight=script.cycle_reward,
-                                  cycle_length_factor=script.cycle_length_factor, seg_format=script.seg_format)
+    try:
+        funcs, weights = task_rewards(tasks, judge=judge, cycle_weight=script.cycle_reward,
+                                      cycle_length_factor=script.cycle_length_factor, seg_format=script.seg_format,
+                                      meteor=config.caption_meteor_impl)
+    except ValueError as e:  # --caption_meteor_impl meteor-1.5 where it cannot run
+        return _fail(EXIT_USAGE, str(e))
     if config.reward_weights is None:
         config.reward_weights = weights
     elif len(config.reward_weights) != len(funcs):
@@ -423,7 +427,7 @@ def _eval(argv: list[str]) -> int:
         if judge is not None:
             judge.close()
     meteor = payload["settings"]["meteor"]
-    print(f"METEOR: {meteor['implementation']}" + ("" if meteor["implementation"].startswith("pycoco")
+    print(f"METEOR: {meteor['implementation']}" + ("" if payload["settings"]["meteor_impl"] == "meteor-1.5"
                                                    else f" ({meteor['note']})"))
     print(payload["table"], end="")
     print(f"wrote metrics.json, metrics.md, predictions-*.jsonl and samples.png to {args.out_dir}")

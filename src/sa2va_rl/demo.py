@@ -40,6 +40,7 @@ BETA = 0.0  # KL to the warm-started model
 EVAL_SAMPLES = 48  # held-out samples whose captions are checked before and after GRPO
 GRPO_TASKS = "mask2caption"
 SEGMENTATION_MASK_LOSS = 4.0  # --segmentation: the mask loss's weight (rl/mask_loss.py; docs/segmentation.md: 1 vs 4)
+DEMO_METEOR = "nltk"  # the caption reward's METEOR: nltk's, pinned (see run_demo)
 
 
 def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = STEPS, seed: int = 0,
@@ -75,7 +76,10 @@ def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = STEPS, seed: int = 0,
     prepare_for_training(model, Sa2VAModelArgs(lora_r=0), mask_loss=mask_loss_weight > 0)
     policy = Sa2VAPolicy(model, tokenizer)
     tasks = task_list(task)
-    funcs, weights = demo_rewards(tasks)
+    # nltk's METEOR, not train's default METEOR 1.5: the demo runs on CPU in about a minute and prints numbers the
+    # README (and tests/test_demo_learning.py) pin; a java process per run (~10 s to start, one more CPU busy)
+    # and a system dependency would make it slower and its numbers depend on whether java is installed.
+    funcs, weights = demo_rewards(tasks, meteor=DEMO_METEOR)
     reader = GARReader(data_dir)
     config = Sa2VAGRPOConfig(
         output_dir=run_dir, max_steps=steps, batch_size=4, num_generations=8, learning_rate=learning_rate,
@@ -83,6 +87,7 @@ def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = STEPS, seed: int = 0,
         report_to=["tensorboard"], seed=seed, stability_summary_steps=10, disable_tqdm=False,
         beta=BETA if beta is None else beta,
         dynamic_sampling=dynamic_sampling, mask_loss_weight=mask_loss_weight, mask_loss_rollouts=mask_loss_rollouts,
+        caption_meteor_impl=DEMO_METEOR,
     )
     rows = GARTaskDataset(reader, policy, tasks)
     if warm_start_steps:

@@ -120,11 +120,12 @@ def attribute_reward(completions, caption=None, **kwargs) -> list[float | None]:
     return out
 
 
-def demo_rewards(tasks: list[str], attribute_weight: float = 1.0) -> tuple[list, list[float]]:
-    """The tasks' rewards (rl/tasks.py: METEOR, mask IoU, format) plus, for mask2caption, ``attribute_reward``."""
+def demo_rewards(tasks: list[str], attribute_weight: float = 1.0, meteor: str = "nltk") -> tuple[list, list[float]]:
+    """The tasks' rewards (rl/tasks.py: METEOR, mask IoU, format) plus, for mask2caption, ``attribute_reward``.
+    ``meteor``: nltk's by default, as the demo pins it (demo.py says why)."""
     from sa2va_rl.rl.tasks import task_rewards
 
-    funcs, weights = task_rewards(tasks)
+    funcs, weights = task_rewards(tasks, meteor=meteor)
     if "mask2caption" in tasks and attribute_weight:
         funcs, weights = funcs + [attribute_reward], weights + [attribute_weight]
     return funcs, weights

@@ -140,6 +140,9 @@ def scored_with(args: FilterArgs, funcs, weights) -> dict:
     ident["model_path"], ident["data_dir"] = os.path.abspath(args.model_path), os.path.abspath(args.data_dir)
     ident["reward_functions"] = [getattr(f, "__name__", type(f).__name__) for f in funcs]
     ident["reward_weights"] = list(weights)
+    scorers = [f.meteor_scorer() for f in funcs if callable(getattr(f, "meteor_scorer", None))]
+    if scorers:  # METEOR 1.5 and nltk's give different scores: a resume must not mix them
+        ident["caption_meteor_impl"] = scorers[0].impl
     return ident
 
 

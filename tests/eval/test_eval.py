@@ -10,6 +10,7 @@ from PIL import Image
 
 from sa2va_rl import cli
 from sa2va_rl.data.gar import GARReader
+from sa2va_rl.eval.meteor import meteor_scores
 from sa2va_rl.eval.metrics import meteor_backend
 from sa2va_rl.eval.runner import eval_rows, predict, score
 from sa2va_rl.models.policy import Generation
@@ -52,7 +53,8 @@ def test_eval_trained_output_against_its_warm_start(trained, tiny_sa2va, gar_dir
     backend = meteor_backend()
     assert payload["settings"]["meteor"]["implementation"] == backend.describe()
     assert payload["settings"]["decoding"] == "greedy"
-    assert f"METEOR: {backend.describe()}" in printed and (backend.name != "nltk" or "fell back" in printed)
+    assert payload["settings"]["meteor_impl"] == backend.impl in ("meteor-1.5", "nltk")
+    assert f"METEOR: {backend.describe()}" in printed and (backend.impl != "nltk" or "fell back" in printed)
     with open(os.path.join(out, "metrics.md")) as f:
         table = f.read()
     assert table in printed and table.startswith(f"| task | metric | {labels[0]} | {labels[1]} | difference |")
@@ -65,7 +67,8 @@ def test_eval_trained_output_against_its_warm_start(trained, tiny_sa2va, gar_dir
         # the reported numbers are the predictions' own scores, pooled
         assert [p["meteor"] for p in caps] == caption_meteor([p["text"] for p in caps],
                                                              caption=[p["reference"] for p in caps])
-        assert m["mask2caption"]["METEOR"] == pytest.approx(np.mean([p["meteor"] for p in caps]))
+        corpus, _ = meteor_scores([p["text"] for p in caps], [p["reference"] for p in caps], backend)
+        assert m["mask2caption"]["METEOR"] == pytest.approx(corpus) and m["mask2caption"]["meteor_impl"] == backend.impl
         assert m["caption2mask"]["gIoU"] == pytest.approx(np.mean([p["iou"] for p in segs]))
         assert m["caption2mask"]["no_seg"] == pytest.approx(np.mean([not p["has_seg"] for p in segs]))
         assert all((p["mask_pixels"] is None) == (not p["has_seg"]) for p in segs)

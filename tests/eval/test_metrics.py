@@ -1,15 +1,12 @@
 """Metrics against hand-computed cases: CIDEr-D, gIoU/cIoU, and which METEOR implementation runs."""
 
 import math
-import sys
-import types
 
 import numpy as np
 import pytest
 
-from sa2va_rl.eval import metrics
 from sa2va_rl.eval.metrics import cider_d, mask_metrics, meteor, meteor_backend
-from sa2va_rl.rl.rewards import caption_meteor
+from sa2va_rl.rl.rewards import make_caption_meteor
 
 
 def test_cider_d_hand_computed():
@@ -43,32 +40,26 @@ def test_mask_metrics_giou_vs_ciou():
     assert mask_metrics([half], [gt2])["gIoU"] == pytest.approx(8 / 12)
 
 
-def test_meteor_falls_back_to_nltk_and_says_so(monkeypatch):
-    monkeypatch.setattr(metrics.importlib.util, "find_spec", lambda name: None)
-    b = meteor_backend()
-    assert b.name == "nltk" and "fell back to nltk's METEOR: pycocoevalcap not found" in b.note
-    assert ("WordNet installed" in b.note) == b.wordnet
+def test_meteor_nltk_is_the_mean_of_the_nltk_reward():
+    b = meteor_backend("nltk")
+    assert b.impl == "nltk" and b.report()["meteor_impl"] == "nltk"
     hyps, refs = ["a red circle at the top", "blue square"], ["a red circle at the top left", "a green circle"]
     corpus, per = meteor(hyps, refs, b)
-    assert per == caption_meteor(hyps, caption=refs) and corpus == pytest.approx(sum(per) / 2)
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
-    assert "pycocoevalcap and a Java runtime not found" in meteor_backend().note
+    assert per == make_caption_meteor("nltk")(hyps, caption=refs) and corpus == pytest.approx(sum(per) / 2)
 
 
-def test_meteor_uses_pycocoevalcap_when_it_and_java_are_there(monkeypatch):
-    seen = {}
+def test_meteor_goes_to_meteor_15_tokenized_in_one_batch(monkeypatch, tmp_path):
+    """Where java and the jar are there, METEOR is METEOR 1.5's (eval/meteor.py; its numbers: test_meteor.py),
+    fed lower-cased words."""
+    from sa2va_rl.eval import meteor as M
 
-    class Meteor:  # stands in for pycocoevalcap.meteor.meteor.Meteor (which runs METEOR 1.5 in Java)
-        def compute_score(self, gts, res):
-            seen.update(gts=gts, res=res)
-            return 0.42, [0.5, 0.25]
-
-    mod = types.ModuleType("pycocoevalcap.meteor.meteor")
-    mod.Meteor = Meteor
-    monkeypatch.setitem(sys.modules, "pycocoevalcap.meteor.meteor", mod)
-    monkeypatch.setattr(metrics.importlib.util, "find_spec", lambda name: object())
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: "/usr/bin/java")
-    b = meteor_backend()
-    assert b.name == "pycocoevalcap" and b.describe() == "pycocoevalcap METEOR 1.5"
+    seen = []
+    jar = tmp_path / "meteor-1.5.jar"
+    jar.write_bytes(b"")
+    monkeypatch.setattr(M, "jar_path", lambda: str(jar))
+    monkeypatch.setattr(M.shutil, "which", lambda name: "/usr/bin/java")
+    monkeypatch.setattr(M.Meteor15, "score", lambda self, pairs: seen.append(pairs) or (0.42, [0.5, 0.25]))
+    b = M.MeteorScorer("auto")
+    assert b.impl == "meteor-1.5" and b.describe() == "METEOR 1.5 (pycocoevalcap, Java)"
     assert meteor(["A red, circle!", "x"], ["a red circle", "y"], b) == (0.42, [0.5, 0.25])
-    assert seen["gts"] == {0: ["a red circle"], 1: ["y"]} and seen["res"] == {0: ["a red circle"], 1: ["x"]}
+    assert seen == [[("a red circle", ["a red circle"]), ("x", ["y"])]]

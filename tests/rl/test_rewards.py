@@ -1,10 +1,12 @@
 import numpy as np
 import pytest
 
-from sa2va_rl.rl.rewards import caption_meteor, exact_match, format_reward, mask_iou, token_f1
+from sa2va_rl.rl.rewards import exact_match, format_reward, make_caption_meteor, mask_iou, token_f1
 
 
 def test_meteor_hand_checked():
+    """nltk's METEOR (the demo's; METEOR 1.5's numbers are pinned in tests/eval/test_meteor.py)."""
+    caption_meteor = make_caption_meteor("nltk")
     ref = "a red square at the left of the image"
     scores = caption_meteor([ref, "blue circles everywhere", "a red squares at the left"], caption=[ref] * 3)
     assert scores[0] == pytest.approx(1.0, abs=0.01)

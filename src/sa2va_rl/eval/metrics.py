@@ -1,10 +1,9 @@
 """Benchmark metrics as the field reports them: caption METEOR and CIDEr-D, mask gIoU and cIoU.
 
-* METEOR: the COCO-caption toolkit's (``pycocoevalcap``, METEOR 1.5 in Java, with WordNet synonyms and
-  paraphrases) when it is installed and ``java`` is on the PATH; otherwise nltk's ``meteor_score`` through the
-  training reward (``rl.rewards.caption_meteor``: WordNet synonyms when nltk's corpus is installed, exact + stem
-  matching when not). The two give different numbers; ``meteor_backend()`` says which one ran and every report
-  carries it.
+* METEOR: eval/meteor.py, the one METEOR of the package: METEOR 1.5 (pycocoevalcap's jar, in Java: exact, stem,
+  WordNet-synonym and paraphrase matches; the corpus score pools all samples' statistics) where ``java`` is on the
+  PATH, else nltk's ``meteor_score`` (mean of per-sample scores), with a warning. The two give different numbers;
+  the scorer's ``impl`` (``meteor-1.5`` or ``nltk``) says which one ran and every report carries it.
 * CIDEr-D: the COCO-caption definition (n = 1..4, tf-idf over the references of the evaluated set, hypothesis
   counts clipped by the reference's, Gaussian length penalty sigma = 6, x 10), written here after pycocoevalcap's
   ``CiderScorer``; tokens are lower-cased words (the toolkit's PTB tokenizer needs Java).
@@ -13,55 +12,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import shutil
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 
-from sa2va_rl.rl.rewards import _tokens, caption_meteor, mask_overlap, wordnet_available
-
-
-@dataclass(frozen=True)
-class MeteorBackend:
-    name: str  # "pycocoevalcap" or "nltk"
-    wordnet: bool  # synonyms matched (always, in pycocoevalcap's METEOR 1.5)
-    note: str  # why this one, for the report
-
-    def describe(self) -> str:
-        if self.name == "pycocoevalcap":
-            return "pycocoevalcap METEOR 1.5"
-        return "nltk, WordNet" if self.wordnet else "nltk, no WordNet: exact+stem"
+from sa2va_rl.eval.meteor import MeteorScorer, get_scorer, meteor_scores
+from sa2va_rl.rl.rewards import _tokens, mask_overlap
 
 
-def meteor_backend() -> MeteorBackend:
-    have_pkg = importlib.util.find_spec("pycocoevalcap") is not None
-    java = shutil.which("java")
-    if have_pkg and java:
-        return MeteorBackend("pycocoevalcap", True, f"pycocoevalcap with Java ({java})")
-    missing = " and ".join(x for x, ok in (("pycocoevalcap", have_pkg), ("a Java runtime", bool(java))) if not ok)
-    wn = wordnet_available()
-    return MeteorBackend("nltk", wn, f"fell back to nltk's METEOR: {missing} not found (pip install pycocoevalcap "
-                                     "and a JRE give the COCO toolkit's numbers); WordNet "
-                                     + ("installed" if wn else "not installed (python -m nltk.downloader wordnet)"))
+def meteor_backend(impl: str = "auto") -> MeteorScorer:
+    """The run's METEOR scorer for ``impl`` (auto, meteor-1.5 or nltk; ``--meteor`` of eval)."""
+    return get_scorer(impl, option="--meteor")
 
 
-def meteor(hypotheses: list[str], references: list[str], backend: MeteorBackend | None = None
+def meteor(hypotheses: list[str], references: list[str], backend: MeteorScorer | None = None
            ) -> tuple[float, list[float]]:
-    """(corpus METEOR, per-sample METEOR). pycocoevalcap's corpus score pools the statistics of all samples (as
-    the COCO toolkit reports it); nltk's is the mean of per-sample scores."""
-    backend = backend or meteor_backend()
-    if not hypotheses:
-        return float("nan"), []
-    if backend.name == "pycocoevalcap":
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        gts = {i: [" ".join(_tokens(r))] for i, r in enumerate(references)}
-        res = {i: [" ".join(_tokens(h))] for i, h in enumerate(hypotheses)}
-        corpus, per = Meteor().compute_score(gts, res)
-        return float(corpus), [float(x) for x in per]
-    per = [float(x) for x in caption_meteor(hypotheses, caption=references)]
-    return sum(per) / len(per), per
+    """(corpus METEOR, per-sample METEOR), in one batch (eval/meteor.py ``meteor_scores``)."""
+    return meteor_scores(hypotheses, references, backend or meteor_backend())
 
 
 def _ngrams(words: list[str], n_max: int = 4) -> Counter:

@@ -53,6 +53,10 @@ class EvalArgs:
     bad_rows: str = field(default="skip", metadata={"help": "Bad GAR rows: skip (counted) or error."})
     max_prompt_tokens: int = field(default=8192, metadata={"help": "Skip (count) a sample whose prompt is longer."})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu or cuda[:N]."})
+    meteor: str = field(default="auto", metadata={"help": "Which METEOR: auto (METEOR 1.5, pycocoevalcap's jar in "
+                                                          "Java, where java is installed; else nltk with a warning), "
+                                                          "meteor-1.5 (refused without java) or nltk. metrics.json "
+                                                          "-> settings.meteor_impl says which ran."})
 
     def __post_init__(self) -> None:
         from sa2va_rl.rl.tasks import task_list
@@ -187,7 +191,7 @@ def score(preds: list[dict], samples: dict, backend, judge=None) -> dict:
         hyps, refs = [p["text"] for p in caps], [p["reference"] for p in caps]
         m, per_m = meteor(hyps, refs, backend)
         c, per_c = cider_d(hyps, [[r] for r in refs])
-        res = {"METEOR": m, "CIDEr-D": c, "n": len(caps)}
+        res = {"METEOR": m, "CIDEr-D": c, "n": len(caps), "meteor_impl": backend.last_impl}
         for p, a, b in zip(caps, per_m, per_c, strict=True):
             p["meteor"], p["cider_d"] = a, b
         if judge is not None:
@@ -320,7 +324,7 @@ def _run_eval(args: EvalArgs, judge, stop) -> dict:
     from sa2va_rl.rl.tasks import task_list
 
     tasks = task_list(args.task)
-    backend = meteor_backend()
+    backend = meteor_backend(args.meteor)  # ValueError naming --meteor: unknown, or meteor-1.5 without java
     logger.info("METEOR: %s", backend.note)
     paths = [args.model_path] + ([args.compare] if args.compare else [])
     labels = _labels(paths)
@@ -342,12 +346,16 @@ def _run_eval(args: EvalArgs, judge, stop) -> dict:
                                                          "eval again for them)")
     for label, preds in all_preds.items():
         dump_jsonl((_jsonable(p) for p in preds), _predictions_file(args.out_dir, label))
+    used = {lab: results[lab].get("mask2caption", {}).get("meteor_impl") for lab in labels}
+    if len(set(x for x in used.values() if x)) > 1:
+        logger.warning("METEOR: the models were scored with different implementations (%s: java failed and "
+                       "nltk took over); their METEOR columns do not compare: run the eval again", used)
     payload = {
         "models": {lab: {"model_path": p, **results[lab]} for lab, p in zip(labels, paths, strict=True)},
         "settings": {**{k: v for k, v in asdict(args).items() if k not in ("model_path", "compare")},
                      "decoding": "sampled" if args.do_sample else "greedy",
-                     "meteor": {"implementation": backend.describe(), "wordnet": backend.wordnet,
-                                "note": backend.note},
+                     "meteor_impl": backend.impl,  # "meteor-1.5" or "nltk": which METEOR scored
+                     "meteor": {"implementation": backend.describe(), **backend.report()},
                      "judge": None if judge is None else judge.report()},
     }
     dump_json(payload, os.path.join(args.out_dir, "metrics.json"))  # strict JSON: NaN/inf as null

@@ -137,6 +137,13 @@ class Sa2VAGRPOConfig(GRPOConfig):
     log_ratio_clamp: float = field(
         default=20.0, metadata={"help": "Clamp |log pi/pi_old| and |log pi_ref/pi| before exp()."}
     )
+    caption_meteor_impl: str = field(
+        default="auto",
+        metadata={"help": "Which METEOR the mask2caption reward uses: 'auto' (METEOR 1.5, the standard, where java is "
+                          "installed, else nltk with a warning), 'meteor-1.5' (pycocoevalcap's jar in one java "
+                          "process per run; refused without java) or 'nltk' (nltk's meteor_score: no paraphrases, "
+                          "numbers no paper reports). stability.json -> caption_meteor.meteor_impl says which ran."},
+    )
     reward_errors: str = field(
         default="raise",
         metadata={"help": "A reward function that raises: 'raise' (stop, naming the function and the sample) or "
@@ -265,6 +272,9 @@ class Sa2VAGRPOConfig(GRPOConfig):
                 Fault.parse(spec)
             except ValueError as e:
                 problems.append(str(e))
+        if self.caption_meteor_impl not in ("auto", "meteor-1.5", "nltk"):
+            problems.append(f"caption_meteor_impl={self.caption_meteor_impl!r}: unknown METEOR implementation; use "
+                            "'auto', 'meteor-1.5' or 'nltk'")
         if self.reward_errors not in ("raise", "skip"):
             problems.append(f"reward_errors={self.reward_errors!r}: use 'raise' or 'skip'")
         if self.max_consecutive_skips < 1:

@@ -1,6 +1,8 @@
 """Reward functions with TRL's signature: ``(completions, **kwargs) -> list[float | None]``.
 
-Pure functions: no state, no I/O. ``None`` means "no opinion" (TRL leaves it out of the group baseline).
+Pure functions from the caller's point of view: the same arguments give the same values. ``None`` means "no
+opinion" (TRL leaves it out of the group baseline). ``caption_meteor`` with METEOR 1.5 talks to one java process
+per run (eval/meteor.py); everything else does no I/O.
 """
 
 from __future__ import annotations
@@ -81,21 +83,44 @@ def wordnet_available() -> bool:
     return not isinstance(_WORDNET, _NoWordNet)
 
 
-def caption_meteor(completions, caption=None, **kwargs) -> list[float | None]:
-    """METEOR of the completion against the reference ``caption`` (nltk), in [0, 1]; None without one.
+def make_caption_meteor(meteor: str = "auto"):
+    """The caption reward ``caption_meteor(completions, caption=None, **kwargs) -> list[float | None]``: METEOR of
+    each completion against its reference ``caption``, in [0, 1]; None without one. All the batch's pairs are
+    scored in one call (eval/meteor.py: one round trip to the run's METEOR 1.5 java process).
 
-    WordNet synonyms are used when the corpus is installed (``python -m nltk.downloader wordnet``),
-    exact + stem matching otherwise.
-    """
-    from nltk.translate.meteor_score import meteor_score
+    ``meteor``: ``auto`` (METEOR 1.5 where java is installed, else nltk with a warning), ``meteor-1.5`` (the
+    standard; refused where it cannot run) or ``nltk`` (nltk's meteor_score: exact + stem matching, WordNet
+    synonyms where nltk's corpus is installed). An unknown name is refused here, and so is ``meteor-1.5`` where it
+    cannot run; ``auto`` is resolved at the first call (so importing this module starts and warns nothing). The
+    function's ``meteor_scorer()`` is the scorer (``report()``: which implementation scored, for stability.json)."""
+    from sa2va_rl.eval.meteor import check_impl, get_scorer, meteor_scores
 
-    wordnet_available()  # loads _WORDNET once
+    check_impl(meteor, option="caption_meteor_impl")
+    if meteor != "auto":
+        get_scorer(meteor, option="caption_meteor_impl")  # MeteorUnavailable now, not at the first step
 
-    def score(text: str, ref: str) -> float:
-        hyp = _tokens(text)
-        return float(meteor_score([_tokens(ref)], hyp, wordnet=_WORDNET)) if hyp else 0.0
+    def meteor_scorer():
+        return get_scorer(meteor, option="caption_meteor_impl")
 
-    return _against_references(completions, caption, score)
+    def caption_meteor(completions, caption=None, **kwargs) -> list[float | None]:
+        """METEOR of each completion against its reference ``caption`` (one batch); None without one."""
+        if caption is None:
+            return [None] * len(completions)
+        pairs = [(i, _text(c), ref) for i, (c, ref) in enumerate(zip(completions, caption, strict=True))
+                 if ref is not None]
+        out: list[float | None] = [None] * len(completions)
+        if pairs:
+            _, per = meteor_scores([t for _, t, _ in pairs], [r for _, _, r in pairs], meteor_scorer())
+            for (i, _, _), value in zip(pairs, per, strict=True):
+                out[i] = float(value)
+        return out
+
+    caption_meteor.meteor_scorer = meteor_scorer
+    caption_meteor.meteor = meteor
+    return caption_meteor
+
+
+caption_meteor = make_caption_meteor("auto")  # the default: METEOR 1.5 where java is installed (started lazily)
 
 
 def mask_overlap(pred, gt) -> tuple[int, int]:

@@ -24,7 +24,7 @@ import logging
 from collections import OrderedDict
 
 from sa2va_rl.data.gar import BadRow, GARReader, NoGoodRows
-from sa2va_rl.rl.rewards import caption_meteor, format_reward, mask_iou
+from sa2va_rl.rl.rewards import format_reward, make_caption_meteor, mask_iou
 from sa2va_rl.rl.think import answer_iou, think_format_reward
 
 logger = logging.getLogger(__name__)
@@ -53,11 +53,13 @@ def check_seg_format(seg_format: str, tasks: list[str]) -> None:
 
 
 def task_rewards(tasks: list[str], format_weight: float = 0.2, judge=None, cycle_weight: float = 0.0,
-                 cycle_length_factor: bool = False, seg_format: str = "plain") -> tuple[list, list[float]]:
+                 cycle_length_factor: bool = False, seg_format: str = "plain", meteor: str = "auto"
+                 ) -> tuple[list, list[float]]:
     """(reward functions, weights) for the tasks. Each function returns None on rows of the other task. With an
     LLM judge (rl/judge.py), mask2caption is rewarded 0.25 x METEOR + 0.75 x the judge's score / 10, as the
     original trainer did. ``cycle_weight`` > 0 adds the cycle reward (rl/cycle.py: the caption re-segmented, IoU
-    with its region; ``cycle_length_factor``: times the original's length factor) with that weight.
+    with its region; ``cycle_length_factor``: times the original's length factor) with that weight. ``meteor``:
+    which METEOR (``caption_meteor_impl``: auto, meteor-1.5 or nltk; eval/meteor.py).
 
     ``seg_format`` think: caption2mask is rewarded by ``think_format_reward`` (1.0) and ``answer_iou`` (1.0) in place
     of ``mask_iou`` and ``format_reward``'s caption2mask part (format_reward has no opinion on think rows; it stays
@@ -69,6 +71,8 @@ def task_rewards(tasks: list[str], format_weight: float = 0.2, judge=None, cycle
         raise ValueError(f"--cycle_reward scores mask2caption captions; task(s) {tasks} have none: use --task "
                          "mask2caption or both, or drop --cycle_reward")
     funcs, weights = [], []
+    if "mask2caption" in tasks:
+        caption_meteor = make_caption_meteor(meteor)
     if "mask2caption" in tasks and judge is not None:
         from sa2va_rl.rl.judge import judge_reward
 

@@ -179,6 +179,9 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self.grad_guard = GradGuard()
         self.stability = StabilityCallback(args.stability_summary_steps, self.logits_guard, self.grad_guard)
         self.add_callback(self.stability)
+        for func in self.reward_funcs:  # which METEOR the caption reward used (rl/rewards.py make_caption_meteor)
+            if callable(getattr(func, "meteor_scorer", None)):
+                self.stability.extras["caption_meteor"] = (lambda f: lambda: f.meteor_scorer().report())(func)
         if any(isinstance(cb, ProgressCallback) for cb in self.callback_handler.callbacks):
             self.remove_callback(ProgressCallback)  # the raw metric dicts -> one readable line (rl/progress.py)
             self.add_callback(ReadableProgress)
