@@ -29,6 +29,7 @@ import logging
 import os
 
 import numpy as np
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ EVAL_SAMPLES = 48  # held-out samples whose captions are checked before and afte
 GRPO_TASKS = "mask2caption"
 SEGMENTATION_MASK_LOSS = 4.0  # --segmentation: the mask loss's weight (rl/mask_loss.py; docs/segmentation.md: 1 vs 4)
 DEMO_METEOR = "nltk"  # the caption reward's METEOR: nltk's, pinned (see run_demo)
+# torch's CPU threads, pinned: a float sum split over another number of threads rounds differently, and 200 steps of
+# training turn that into other printed counts (seed 0: 1 thread printed 18/48 -> 19/48 where 2 threads print the
+# README's numbers); pinned, the same seed prints the same numbers on any machine of the same CPU type
+DEMO_THREADS = 2
 
 
 def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = STEPS, seed: int = 0,
@@ -50,6 +55,21 @@ def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = STEPS, seed: int = 0,
              segmentation: bool = False) -> int:
     """``segmentation``: GRPO on both tasks with the mask loss (SEGMENTATION_MASK_LOSS unless ``mask_loss_weight``),
     and the held-out masks' gIoU/cIoU printed before and after (docs/segmentation.md)."""
+    if segmentation:
+        task = "both"
+        mask_loss_weight = SEGMENTATION_MASK_LOSS if mask_loss_weight is None else mask_loss_weight
+    mask_loss_weight = mask_loss_weight or 0.0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEMO_THREADS)
+    try:
+        return _run_demo(out_dir, steps, seed, warm_start_steps, learning_rate, beta, dynamic_sampling, eval_samples,
+                         task, train_rows, mask_loss_weight, mask_loss_rollouts, segmentation)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out_dir, steps, seed, warm_start_steps, learning_rate, beta, dynamic_sampling, eval_samples, task,
+              train_rows, mask_loss_weight, mask_loss_rollouts, segmentation) -> int:
     from sa2va_rl.data.gar import GARReader
     from sa2va_rl.data.synthetic import make_gar_data
     from sa2va_rl.demo_eval import caption_accuracy, demo_rewards, mask_accuracy, sampled_accuracy
@@ -59,10 +79,6 @@ def run_demo(out_dir: str = "sa2va-rl-demo", steps: int = STEPS, seed: int = 0,
     from sa2va_rl.rl.tasks import GARTaskDataset, task_list
     from sa2va_rl.rl.trainer import Sa2VAGRPOTrainer
 
-    if segmentation:
-        task = "both"
-        mask_loss_weight = SEGMENTATION_MASK_LOSS if mask_loss_weight is None else mask_loss_weight
-    mask_loss_weight = mask_loss_weight or 0.0
     os.makedirs(out_dir, exist_ok=True)
     model_dir = make_tiny_sa2va(os.path.join(out_dir, "tiny-sa2va"), seed=seed)
     data_dir = make_gar_data(os.path.join(out_dir, "gar-train"), n=train_rows, seed=seed)
