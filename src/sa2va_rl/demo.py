@@ -40,7 +40,7 @@ TRAIN_ROWS = 1000  # synthetic GAR rows to train on: few enough to write in seco
 BETA = 0.0  # KL to the warm-started model
 EVAL_SAMPLES = 48  # held-out samples whose captions are checked before and after GRPO
 GRPO_TASKS = "mask2caption"
-SEGMENTATION_MASK_LOSS = 4.0  # --segmentation: the mask loss's weight (rl/mask_loss.py; docs/segmentation.md: 1 vs 4)
+SEGMENTATION_MASK_LOSS = 16.0  # --segmentation: the mask loss's weight (rl/mask_loss.py; docs/segmentation.md: 1, 4, 16)
 DEMO_METEOR = "nltk"  # the caption reward's METEOR: nltk's, pinned (see run_demo)
 # torch's CPU threads, pinned: a float sum split over another number of threads rounds differently, and 200 steps of
 # training turn that into other printed counts (seed 0: 1 thread printed 18/48 -> 19/48 where 2 threads print the

@@ -213,14 +213,24 @@ def test_doctor_and_train_both_tasks_and_caption2mask_with_seg(ckpts, family, tm
     again, _ = load_upstream(out_both, torch.float32)
     assert all(torch.isfinite(p).all() for p in again.parameters())
 
+    # with the mask loss (issue L): upstream's own SAM2 decoder (inject_language_embd) carries the gradient to
+    # text_hidden_fcs, which trains (a large lr so that one step shows through the release's bf16)
     out_seg = str(tmp_path / "seg")
     assert cli.main(["train", *common, "--task", "caption2mask", "--max_steps", "1", "--output_dir", out_seg,
-                     "--inject", "force_token", "--save_steps", "1"]) == 0
+                     "--inject", "force_token", "--save_steps", "1", "--mask_loss_weight", "1",
+                     "--learning_rate", "1e-2"]) == 0
     with open(os.path.join(out_seg, "checkpoint-1", "trainer_state.json")) as f:
         logged = json.load(f)["log_history"][0]
     assert logged["seg/no_seg_frac"] == 0.0  # every completion had a [SEG], each became a mask
     assert logged["rewards/mask_iou/mean"] == logged["rewards/mask_iou/mean"]  # scored (not NaN)
+    assert logged["mask_loss/rollouts"] == 1.0 and logged["mask_loss/ce"] > 0 and 0 < logged["mask_loss/dice"] <= 1
     assert file_keys(out_seg) == file_keys(path)
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as a, \
+            safe_open(os.path.join(out_seg, "model.safetensors"), "pt") as b:
+        fcs = [k for k in a.keys() if "text_hidden_fcs" in k]
+        sam2_encoder = [k for k in a.keys() if "image_encoder" in k]
+        assert fcs and all(not torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in fcs if k.endswith("weight"))
+        assert sam2_encoder and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in sam2_encoder)
 
 
 @pytest.mark.parametrize("family", ["v1_internlm2", "v2", "qwen2_5_vl"])

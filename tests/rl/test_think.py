@@ -280,25 +280,27 @@ def test_trainer_decodes_only_the_answer_masks_and_records_their_positions(tiny_
 
 
 # ----------------------------------------------------------------------------------------- released code
-FAMILIES = ["v1", "qwen3vl"]
+FAMILIES = ["v1", "v1_internlm2", "v2", "qwen2_5_vl", "qwen3vl"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def released(request, upstream_ckpts):
-    """(family, model fp32, policy): InternVL (Sa2VA-4B-like, text tags) and Qwen3-VL (its tokenizer given
-    <think>/</think> as tokens, as the released Qwen3 vocabulary has them)."""
+    """(family, model fp32, policy) of every released family: InternVL (Sa2VA-4B-like, -8B-like on InternLM2,
+    InternVL3) and Qwen2.5-VL with text tags; Qwen3-VL with its tokenizer given <think>/</think> as tokens, as the
+    released Qwen3 vocabulary has them."""
     from sa2va_rl.models.sa2va import load_sa2va, make_policy
 
     path = upstream_ckpts(request.param)
     torch.manual_seed(0)
-    if request.param == "qwen3vl":
+    if request.param in ("qwen2_5_vl", "qwen3vl"):
         from sa2va_rl.models.sa2va_qwen import Sa2VAQwenPolicy
         from sa2va_rl.models.upstream import load_upstream
         from tests.upstream.qwen_vl import load_processor
 
         model, _info = load_upstream(path, torch.float32)
         processor = load_processor(path)
-        processor.tokenizer.add_tokens(["<think>", "</think>"])
+        if request.param == "qwen3vl":
+            processor.tokenizer.add_tokens(["<think>", "</think>"])
         policy = Sa2VAQwenPolicy(model, processor)
         assert len(policy.tokenizer) <= policy._lm_head(model).weight.shape[0]  # the padded rows hold them
     else:
