@@ -70,11 +70,12 @@ def test_resume_with_another_lora_rank_or_model_is_named_before_training(tiny_sa
                      "--lora_alpha", "8"]) == 0
     capsys.readouterr()
     rc = cli.main(["train", "--model_path", tiny_sa2va, *common, "--max_steps", "2", "--lora_r", "8", "--lora_alpha",
-                   "16", "--resume_from_checkpoint", "latest"])
+                   "16", "--resume_from_checkpoint", "latest", "--allow_changed_run", "true"])
     err = capsys.readouterr().err
     assert rc == cli.EXIT_USAGE and "differ in shape" in err and "lora_A" in err and "checkpoint [4, " in err, err
     rc = cli.main(["train", "--model_path", tiny_causal, "--data_dir", prompt_dir, "--output_dir", out,
-                   "--report_to", "none", "--max_steps", "2", "--resume_from_checkpoint", "latest"])
+                   "--report_to", "none", "--max_steps", "2", "--resume_from_checkpoint", "latest",
+                   "--allow_changed_run", "true"])
     err = capsys.readouterr().err
     assert rc == cli.EXIT_USAGE and "this model does not have" in err, err
 
@@ -91,7 +92,7 @@ def test_resume_with_another_world_size_is_named_before_training(tiny_causal, pr
     assert saved["world_size"] == 1  # recorded by the run that wrote it
     state.write_text(json.dumps(dict(saved, world_size=2)))  # as if 2 processes had written it
     capsys.readouterr()
-    rc = cli.main([*common, "--max_steps", "2", "--resume_from_checkpoint", "latest"])
+    rc = cli.main([*common, "--max_steps", "2", "--resume_from_checkpoint", "latest", "--allow_changed_run", "true"])
     err = capsys.readouterr().err
     assert rc == cli.EXIT_USAGE and "2 process(es) wrote it, this run has 1" in err, err
     assert not (out / "checkpoint-2").exists()

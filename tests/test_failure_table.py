@@ -190,6 +190,201 @@ def test_eval_failure_rows(row, tiny_sa2va, gar_dir, tmp_path, monkeypatch, caps
     assert case["after"](), os.listdir(case["out"]) if os.path.isdir(case["out"]) else case["out"]
 
 
+RUN_ARGS = ["--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1", "--batch_size", "2",
+            "--num_generations", "4", "--max_completion_length", "4", "--learning_rate", "1e-2",
+            "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--report_to", "none", "--disable_tqdm", "true",
+            "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_causal, prompt_dir, tmp_path_factory):
+    """A finished 2-step causal run with checkpoint-1 and checkpoint-2 (each with run_settings.json)."""
+    out = tmp_path_factory.mktemp("finished") / "o"
+    assert cli.main(["train", "--model_path", tiny_causal, "--data_dir", prompt_dir, "--output_dir", str(out),
+                     *RUN_ARGS]) == 0
+    return out
+
+
+def _snapshot(root):
+    """Every file under ``root`` with its size and mtime: a row that must write nothing leaves it equal."""
+    return {os.path.join(d, f): (os.stat(os.path.join(d, f)).st_size, os.stat(os.path.join(d, f)).st_mtime_ns)
+            for d, _, files in os.walk(root) for f in files}
+
+
+def _copy_run(ctx):
+    import shutil
+
+    out = ctx["tmp"] / "o"
+    shutil.copytree(ctx["finished"], out)
+    return out
+
+
+def _out_is_model(ctx):
+    return {"model": ctx["model"], "out": ctx["model"], "code": cli.EXIT_USAGE,
+            "says": [f"--output_dir {ctx['model']!r} is the model directory --model_path {ctx['model']!r}",
+                     "would overwrite its input model"], "keep": ctx["model"]}
+
+
+def _out_inside_model(ctx):
+    out = os.path.join(ctx["model"], "run")
+    return {"model": ctx["model"], "out": out, "code": cli.EXIT_USAGE,
+            "says": [f"--output_dir {out!r} is inside the model directory --model_path {ctx['model']!r}"],
+            "keep": ctx["model"]}
+
+
+def _model_in_output_checkpoint(ctx):
+    out = _copy_run(ctx)
+    model = str(out / "checkpoint-1")  # rotation or the run's own checkpoint-1 would replace it
+    return {"model": model, "out": str(out), "code": cli.EXIT_USAGE,
+            "says": ["contains the model where saving or checkpoint rotation would overwrite it", model],
+            "keep": str(out)}
+
+
+def _out_is_root(ctx):
+    return {"model": ctx["model"], "out": "/", "code": cli.EXIT_USAGE,
+            "says": ["--output_dir '/' is the filesystem root", "pass a new directory"], "keep": ctx["model"]}
+
+
+def _out_is_home(ctx):
+    home = ctx["tmp"] / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("# mine\n")
+    ctx["monkeypatch"].setenv("HOME", str(home))
+    return {"model": ctx["model"], "out": str(home), "code": cli.EXIT_USAGE,
+            "says": [f"--output_dir {str(home)!r} is the home directory"], "keep": str(home)}
+
+
+def _out_is_someone_elses(ctx):
+    out = ctx["tmp"] / "photos"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "holiday.jpg").write_bytes(b"\xff\xd8")
+    return {"model": ctx["model"], "out": str(out), "code": cli.EXIT_USAGE,
+            "says": ["is a non-empty directory that is not a sa2va-rl run (config.json, holiday.jpg)",
+                     "pass an empty or new directory"], "keep": str(out)}
+
+
+def _resume_finished(ctx):
+    out = _copy_run(ctx)
+    return {"out": str(out), "argv": ["--resume_from_checkpoint", "latest"], "code": cli.EXIT_OK,
+            "stdout": ["run already finished at step 2", "nothing to do"], "keep": str(out)}
+
+
+def _resume_state(mutate, says):
+    def row(ctx):
+        out = _copy_run(ctx)
+        ckpt = out / "checkpoint-1"
+        mutate(out, ckpt)
+        return {"out": str(out), "argv": ["--resume_from_checkpoint", str(ckpt)], "code": cli.EXIT_USAGE,
+                "says": [t.format(ckpt=ckpt, out=out) for t in says], "keep": str(out)}
+    return row
+
+
+def _edit_state(edit):
+    def mutate(out, ckpt):
+        path = ckpt / "stability_state.json"
+        state = json.loads(path.read_text())
+        edit(state)
+        path.write_text(json.dumps(state))
+    return mutate
+
+
+def _skipped_rows(state):
+    state["parts"]["skipped_data"]["rows"] = [1, 2]
+
+
+def _changed(argv, says, ok=False):
+    def row(ctx):
+        out = _copy_run(ctx)
+        return {"out": str(out), "argv": ["--resume_from_checkpoint", str(out / "checkpoint-1"), *argv],
+                "code": cli.EXIT_USAGE, "says": says, "keep": str(out)}
+    return row
+
+
+TRAIN_ROWS = {  # sa2va-rl train, issue O: nothing lost; exit code, what is said, and nothing written
+    "--output_dir is --model_path (exit 2 before loading)": _out_is_model,
+    "--output_dir inside --model_path": _out_inside_model,
+    "--model_path is a checkpoint inside --output_dir": _model_in_output_checkpoint,
+    "--output_dir /": _out_is_root,
+    "--output_dir the home directory": _out_is_home,
+    "--output_dir non-empty, not a run": _out_is_someone_elses,
+    "resume latest on a finished run (exit 0, nothing trained or written)": _resume_finished,
+    "resume: stability_state.json deleted": _resume_state(
+        lambda out, ckpt: (ckpt / "stability_state.json").unlink(),
+        ["{ckpt}/stability_state.json is missing", "stability counters cannot be restored"]),
+    "resume: stability_state.json not JSON": _resume_state(
+        lambda out, ckpt: (ckpt / "stability_state.json").write_text("{\"counters\": {"),
+        ["{ckpt}/stability_state.json cannot be read", "Expecting"]),
+    "resume: stability_state.json wrong types": _resume_state(
+        _edit_state(lambda s: s["counters"].update(steps="1")),
+        ["{ckpt}/stability_state.json: counter 'steps' is '1', not int"]),
+    "resume: skipped_rows.json deleted while rows were skipped": _resume_state(
+        _edit_state(_skipped_rows), ["{out}/skipped_rows.json is missing", "2 data row(s) were skipped"]),
+    "resume: trainer_state.json deleted": _resume_state(
+        lambda out, ckpt: (ckpt / "trainer_state.json").unlink(), ["{ckpt}/trainer_state.json is missing"]),
+    "resume with another learning rate and num_generations (each named)": _changed(
+        ["--learning_rate", "2e-2", "--num_generations", "2"],
+        ["settings differ from the run that wrote it", "learning_rate: 0.01 -> 0.02", "num_generations: 4 -> 2",
+         "--allow_changed_run true"]),
+    "resume with another max_steps": _changed(["--max_steps", "5"], ["max_steps: 2 -> 5"]),
+}
+
+
+@pytest.mark.parametrize("row", list(TRAIN_ROWS))
+def test_train_nothing_lost_rows(row, tiny_causal, prompt_dir, finished_run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_causal, model)
+    ctx = {"tmp": tmp_path, "model": str(model), "finished": finished_run, "monkeypatch": monkeypatch}
+    case = TRAIN_ROWS[row](ctx)
+    argv = [a for a in RUN_ARGS]
+    for flag, value in zip(case.get("argv", [])[::2], case.get("argv", [])[1::2]):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    before = _snapshot(case["keep"]) if case["keep"] != "/" else None
+    rc = cli.main(["train", "--model_path", case.get("model", tiny_causal), "--data_dir", prompt_dir,
+                   "--output_dir", case["out"], *argv])
+    captured = capsys.readouterr()
+    assert rc == case["code"], captured.err
+    for text in case.get("says", []):
+        assert text in captured.err, (text, captured.err)
+    for text in case.get("stdout", []):
+        assert text in captured.out, (text, captured.out)
+    assert "Traceback" not in captured.err
+    assert _snapshot(case["keep"]) == before  # nothing written, nothing replaced
+
+
+def test_run_settings_are_in_each_checkpoint(finished_run):
+    for step in (1, 2):
+        with open(finished_run / f"checkpoint-{step}" / "run_settings.json") as f:
+            settings = loads_strict(f.read())
+        assert settings["learning_rate"] == 1e-2 and settings["max_steps"] == 2 and settings["num_generations"] == 4
+        assert len(settings["model_fingerprint"]) == 16 and settings["lr_scheduler_type"] == "constant"
+
+
+def test_allowed_change_warns_and_the_new_learning_rate_applies(tiny_causal, prompt_dir, finished_run, tmp_path,
+                                                                 caplog):
+    import shutil
+
+    out = tmp_path / "o"
+    shutil.copytree(finished_run, out)
+    argv = [a if a != "1e-2" else "3e-2" for a in RUN_ARGS]
+    with caplog.at_level("WARNING"):
+        rc = cli.main(["train", "--model_path", tiny_causal, "--data_dir", prompt_dir, "--output_dir", str(out),
+                       *argv, "--resume_from_checkpoint", str(out / "checkpoint-1"), "--allow_changed_run", "true"])
+    assert rc == 0
+    assert "changed settings (--allow_changed_run): learning_rate: 0.01 -> 0.03" in caplog.text
+    with open(out / "checkpoint-2" / "trainer_state.json") as f:
+        logs = json.load(f)["log_history"]
+    lrs = {e["step"]: e["learning_rate"] for e in logs if "learning_rate" in e}
+    assert lrs[1] == pytest.approx(1e-2) and lrs[2] == pytest.approx(3e-2), lrs
+    with open(out / "checkpoint-2" / "run_settings.json") as f:
+        assert json.load(f)["learning_rate"] == 3e-2
+
+
 ELSEWHERE = {  # table row -> the test that runs it end to end (exit code, names, nothing lost)
     "16-bit / palette / CMYK / LA / EXIF images":
         "tests.data.test_gar_inputs:test_image_modes_decode_to_the_right_8_bit_values",
@@ -233,3 +428,12 @@ ELSEWHERE = {  # table row -> the test that runs it end to end (exit code, names
 def test_every_other_row_has_its_test(row):
     module, name = ELSEWHERE[row].split(":")
     assert callable(getattr(importlib.import_module(module), name, None)), f"{row}: {ELSEWHERE[row]} is gone"
+
+
+def test_a_model_in_its_own_folder_under_output_dir_is_left_alone(tmp_path):
+    from sa2va_rl.rl.resume_checks import output_dir_problem
+
+    model = tmp_path / "out" / "base"
+    model.mkdir(parents=True)
+    assert output_dir_problem(str(tmp_path / "out"), str(model)) is None  # saving writes beside it, never into it
+    assert "is the model directory" in output_dir_problem(str(tmp_path / "out") + "/", str(tmp_path / "out"))

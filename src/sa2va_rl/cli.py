@@ -44,6 +44,11 @@ class TrainArgs:
     cycle_length_factor: bool = field(default=False, metadata={
         "help": "With --cycle_reward: multiply the IoU by the original trainer's length factor (captions under 25 "
                 "words scaled down to 0.25x, over 120 words to 0.6x; docs/segmentation.md)."})
+    allow_changed_run: bool = field(default=False, metadata={
+        "help": "With --resume_from_checkpoint: resume although settings that define the run differ from the "
+                "checkpoint's run_settings.json (model, task, num_generations, batch size, learning rate and "
+                "schedule, max_steps); the differences are listed in a warning. A new --learning_rate applies from "
+                "the resumed step on. Without it such a resume is refused (exit 2), naming each difference."})
 
 
 def _merge_repeated(argv: list[str], flag: str) -> list[str]:
@@ -107,6 +112,11 @@ def _train(argv: list[str]) -> int:
     if not os.path.isfile(os.path.join(script.model_path, "config.json")):
         return _fail(EXIT_USAGE, f"--model_path {script.model_path!r} has no config.json; pass a directory saved "
                                  "with save_pretrained (`sa2va-rl make-tiny --kind sa2va DIR` writes one)")
+    from sa2va_rl.rl.resume_checks import output_dir_problem
+
+    why = output_dir_problem(config.output_dir, script.model_path)  # before anything is loaded or written
+    if why:
+        return _fail(EXIT_USAGE, why)
     if script.bad_rows not in ("skip", "error"):
         return _fail(EXIT_USAGE, f"--bad_rows {script.bad_rows!r}: use skip or error")
     sa2va = is_sa2va_checkpoint(script.model_path)
@@ -143,15 +153,57 @@ def _train(argv: list[str]) -> int:
         os.makedirs(config.output_dir, exist_ok=True)
     except OSError as e:
         return _fail(EXIT_IO, _io_error(e, config.output_dir))
+    resumed = _check_resume(script, config, sa2va)  # before any model loads
+    if isinstance(resumed, int):
+        return resumed
+    settings, old_settings = resumed
     run = _build_sa2va_run if sa2va else _build_causal_run
     built = run(script, margs, config, jargs)
     if isinstance(built, int):
         return built
     trainer, save = built
+    trainer.run_settings = settings
+    old_lr = old_settings.get("learning_rate")
+    if isinstance(old_lr, (int, float)) and old_lr > 0 and old_lr != config.learning_rate:  # allowed: applied
+        from sa2va_rl.rl.resume_checks import LearningRateChange
+
+        trainer.add_callback(LearningRateChange(old_lr, config.learning_rate))
     rc = _run_training(trainer, config, save)
     del built, trainer, save  # the DDP/FSDP wrappers hold the process group: let them go before it is torn down
     _close_process_group(rc == EXIT_OK)
     return rc
+
+
+def _check_resume(script, config, sa2va: bool):
+    """This run's settings and the resumed checkpoint's ({} when not resuming); or an exit code: a checkpoint
+    whose state files are missing or corrupt, whose settings differ (without --allow_changed_run), or a run that
+    already finished (exit 0, nothing trained or written)."""
+    from sa2va_rl.rl.resume_checks import ResumeError, check_resume, check_settings, run_settings
+
+    settings = run_settings(script.model_path, script.task if sa2va else f"causal LM ({script.reward})", config)
+    resume = config.resume_from_checkpoint
+    if resume == "latest":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+    if not resume:
+        return settings, {}
+    if not os.path.isdir(resume):
+        return _fail(EXIT_USAGE, f"--resume_from_checkpoint {resume}: no such checkpoint directory; pass a "
+                                 f"checkpoint-N directory, or latest (the newest in --output_dir)")
+    try:
+        trainer_state = check_resume(resume, config.output_dir)
+        old = check_settings(resume, settings, script.allow_changed_run)
+    except ResumeError as e:
+        return _fail(EXIT_USAGE, str(e))
+    step = trainer_state["global_step"]
+    target = config.max_steps if config.max_steps > 0 else trainer_state.get("max_steps")
+    if isinstance(target, int) and target > 0 and step >= target:
+        print(f"sa2va-rl train: run already finished at step {step} ({resume}, max_steps {target}); nothing to "
+              "do. To train further, raise --max_steps and pass --allow_changed_run true; for a new run, pass a new "
+              "--output_dir")
+        return EXIT_OK
+    return settings, old
 
 
 def _close_process_group(ok: bool) -> None:

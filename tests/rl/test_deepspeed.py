@@ -136,7 +136,7 @@ def test_zero_roll_back_then_resume(tiny_causal, prompt_dir, tmp_path, stage):
     saved7 = shards("SAVED", 7, proc.stdout)
 
     proc, report = launch(2, stage, tiny_causal, prompt_dir, out, tmp_path, "--max_steps", "8", *common,
-                          "--resume_from_checkpoint", "latest")
+                          "--resume_from_checkpoint", "latest", "--allow_changed_run", "true")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert report["ranks_agree"] is True and report["rollbacks"] == 1 and report["skipped_steps"] == 2
     resumed = steps(proc)

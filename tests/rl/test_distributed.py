@@ -58,7 +58,7 @@ def test_two_ranks_roll_back_then_resume_and_agree(tiny_causal, prompt_dir, tmp_
     assert proc.stderr.count("rolled back to") == 2  # both ranks
 
     proc, report = launch(tiny_causal, prompt_dir, out, "--max_steps", "7", "--save_strategy", "steps",
-                          "--save_steps", "2", "--resume_from_checkpoint", "latest")
+                          "--save_steps", "2", "--resume_from_checkpoint", "latest", "--allow_changed_run", "true")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert report["ranks_agree"] is True and report["final_weights_finite"] is True
     assert report["rollbacks"] == 1 and report["skipped_steps"] == 2  # the resumed run carries the counters on
@@ -126,7 +126,7 @@ def test_fsdp_through_accelerate_skip_rollback_resume(tiny_causal, prompt_dir, t
     assert (out / "checkpoint-3" / "optimizer_0").is_dir()  # the optimizer state was saved sharded
 
     proc, report = launch(tiny_causal, prompt_dir, out, "--max_steps", "8", *common, "--resume_from_checkpoint",
-                          "latest", script=launcher, env=env)
+                          "latest", "--allow_changed_run", "true", script=launcher, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert report["ranks_agree"] is True and report["rollbacks"] == 1 and report["final_weights_finite"] is True
     with open(out / "checkpoint-8" / "trainer_state.json") as f:

@@ -69,5 +69,5 @@ def test_half_written_checkpoint_is_never_resumed(tiny_causal, prompt_dir, tmp_p
     (staged / "model.safetensors").write_bytes(b"\0" * 10)
     assert get_last_checkpoint(str(out)).endswith("checkpoint-3")
     resume = [a if a != "3" or i != base.index("--max_steps") + 1 else "6" for i, a in enumerate(base)]
-    assert cli.main([*resume, "--resume_from_checkpoint", "latest"]) == 0
+    assert cli.main([*resume, "--resume_from_checkpoint", "latest", "--allow_changed_run", "true"]) == 0
     assert not (out / ".staging").exists() and (out / "checkpoint-6" / "trainer_state.json").exists()

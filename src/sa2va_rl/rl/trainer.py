@@ -721,6 +721,8 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                              type(error).__name__, error, type(e).__name__, e)
         return True if finite is None else finite
 
+    run_settings: dict | None = None  # set by the command line: written into each checkpoint as run_settings.json
+
     def _save_checkpoint(self, model, trial):
         """Atomic (see rl/checkpoints.py): TRL writes into output_dir/.staging, which is fsynced and renamed into
         place. Weights that are not finite are never saved."""
@@ -741,6 +743,10 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             self.stability.counters.nonfinite_losses = int(self._nonfinite_losses)
             self.stability.save(os.path.join(run_dir, checkpoints.STAGING, name), weights_finite=True,
                                 world_size=self.accelerator.num_processes)
+            if self.run_settings is not None:  # what defines the run, compared on resume (rl/resume_checks.py)
+                from sa2va_rl.rl.resume_checks import write_run_settings
+
+                write_run_settings(os.path.join(run_dir, checkpoints.STAGING, name), self.run_settings)
             checkpoints.publish(run_dir, name, self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
