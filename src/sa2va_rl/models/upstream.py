@@ -103,12 +103,18 @@ FIXES: dict[str, Fix] = {f.name: f for f in [
         "lm_head.weight <- model.embed_tokens.weight); tying still happens only when tie_word_embeddings is set"),
     Fix("generation_mixin", (INTERNVL,),
         "InternLM2ForCausalLM (Sa2VA-8B/26B) and Phi3ForCausalLM do not inherit GenerationMixin: since transformers "
-        "4.50 such a class has no generate(); and their prepare_inputs_for_generation expects the legacy tuple KV "
-        "cache, which transformers 5 no longer hands back (generation from inputs_embeds fails in "
-        "apply_rotary_pos_emb)",
-        "GenerationMixin is appended to those classes' bases before the model is built, and they generate without "
-        "a KV cache: each step re-reads the prompt's embeddings plus the tokens so far (correct, but each new "
-        "token costs a forward over the whole sequence; a Cache port of InternLM2 is future work)"),
+        "4.50 such a class has no generate(); and their prepare_inputs_for_generation expects the legacy KV cache "
+        "(InternLM2: tuples of (key, value) per layer; Phi3: transformers 4.x's Cache API, get_usable_length / "
+        "from_legacy_cache), while transformers 5 hands a DynamicCache under the name `cache` (generation from "
+        "inputs_embeds fails in apply_rotary_pos_emb). sa2va_v2's InternLM2 has GenerationMixin on its "
+        "PreTrainedModel only, which transformers 5's can_generate() does not count: no generation_config, and "
+        "generate() fails",
+        "GenerationMixin is appended to those classes' bases before the model is built. InternLM2 generates with "
+        "a KV cache: its forward takes transformers 5's DynamicCache, hands the attention its layers as the "
+        "legacy tuples and stores the tuples it returns back in the DynamicCache; the first step reads the "
+        "prompt's embeddings, each later step only the new token, positions from the attention mask (left "
+        "padding). Phi3 (no released Sa2VA uses it as the LLM) and any cache other than the plain dynamic one "
+        "generate without a KV cache: each step re-reads the prompt's embeddings plus the tokens so far"),
     Fix("rotary_buffers", (INTERNVL,),
         "transformers 5 builds a model on the meta device and leaves non-persistent buffers as uninitialised "
         "memory unless the model's own _init_weights fills them; upstream's InternLM2RotaryEmbedding computes "
@@ -362,18 +368,134 @@ def _prepare_inputs_without_cache(self, input_ids, attention_mask=None, inputs_e
             "use_cache": False}
 
 
+def _speaks_legacy_tuples(cls: type) -> bool:
+    """Whether ``cls``'s module keeps its KV cache as legacy (key, value) tuples per layer and never uses
+    transformers' Cache classes (InternLM2's code; Phi3's uses the 4.x Cache API instead)."""
+    path = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    if not path or not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        src = f.read()
+    return "past_key_values[0][0]" in src and "cache_utils" not in src and "Cache(" not in src
+
+
+_UNBRIDGED_WARNED: set[tuple[str, str]] = set()
+
+
+def _bridgeable(self, cache) -> bool:
+    """A plain DynamicCache (full-attention DynamicLayers, no offloading) on a model that returns its cache: the
+    bridge below can hand its layers to the legacy code and take them back. Activation checkpointing in training
+    mode makes InternLM2 drop use_cache (and ignore the past), so it generates without a cache then. Setting
+    ``model.sa2va_rl_kv_cache = False`` on the causal LM chooses the cache-free path (generate() forces use_cache
+    on when it starts from inputs_embeds, so that flag is the switch; tests and benchmarks compare both)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if not getattr(self, "sa2va_rl_kv_cache", True):
+        return False
+    if self.training and getattr(getattr(self, "model", None), "gradient_checkpointing", False):
+        logger.debug("%s: activation checkpointing is on in training mode: generating without a KV cache",
+                     type(self).__name__)
+        return False
+    if type(cache) is not DynamicCache or getattr(cache, "offloading", False) or any(
+            type(layer) is not DynamicLayer for layer in cache.layers):
+        key = (type(self).__name__, type(cache).__name__)
+        if key not in _UNBRIDGED_WARNED:  # once, not at every decoding step
+            _UNBRIDGED_WARNED.add(key)
+            logger.warning("%s: its code keeps the KV cache as legacy tuples, which only a plain DynamicCache can "
+                           "be bridged to (got %s); generating without a KV cache", *key)
+        return False
+    return True
+
+
+def _prepare_inputs_with_cache(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
+                               inputs_embeds=None, is_first_iteration=False, use_cache=True, **kwargs):
+    """With a DynamicCache: feed only what the cache has not seen. The sequence is the prompt's ``inputs_embeds``
+    (when generation started from them) followed by the tokens so far (``input_ids``); the first step takes the
+    prompt's embeddings, each later step the new token's id. Positions count the attention mask's ones (left
+    padding: a row's first real token is position 0), as in the cache-free path; the 2-D mask covers the whole
+    sequence (InternLM2 builds its 4-D mask from it and the past length). Without a cache (``use_cache=False``,
+    or one the bridge cannot take), the cache-free path."""
+    if cache is None or not use_cache or not _bridgeable(self, cache):
+        return _prepare_inputs_without_cache(self, input_ids, attention_mask, inputs_embeds)
+    prompt = 0 if inputs_embeds is None else inputs_embeds.shape[1]
+    total = prompt + input_ids.shape[1]
+    past = cache.get_seq_length()
+    new = total - past
+    if new <= 0:
+        raise ValueError(f"the KV cache holds {past} positions but the sequence has only {total}")
+    if past < prompt:  # part of the prompt is unread: the first step
+        embeds = inputs_embeds
+        if input_ids.shape[1]:
+            embeds = torch.cat([embeds, self.get_input_embeddings()(input_ids).to(embeds.dtype)], dim=1)
+        model_inputs = {"inputs_embeds": embeds[:, past:]}
+    else:
+        model_inputs = {"input_ids": input_ids[:, input_ids.shape[1] - new:]}
+    device = input_ids.device if inputs_embeds is None else inputs_embeds.device
+    if attention_mask is None:
+        attention_mask = torch.ones((input_ids.shape[0], total), dtype=torch.long, device=device)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
+    model_inputs.update(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
+    return model_inputs
+
+
+def _cache_bridge(forward):
+    """Wrap a legacy-tuple causal LM's forward to take transformers 5's ``cache`` (a DynamicCache): its layers go
+    in as the ``past_key_values`` tuples (None while empty), and the (past + new) tuples the attention returns
+    replace them (no copy: the legacy attention already concatenated). The output's ``cache`` is the
+    DynamicCache. Without ``cache``, the forward is upstream's, unchanged."""
+    import functools
+
+    @functools.wraps(forward)
+    def bridged(self, *args, cache=None, **kwargs):
+        if cache is None:
+            return forward(self, *args, **kwargs)
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError("pass either cache (a DynamicCache) or past_key_values (legacy tuples), not both")
+        past = tuple((layer.keys, layer.values) for layer in cache.layers) if cache.get_seq_length() else None
+        as_tuple = kwargs.pop("return_dict", True) is False
+        kwargs.update(past_key_values=past, use_cache=True)
+        out = forward(self, *args, return_dict=True, **kwargs)
+        present = out.get("cache")
+        if not isinstance(present, (tuple, list)) or not present:
+            raise RuntimeError(f"{type(self).__name__} returned no KV cache with use_cache=True (activation "
+                               "checkpointing in training mode?); generate without one (use_cache=False)")
+        for idx, (keys, values) in enumerate(present):
+            if idx < len(cache.layers) and cache.layers[idx].is_initialized:
+                cache.layers[idx].keys, cache.layers[idx].values = keys, values
+            else:
+                cache.update(keys, values, idx)
+        out["cache"] = cache
+        return out.to_tuple() if as_tuple else out
+
+    bridged._sa2va_rl_cache_bridge = True
+    return bridged
+
+
 def _fix_generation_mixin(cls: type, applied: list[str]) -> None:
-    """Give upstream's causal LMs (those with prepare_inputs_for_generation) generate() back."""
+    """Give upstream's causal LMs (those with prepare_inputs_for_generation) generate() back; the legacy-tuple
+    ones (InternLM2) generate with a DynamicCache through the bridge, the others (Phi3) without a cache."""
     from transformers import GenerationMixin
 
     fixed = False
     for obj in _dynamic_classes(cls):
-        if "prepare_inputs_for_generation" in vars(obj) and not issubclass(obj, GenerationMixin):
+        if "prepare_inputs_for_generation" not in vars(obj) or vars(obj).get("_sa2va_rl_generation_mixin"):
+            fixed = fixed or vars(obj).get("_sa2va_rl_generation_mixin", False)
+            continue
+        legacy = _speaks_legacy_tuples(obj)
+        if issubclass(obj, GenerationMixin) and not legacy:
+            continue  # a Cache-aware class that generates already
+        if "GenerationMixin" not in str(obj.__bases__):  # what transformers 5's can_generate() reads: a direct
+            # base (sa2va_v2's InternLM2 has it on InternLM2PreTrainedModel only, which can_generate() skips)
             obj.__bases__ = obj.__bases__ + (GenerationMixin,)
+        if legacy:
+            obj.forward = _cache_bridge(vars(obj)["forward"])
+            obj._supports_default_dynamic_cache = classmethod(lambda c: True)
+            obj.prepare_inputs_for_generation = _prepare_inputs_with_cache
+        else:
             obj._supports_default_dynamic_cache = classmethod(lambda c: False)
             obj.prepare_inputs_for_generation = _prepare_inputs_without_cache
-            obj._sa2va_rl_generation_mixin = True
-        fixed = fixed or vars(obj).get("_sa2va_rl_generation_mixin", False)
+        obj._sa2va_rl_generation_mixin = True
+        fixed = True
     if fixed:
         applied.append("generation_mixin")
 
