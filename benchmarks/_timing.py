@@ -98,3 +98,14 @@ def report_steps(title: str, pooled: dict[str, StepTimer], threads: int) -> tupl
     print(f"  ratio {first} / {second}: {med[first][judged] / med[second][judged]:.3f} "
           f"({clock[1]} {med[first][1 - judged] / med[second][1 - judged]:.3f})")
     return med[first][judged], med[second][judged], judged
+
+
+def timed_train(trainer) -> StepTimer:
+    """Train ``trainer`` with a StepTimer and without the per-step printer; its steady step times."""
+    from transformers.trainer_callback import PrinterCallback
+
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return timer.steady()

@@ -21,9 +21,8 @@ import tempfile
 import time
 
 import torch
-from transformers.trainer_callback import PrinterCallback
 
-from _timing import StepTimer, alternating_steps, report_steps
+from _timing import StepTimer, alternating_steps, report_steps, timed_train
 
 from sa2va_rl.data.gar import GARReader
 from sa2va_rl.data.synthetic import make_gar_data
@@ -62,11 +61,7 @@ def run(cycle_weight: float, model_dir, data_dir, out, steps) -> tuple[StepTimer
     data = GARTaskDataset(GARReader(data_dir), policy, ["mask2caption"])
     trainer = Timed(model=model, reward_funcs=funcs, args=cfg, policy=policy, train_dataset=data.to_dataset(),
                     processing_class=tok)
-    timer = StepTimer()
-    trainer.add_callback(timer)
-    trainer.remove_callback(PrinterCallback)
-    trainer.train()
-    return timer.steady(), trainer
+    return timed_train(trainer), trainer
 
 
 def main() -> None:

@@ -10,17 +10,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from sa2va_rl import cli
-from sa2va_rl.data.gar import GARReader
 from sa2va_rl.models.grounding import ImageCache
-from sa2va_rl.models.sa2va import Sa2VAModelArgs, Sa2VAPolicy, lm_parts, load_sa2va, make_policy, prepare_for_training
+from sa2va_rl.models.sa2va import lm_parts, load_sa2va, make_policy
 from sa2va_rl.rl import cycle
-from sa2va_rl.rl.config import Sa2VAGRPOConfig
 from sa2va_rl.rl.rewards import mask_overlap
-from sa2va_rl.rl.tasks import GARTaskDataset, task_list, task_rewards
-from sa2va_rl.rl.trainer import Sa2VAGRPOTrainer
+from sa2va_rl.rl.tasks import task_list, task_rewards
+from tests.models.test_sa2va_qwen import Force
+from tests.rl.test_sa2va_trainer import make as make_trainer
 
 
 @contextlib.contextmanager
@@ -38,19 +37,6 @@ def counting(obj, name: str):
         yield calls
     finally:
         delattr(obj, name)
-
-
-class Force(LogitsProcessor):
-    """Makes the LLM write ``ids`` (then repeat the last): the SFT'd answer from random weights."""
-
-    def __init__(self, ids: list[int]) -> None:
-        self.ids, self.step = ids, 0
-
-    def __call__(self, input_ids, scores):
-        out = torch.full_like(scores, -torch.inf)
-        out[:, self.ids[min(self.step, len(self.ids) - 1)]] = 0
-        self.step += 1
-        return out
 
 
 def iou(a, b) -> float:
@@ -163,19 +149,10 @@ def test_cycle_mask_equals_upstream_predict_forward_for_the_same_caption_and_pro
 
 
 def make(tiny_sa2va, gar_dir, out, task, lora_r=0, **overrides):
-    torch.manual_seed(0)
-    model, tok = load_sa2va(tiny_sa2va)
-    prepare_for_training(model, Sa2VAModelArgs(lora_r=lora_r, lora_alpha=2 * max(lora_r, 1)))
-    policy = Sa2VAPolicy(model, tok)
-    tasks = task_list(task)
-    funcs, weights = task_rewards(tasks, cycle_weight=1.0)
-    kw = dict(output_dir=str(out), max_steps=1, batch_size=2, num_generations=4, max_completion_length=6,
-              warmup_steps=0, learning_rate=1e-2, save_strategy="no", disable_tqdm=True, seed=0, report_to=[],
-              reward_weights=weights)
-    kw.update(overrides)
-    data = GARTaskDataset(GARReader(gar_dir), policy, tasks)
-    return Sa2VAGRPOTrainer(model=model, reward_funcs=funcs, args=Sa2VAGRPOConfig(**kw), policy=policy,
-                            train_dataset=data.to_dataset(), processing_class=tok)
+    """test_sa2va_trainer's trainer, with the task's rewards plus the cycle reward (weight 1), one step."""
+    funcs, weights = task_rewards(task_list(task), cycle_weight=1.0)
+    return make_trainer(tiny_sa2va, gar_dir, out, task, rewards=funcs, lora_r=lora_r,
+                        **{"max_steps": 1, "reward_weights": weights, **overrides})
 
 
 def batch(trainer, rows):
