@@ -1,8 +1,8 @@
 """``sa2va-rl demo``: a short GRPO run on the tiny Sa2VA model and synthetic GAR data, end to end.
 
 It goes through the same code as ``sa2va-rl train`` on a real checkpoint (load_sa2va, Sa2VAPolicy,
-GARTaskDataset, Sa2VAGRPOTrainer, save_sa2va), with settings sized for a laptop CPU (about a minute on 2
-idle cores): the tiny LLM trains fully (no LoRA) at a high learning rate. A supervised warm start on both tasks (as Sa2VA
+GARTaskDataset, Sa2VAGRPOTrainer, save_sa2va), with settings sized for a laptop CPU (83 s on 2 idle cores):
+the tiny LLM trains fully (no LoRA) at a high learning rate. A supervised warm start on both tasks (as Sa2VA
 is SFT-trained before RL) teaches the answer formats, the masks and part of the colour/shape mapping; GRPO on
 mask2caption then rewards METEOR plus the right colour and shape words (demo_eval.py), and the held-out captions'
 colour/shape accuracy is printed before and after GRPO, greedy and sampled. The warm-started model is saved too, so
@@ -40,7 +40,7 @@ TRAIN_ROWS = 1000  # synthetic GAR rows to train on: few enough to write in seco
 BETA = 0.0  # KL to the warm-started model
 EVAL_SAMPLES = 48  # held-out samples whose captions are checked before and after GRPO
 GRPO_TASKS = "mask2caption"
-SEGMENTATION_MASK_LOSS = 16.0  # --segmentation: the mask loss's weight (rl/mask_loss.py; docs/segmentation.md: 1, 4, 16)
+SEGMENTATION_MASK_LOSS = 16.0  # --segmentation's mask loss weight (rl/mask_loss.py; docs/segmentation.md: 1, 4, 16)
 DEMO_METEOR = "nltk"  # the caption reward's METEOR: nltk's, pinned (see run_demo)
 # torch's CPU threads, pinned: a float sum split over another number of threads rounds differently, and 200 steps of
 # training turn that into other printed counts (seed 0: 1 thread printed 18/48 -> 19/48 where 2 threads print the
