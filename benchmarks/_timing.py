@@ -109,3 +109,19 @@ def timed_train(trainer) -> StepTimer:
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     return timer.steady()
+
+
+def step_benchmark_args(rounds: int, steps: int):
+    """The step benchmarks' command line (``--rounds``, ``--steps``, ``--threads``), parsed; torch's CPU threads set
+    to ``--threads`` and log warnings off, as every step benchmark runs."""
+    import argparse
+    import logging
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least sensitive to other load)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.disable(logging.WARNING)
+    return args

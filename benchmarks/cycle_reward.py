@@ -14,15 +14,13 @@ Run: python benchmarks/cycle_reward.py [--rounds 3 --steps 8 --threads 1]
 
 from __future__ import annotations
 
-import argparse
-import logging
 import statistics
 import tempfile
 import time
 
 import torch
 
-from _timing import StepTimer, alternating_steps, report_steps, timed_train
+from _timing import StepTimer, alternating_steps, report_steps, step_benchmark_args, timed_train
 
 from sa2va_rl.data.gar import GARReader
 from sa2va_rl.data.synthetic import make_gar_data
@@ -65,13 +63,7 @@ def run(cycle_weight: float, model_dir, data_dir, out, steps) -> tuple[StepTimer
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least sensitive to other load)")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    logging.disable(logging.WARNING)
+    args = step_benchmark_args(rounds=3, steps=8)
     tmp = tempfile.mkdtemp()
     model_dir, data_dir = make_tiny_sa2va(f"{tmp}/m"), make_gar_data(f"{tmp}/d", n=64)
     variants = {"cycle reward on (--cycle_reward 1)": 1.0, "cycle reward off": 0.0}

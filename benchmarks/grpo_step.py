@@ -14,17 +14,14 @@ Run: python benchmarks/grpo_step.py [--rounds 6 --steps 10 --threads 1]
 
 from __future__ import annotations
 
-import argparse
-import logging
 import statistics
 import tempfile
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.trainer_callback import PrinterCallback
 from trl import GRPOTrainer
 
-from _timing import StepTimer
+from _timing import StepTimer, step_benchmark_args, timed_train
 
 from sa2va_rl.data.prompts import load_prompt_dataset, make_prompt_data
 from sa2va_rl.models.tiny import make_tiny_causal
@@ -53,21 +50,11 @@ def run(cls, guards: bool, model_dir, data_dir, out, steps, spike: bool = True) 
     trainer = cls(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=[distinct_words], args=cfg,
                   train_dataset=load_prompt_dataset(data_dir),
                   processing_class=AutoTokenizer.from_pretrained(model_dir))
-    timer = StepTimer()
-    trainer.add_callback(timer)
-    trainer.remove_callback(PrinterCallback)  # disable_tqdm prints every log dict otherwise
-    trainer.train()
-    return timer.steady()  # the first step pays one-off setup; the last one has no next start
+    return timed_train(trainer)  # the first step pays one-off setup; the last one has no next start
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least sensitive to other load)")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    logging.disable(logging.WARNING)
+    args = step_benchmark_args(rounds=6, steps=10)
     tmp = tempfile.mkdtemp()
     model_dir, data_dir = make_tiny_causal(f"{tmp}/m"), make_prompt_data(f"{tmp}/d", n=256)
     variants = {"guards on (spike guard, collapse monitors)": (Sa2VAGRPOTrainer, True, True),
