@@ -301,7 +301,37 @@ def _changed(argv, says, ok=False):
     return row
 
 
+def _never_loaded(ctx):
+    """The model must not load (the row is decided from config.json and the weight headers)."""
+    from transformers import AutoModelForCausalLM
+
+    def load(*a, **k):
+        raise AssertionError("the model was loaded before the limits were checked")
+
+    ctx["monkeypatch"].setattr(AutoModelForCausalLM, "from_pretrained", load)
+
+
+def _too_many_generations(ctx):
+    from sa2va_rl import plan
+
+    _never_loaded(ctx)
+    ctx["monkeypatch"].setattr(plan, "device_memory", lambda: (8 * plan.GiB, "the test's device (8 GiB)"))
+    return {"out": str(ctx["tmp"] / "o"), "argv": ["--num_generations", "100000"], "code": cli.EXIT_USAGE,
+            "says": ["the estimated memory per device", "(at --num_generations 100000, --batch_size 2",
+                     "is more than the test's device (8 GiB) allows", "the largest --num_generations that fits is",
+                     "--memory_check false"], "keep": ctx["model"]}
+
+
+def _completion_past_context(ctx):
+    _never_loaded(ctx)
+    return {"out": str(ctx["tmp"] / "o"), "argv": ["--max_completion_length", "1000000000"], "code": cli.EXIT_USAGE,
+            "says": ["--max_completion_length 1000000000: the longest prompt (", "over the model's context of 2048",
+                     "the largest --max_completion_length that fits is 20"], "keep": ctx["model"]}
+
+
 TRAIN_ROWS = {  # sa2va-rl train, issue O: nothing lost; exit code, what is said, and nothing written
+    "--num_generations 100000 (exit 2 before loading, the largest G named)": _too_many_generations,
+    "--max_completion_length 1000000000 (exit 2 before loading, the context named)": _completion_past_context,
     "--output_dir is --model_path (exit 2 before loading)": _out_is_model,
     "--output_dir inside --model_path": _out_inside_model,
     "--model_path is a checkpoint inside --output_dir": _model_in_output_checkpoint,
@@ -385,6 +415,32 @@ def test_allowed_change_warns_and_the_new_learning_rate_applies(tiny_causal, pro
         assert json.load(f)["learning_rate"] == 3e-2
 
 
+@pytest.mark.parametrize("kind", ["sa2va model, prompt data", "causal model, GAR data"])
+def test_data_of_the_other_kind_is_named_before_loading(kind, tiny_sa2va, tiny_causal, prompt_dir, gar_dir,
+                                                        tmp_path, capsys):
+    model, data, says = ((tiny_sa2va, prompt_dir, "prompt data (rows of 'prompt' and 'solution', for a causal LM)")
+                         if kind.startswith("sa2va") else
+                         (tiny_causal, gar_dir, "GAR data (image, region mask, caption files), not prompt data"))
+    rc = cli.main(["train", "--model_path", model, "--data_dir", data, "--output_dir", str(tmp_path / "o"),
+                   "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_DATA and says in err and "Traceback" not in err, err
+
+
+def test_doctor_names_an_empty_model_dir_and_prompt_data_for_sa2va(tiny_sa2va, prompt_dir, tmp_path):
+    from sa2va_rl.doctor import run_doctor
+
+    lines: list[str] = []
+    assert run_doctor(str(tmp_path), None, out=lines.append) == 1
+    text = "\n".join(lines)
+    assert f"--model_path {str(tmp_path)!r} has no config.json" in text and "sentencepiece" not in text, text
+    lines.clear()
+    assert run_doctor(tiny_sa2va, prompt_dir, out=lines.append) == 1
+    text = "\n".join(lines)
+    assert "prompt data (rows of 'prompt' and 'solution', for a causal LM)" in text, text
+    assert "--bad_rows skip" not in text and "point --data_dir at a GAR directory" in text, text
+
+
 ELSEWHERE = {  # table row -> the test that runs it end to end (exit code, names, nothing lost)
     "16-bit / palette / CMYK / LA / EXIF images":
         "tests.data.test_gar_inputs:test_image_modes_decode_to_the_right_8_bit_values",
@@ -437,3 +493,26 @@ def test_a_model_in_its_own_folder_under_output_dir_is_left_alone(tmp_path):
     model.mkdir(parents=True)
     assert output_dir_problem(str(tmp_path / "out"), str(model)) is None  # saving writes beside it, never into it
     assert "is the model directory" in output_dir_problem(str(tmp_path / "out") + "/", str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("broken", ["stability_state.json deleted", "trainer_state.json not JSON"])
+def test_library_resume_names_the_broken_state_file_before_training(broken, tiny_causal, prompt_dir, finished_run,
+                                                                     tmp_path):
+    """Trainer.train(resume_from_checkpoint=...) checks the checkpoint as the CLI does: never a silent reset."""
+    import shutil
+
+    from sa2va_rl.rl.resume_checks import ResumeError
+    from tests.rl.test_trainer import make_trainer
+
+    out = tmp_path / "o"
+    shutil.copytree(finished_run, out)
+    ckpt = out / "checkpoint-1"
+    if broken.startswith("stability"):
+        (ckpt / "stability_state.json").unlink()
+    else:
+        (ckpt / "trainer_state.json").write_text("{\"global_step\": ")
+    trainer = make_trainer(tiny_causal, prompt_dir, out, max_steps=2)
+    before = _snapshot(out)
+    with pytest.raises(ResumeError, match=str(ckpt / broken.split()[0])):
+        trainer.train(resume_from_checkpoint=str(ckpt))
+    assert trainer.state.global_step == 0 and _snapshot(out) == before

@@ -1,4 +1,4 @@
-"""The ``sa2va-rl`` command line: train | eval | filter | make-tiny | make-data | demo | doctor."""
+"""The ``sa2va-rl`` command line: train | eval | filter | plan | make-tiny | make-data | demo | doctor."""
 
 from __future__ import annotations
 
@@ -83,6 +83,20 @@ def _join_negative_numbers(argv: list[str]) -> list[str]:
     return out
 
 
+@dataclass
+class PlanArgs:
+    """`sa2va-rl plan` only: the device and engine to plan for (default: this machine and the launch environment)."""
+
+    device_memory: float = field(default=None, metadata={
+        "help": "GiB per device to plan for (default: this machine's GPU total minus 1.5 GiB, or on CPU the RAM "
+                "available now)."})
+    engine: str = field(default=None, metadata={
+        "help": "none, ddp, fsdp, zero2 or zero3 (default: from --deepspeed / --fsdp and accelerate's launch "
+                "environment)."})
+    num_devices: int = field(default=None, metadata={"help": "Processes (GPUs) the run uses (default: WORLD_SIZE "
+                                                             "or 1)."})
+
+
 def _fail(code: int, message: str, command: str = "train") -> int:
     print(f"sa2va-rl {command}: {message}", file=sys.stderr)
     return code
@@ -109,9 +123,10 @@ def _train(argv: list[str]) -> int:
         return _fail(EXIT_USAGE, f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}")
     if not script.model_path or not script.data_dir:
         return _fail(EXIT_USAGE, "--model_path and --data_dir are required")
-    if not os.path.isfile(os.path.join(script.model_path, "config.json")):
-        return _fail(EXIT_USAGE, f"--model_path {script.model_path!r} has no config.json; pass a directory saved "
-                                 "with save_pretrained (`sa2va-rl make-tiny --kind sa2va DIR` writes one)")
+    from sa2va_rl.models.layout import model_dir_problem
+
+    if why := model_dir_problem(script.model_path):
+        return _fail(EXIT_USAGE, why)
     from sa2va_rl.rl.resume_checks import output_dir_problem
 
     why = output_dir_problem(config.output_dir, script.model_path)  # before anything is loaded or written
@@ -174,6 +189,69 @@ def _train(argv: list[str]) -> int:
     return rc
 
 
+def _plan(argv: list[str]) -> int:
+    """Print the run's memory per device by part and whether it fits (exit 0), or why not (exit 1)."""
+    from trl import TrlParser
+
+    from sa2va_rl.models.layout import model_dir_problem
+    from sa2va_rl.models.sa2va import Sa2VAModelArgs, is_sa2va_checkpoint
+    from sa2va_rl.plan import ENGINES, GiB, PlanError, check_limits
+    from sa2va_rl.rl.config import Sa2VAGRPOConfig
+
+    parser = TrlParser((TrainArgs, Sa2VAModelArgs, Sa2VAGRPOConfig, PlanArgs), prog="sa2va-rl plan",
+                       description="Memory per device and context length of a run, from config.json and the weight "
+                                   "headers, before anything loads. Takes train's flags (and --config FILE.yaml).")
+    try:
+        script, margs, config, pargs = parser.parse_args_and_config(args=_join_negative_numbers(argv))
+    except ValueError as e:
+        return _fail(EXIT_USAGE, str(e), "plan")
+    if not script.model_path:
+        return _fail(EXIT_USAGE, "--model_path is required", "plan")
+    if why := model_dir_problem(script.model_path):
+        return _fail(EXIT_USAGE, why, "plan")
+    if pargs.engine is not None and pargs.engine not in ENGINES:
+        return _fail(EXIT_USAGE, f"--engine {pargs.engine!r}: use one of {', '.join(ENGINES)}", "plan")
+    sa2va = is_sa2va_checkpoint(script.model_path)
+    lengths = None
+    if not sa2va and script.data_dir:
+        from transformers import AutoTokenizer
+
+        from sa2va_rl.data.prompts import DataError, load_prompt_dataset
+
+        try:
+            prompts = list(load_prompt_dataset(script.data_dir)["prompt"])
+        except DataError as e:
+            return _fail(EXIT_DATA, str(e), "plan")
+        tok = AutoTokenizer.from_pretrained(script.model_path, trust_remote_code=config.trust_remote_code)
+        lengths = [len(ids) for ids in tok(prompts)["input_ids"]]
+    budget = None if pargs.device_memory is None else int(pargs.device_memory * GiB)
+    try:
+        limits = check_limits(script.model_path, config, margs if sa2va else None, lengths, script.max_prompt_tokens,
+                              budget, f"--device_memory {pargs.device_memory:g} GiB" if budget else None,
+                              pargs.engine, pargs.num_devices)
+    except PlanError as e:
+        return _fail(EXIT_USAGE, str(e), "plan")
+    d, s = limits.dims, limits.shape
+    g = max(1, config.num_generations)
+    print(f"model   {script.model_path}: {'Sa2VA' if sa2va else 'causal LM'}, {d.params:,} parameters; LLM "
+          f"{d.layers} layers x {d.hidden} wide, {d.kv_heads} KV heads, vocabulary {d.vocab:,}, context {d.context:,}")
+    print(f"run     {s.rows // g} prompt(s) x {g} generations per device step ({s.generation_rows} generated at once), "
+          f"{s.prompt_tokens} prompt + {s.completion_tokens} completion tokens"
+          f"{'' if sa2va or lengths else ' (prompt length unknown: pass --data_dir)'}; "
+          f"{f'LoRA r={s.lora_r}' if s.lora_r else 'full fine-tuning'}; {'bf16' if s.compute_bytes == 2 else 'fp32'}"
+          f"; gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}; {s.engine} x {s.devices}")
+    print("memory per device (estimate, docs/scale.md):")
+    print("\n".join(limits.plan.table()))
+    if limits.context_error:
+        print(f"context: {limits.context_error}")
+    if limits.memory_error:
+        print(f"memory:  {limits.memory_error}")
+    else:
+        print(f"fits: {limits.plan.total / GiB:.2f} of {limits.budget / GiB:.2f} GiB; the largest --num_generations "
+              f"that fits is {limits.largest_g}")
+    return 1 if (limits.context_error or limits.memory_error) else EXIT_OK
+
+
 def _check_resume(script, config, sa2va: bool):
     """This run's settings and the resumed checkpoint's ({} when not resuming); or an exit code: a checkpoint
     whose state files are missing or corrupt, whose settings differ (without --allow_changed_run), or a run that
@@ -204,6 +282,25 @@ def _check_resume(script, config, sa2va: bool):
               "--output_dir")
         return EXIT_OK
     return settings, old
+
+
+def _check_limits(script, config, margs=None, prompt_lengths=None) -> int | None:
+    """Before the model loads (plan.py): the completion against the model's context, and the memory estimate
+    against the device (``--memory_check``). An exit code when the run cannot fit, else None."""
+    from sa2va_rl.plan import GiB, PlanError, check_limits
+
+    try:
+        limits = check_limits(script.model_path, config, margs, prompt_lengths, script.max_prompt_tokens)
+    except (PlanError, KeyError, ValueError, TypeError) as e:
+        logger.warning("context and memory not checked before loading: %s", e)
+        return None
+    if limits.context_error:
+        return _fail(EXIT_USAGE, limits.context_error)
+    if config.memory_check and limits.memory_error:
+        return _fail(EXIT_USAGE, limits.memory_error)
+    logger.info("estimated memory per device: %.2f GiB (%s)", limits.plan.total / GiB,
+                ", ".join(f"{k} {v / GiB:.2f}" for k, v in limits.plan.parts.items()))
+    return None
 
 
 def _close_process_group(ok: bool) -> None:
@@ -251,6 +348,9 @@ def _build_causal_run(script, margs, config, jargs=None):
         return _fail(EXIT_USAGE, str(e))
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(script.model_path, trust_remote_code=config.trust_remote_code)
+    rc = _check_limits(script, config, prompt_lengths=[len(ids) for ids in tokenizer(list(dataset["prompt"]))["input_ids"]])
+    if rc is not None:
+        return rc
     model = AutoModelForCausalLM.from_pretrained(script.model_path, dtype=dtype,
                                                  trust_remote_code=config.trust_remote_code)
     trainer = Sa2VAGRPOTrainer(model=model, reward_funcs=[REWARDS[script.reward]], args=config,
@@ -277,6 +377,9 @@ def _build_sa2va_run(script, margs, config, jargs=None):
         reader = GARReader(script.data_dir, bad_rows=script.bad_rows)
     except (FileNotFoundError, ValueError) as e:
         return _fail(EXIT_DATA, str(e))
+    rc = _check_limits(script, config, margs)
+    if rc is not None:
+        return rc
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     try:
         model, tokenizer = load_sa2va(script.model_path, dtype, trust_remote_code=config.trust_remote_code)
@@ -578,6 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("filter", help="keep the GAR samples whose rewards vary most over G rollouts (the Sa2VA "
                                   "authors' 2k filter): --model_path M --data_dir D --out_dir O --num_generations G "
                                   "--top_k K; writes O/subset, a data dir for train", add_help=False)
+    sub.add_parser("plan", help="memory per device (weights, trained states, KV cache, activations) and context "
+                                "length of a run, before anything loads: train's flags plus --device_memory GIB "
+                                "--engine none|ddp|fsdp|zero2|zero3 --num_devices N", add_help=False)
     tiny = sub.add_parser("make-tiny", help="write a tiny model built in code (no download) to OUT_DIR")
     tiny.add_argument("--kind", choices=["causal", "sa2va"], default="causal",
                       help="causal: a Qwen2 LM; sa2va: a Sa2VA-compatible model (vision, LM, [SEG] decoder)")
@@ -635,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
         return _eval(argv[1:])
     if argv and argv[0] == "filter":
         return _filter(argv[1:])
+    if argv and argv[0] == "plan":
+        return _plan(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -146,6 +146,10 @@ def _model_checks(model_path: str, sa2va: bool, trust_remote_code: bool, data) -
 
     from sa2va_rl.numerics import LogitsGuard
 
+    from sa2va_rl.models.layout import model_dir_problem
+
+    if why := model_dir_problem(model_path):
+        return [Check("model loads", False, why, "point --model_path at the model's directory")]
     checks = []
     try:
         if sa2va:

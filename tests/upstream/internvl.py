@@ -24,7 +24,18 @@ def tokenizer():
     return tok
 
 
-def config(family: str, vocab: int, eos: int) -> dict:
+# Sa2VA-1B's dimensions (InternVL2.5-1B: InternViT-300M-448px-V2_5 + Qwen2.5-0.5B-Instruct; SAM2 Hiera-L as always):
+# 1.16 B parameters with random weights, for benchmarks (benchmarks/memory_plan.py, docs/scale.md)
+SA2VA_1B_DIMS = {
+    "llm": dict(vocab_size=151674, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768),
+    "vision": dict(hidden_size=1024, num_attention_heads=16, intermediate_size=4096, num_hidden_layers=24),
+    "top": dict(template="qwen_chat"),
+}
+
+
+def config(family: str, vocab: int, eos: int, dims: dict | None = None) -> dict:
+    """The family's tiny config; ``dims`` ({"llm": ..., "vision": ..., "top": ...}) overrides fields."""
     if family == "v1_internlm2":  # Sa2VA-8B/26B: InternLM2 LLM, internlm2_chat template
         llm = dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", vocab_size=vocab, hidden_size=64,
                    intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -44,16 +55,19 @@ def config(family: str, vocab: int, eos: int) -> dict:
                   hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2,
                   qk_normalization=False, norm_type="layer_norm", use_flash_attn=False, qkv_bias=True,
                   drop_path_rate=0.0)
+    dims = dims or {}
+    llm.update(dims.get("llm", {}))
+    vision.update(dims.get("vision", {}))
     return dict(architectures=["Sa2VAChatModel"], model_type="sa2va_chat",
                 auto_map={"AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfig",
                           "AutoModel": "modeling_sa2va_chat.Sa2VAChatModel",
                           "AutoModelForCausalLM": "modeling_sa2va_chat.Sa2VAChatModel"},
                 llm_config=llm, vision_config=vision, template=template, force_image_size=448, downsample_ratio=0.5,
                 select_layer=-1, ps_version="v2", dynamic_image_size=True, use_thumbnail=True, min_dynamic_patch=1,
-                max_dynamic_patch=12, torch_dtype="bfloat16")
+                max_dynamic_patch=12, torch_dtype="bfloat16") | dims.get("top", {})
 
 
-def build_internvl(family: str, src, out: str, seed: int = 0) -> str:
+def build_internvl(family: str, src, out: str, seed: int = 0, dims: dict | None = None) -> str:
     """Copy the pristine .py files, write config/tokenizer/generation config, build with upstream's classes
     (through sa2va-rl's compatibility fixes, the only way they import on transformers 5) and save in bf16."""
     from transformers import AutoConfig, GenerationConfig
@@ -69,7 +83,7 @@ def build_internvl(family: str, src, out: str, seed: int = 0) -> str:
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     vocab = -(-len(tok) // 64) * 64  # padded rows past len(tokenizer), as Sa2VA-4B's 151936 over 151679
     with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config(family, vocab, eos), f, indent=2)
+        json.dump(config(family, vocab, eos, dims), f, indent=2)
     applied: list[str] = []
     up._attn_mask_utils_shim(applied)
     with up._quiet_stdout():
@@ -83,7 +97,7 @@ def build_internvl(family: str, src, out: str, seed: int = 0) -> str:
     model = cls(cfg).to(torch.bfloat16)
     model.save_pretrained(out)
     with open(os.path.join(out, "config.json"), "w") as f:  # the release's config, not transformers 5's rewrite
-        json.dump(config(family, vocab, eos), f, indent=2)
+        json.dump(config(family, vocab, eos, dims), f, indent=2)
     tok.save_pretrained(out)
     GenerationConfig(eos_token_id=eos, pad_token_id=0, do_sample=False, max_new_tokens=16).save_pretrained(out)
     return out

@@ -309,6 +309,19 @@ def find_files(data_dir: str) -> list[str]:
     return sorted(found)
 
 
+def _refuse_prompt_data(path: str, rows) -> None:
+    """A causal LM's prompt file (rows of prompt/solution, no image) given as GAR data: one error naming the file,
+    rather than every row counted bad (which ``--bad_rows skip`` cannot fix)."""
+    if not isinstance(rows, list) or not rows:
+        return
+    first = rows[0]
+    if isinstance(first, dict) and {"prompt", "solution"} <= first.keys() and "image" not in first:
+        raise DataFileError(f"{path}: prompt data (rows of 'prompt' and 'solution', for a causal LM), not GAR rows "
+                            "(image, mask, caption). A Sa2VA checkpoint trains on GAR data (`sa2va-rl make-data "
+                            "--kind gar DIR` writes an example); to train on this file, pass a causal LM as "
+                            "--model_path")
+
+
 @dataclass
 class GARReader:
     """Random access to every row of every GAR file under ``data_dir``; decoding happens per row."""
@@ -331,7 +344,9 @@ class GARReader:
             if listed is not None and not os.path.isfile(path):
                 raise FileNotFoundError(f"{os.path.join(self.data_dir, INDEX_FILE)} lists rows of {path}, which "
                                         "does not exist: the data it was filtered from moved or is gone")
-            n = len(self._rows(path))
+            rows = self._rows(path)
+            _refuse_prompt_data(path, rows)
+            n = len(rows)
             if listed is None:
                 self._index.extend((path, i) for i in range(n))
             elif (bad := next((r for p, r in listed if p == path and r >= n), None)) is not None:

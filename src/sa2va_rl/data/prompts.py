@@ -23,6 +23,10 @@ def load_prompt_dataset(data_dir: str) -> Dataset:
     if not os.path.isdir(data_dir):
         raise DataError(f"--data_dir {data_dir!r} is not a directory")
     if not os.path.isfile(path):
+        if _gar_files(data_dir):
+            raise DataError(f"{data_dir}: GAR data (image, region mask, caption files), not prompt data: GAR data "
+                            "trains a Sa2VA checkpoint (pass one as --model_path); a causal LM trains on "
+                            f"{TRAIN_FILE} with one {{\"prompt\": ..., \"solution\": ...}} object per line")
         raise DataError(f"{path}: missing. A prompt data dir holds {TRAIN_FILE} with one "
                         '{"prompt": "...", "solution": "..."} object per line '
                         "(`sa2va-rl make-data --kind prompts DIR` writes an example)")
@@ -45,6 +49,17 @@ def load_prompt_dataset(data_dir: str) -> Dataset:
     if not rows:
         raise DataError(f"{path}: no rows")
     return Dataset.from_list(rows)
+
+
+def _gar_files(data_dir: str) -> bool:
+    from sa2va_rl.data.gar import INDEX_FILE, find_files
+
+    if os.path.isfile(os.path.join(data_dir, INDEX_FILE)):
+        return True
+    try:
+        return bool(find_files(data_dir))
+    except FileNotFoundError:
+        return False
 
 
 def make_prompt_data(out_dir: str, n: int = 64, seed: int = 0) -> str:

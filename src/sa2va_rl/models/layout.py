@@ -45,6 +45,16 @@ def _header(path: str) -> dict:
         return json.loads(f.read(n))
 
 
+def model_dir_problem(path: str) -> str | None:
+    """Why ``path`` is not a model directory (before anything tries to load it), or None."""
+    if not os.path.isdir(path):
+        return f"--model_path {path!r} is not a directory; pass a directory saved with save_pretrained"
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return (f"--model_path {path!r} has no config.json; pass a directory saved with save_pretrained "
+                "(`sa2va-rl make-tiny --kind sa2va DIR` writes one)")
+    return None
+
+
 def verify_weight_files(path: str) -> None:
     """Every ``*.safetensors`` file of a checkpoint is whole: its header parses and its size covers every tensor
     the header lists. A truncated download or a corrupt file is named here, before any weight is read."""

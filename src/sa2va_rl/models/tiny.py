@@ -36,7 +36,7 @@ def word_tokenizer(words: list[str], extra_special: list[str] | None = None) -> 
 def tiny_qwen2_config(vocab_size: int, hidden: int = 64, layers: int = 2, **overrides) -> Qwen2Config:
     return Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2,
+                       max_position_embeddings=2048, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2,
                        bos_token_id=None, **overrides)
 
 

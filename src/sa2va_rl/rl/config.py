@@ -75,6 +75,15 @@ class Sa2VAGRPOConfig(GRPOConfig):
                           "per_device_train_batch_size = batch_size * num_generations (TRL counts completions)."},
     )
 
+    memory_check: bool = field(
+        default=True,
+        metadata={"help": "Before the model loads, estimate the memory per device (weights, trained states, "
+                          "generation KV cache, scoring activations; `sa2va-rl plan` prints it, docs/scale.md has "
+                          "the formulas) and refuse the run (exit 2) when it exceeds the device's memory, naming "
+                          "the largest --num_generations that fits. false: skip the check (the context-length check "
+                          "stays)."},
+    )
+
     # --- stability -------------------------------------------------------------------------------------------
     logits_guard: bool = field(
         default=True,

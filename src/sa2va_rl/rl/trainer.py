@@ -670,12 +670,25 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                 if isinstance(value, float) and not math.isfinite(value):
                     entry[key] = None
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """TRL's train, after the checkpoint to resume from (``resume_from_checkpoint``: a path, or True for the
+        newest in ``output_dir``) is checked: its trainer and stability state present and well formed, the skip
+        list beside it when rows were skipped (rl/resume_checks.py; a ResumeError names the file), never a silent
+        restart of the counters."""
+        resume = resume_from_checkpoint
+        if resume is True:  # as transformers' Trainer resolves it (and fails when there is none)
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        if isinstance(resume, str):
+            from sa2va_rl.rl.resume_checks import check_resume
+
+            check_resume(resume, self.args.output_dir)
         if self.args.should_save:
             checkpoints.remove_stale_staging(self.args.output_dir)
         error: BaseException | None = None
         try:
-            result = super().train(*args, **kwargs)
+            result = super().train(resume_from_checkpoint, *args, **kwargs)
         except BaseException as e:
             error = e
             raise
