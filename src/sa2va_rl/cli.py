@@ -195,7 +195,7 @@ def _plan(argv: list[str]) -> int:
 
     from sa2va_rl.models.layout import model_dir_problem
     from sa2va_rl.models.sa2va import Sa2VAModelArgs, is_sa2va_checkpoint
-    from sa2va_rl.plan import ENGINES, GiB, PlanError, check_limits
+    from sa2va_rl.plan import ENGINES, GiB, PlanError, check_limits, prompt_token_lengths
     from sa2va_rl.rl.config import Sa2VAGRPOConfig
 
     parser = TrlParser((TrainArgs, Sa2VAModelArgs, Sa2VAGRPOConfig, PlanArgs), prog="sa2va-rl plan",
@@ -223,7 +223,7 @@ def _plan(argv: list[str]) -> int:
         except DataError as e:
             return _fail(EXIT_DATA, str(e), "plan")
         tok = AutoTokenizer.from_pretrained(script.model_path, trust_remote_code=config.trust_remote_code)
-        lengths = [len(ids) for ids in tok(prompts)["input_ids"]]
+        lengths = prompt_token_lengths(tok, prompts)
     budget = None if pargs.device_memory is None else int(pargs.device_memory * GiB)
     try:
         limits = check_limits(script.model_path, config, margs if sa2va else None, lengths, script.max_prompt_tokens,
@@ -348,7 +348,9 @@ def _build_causal_run(script, margs, config, jargs=None):
         return _fail(EXIT_USAGE, str(e))
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(script.model_path, trust_remote_code=config.trust_remote_code)
-    rc = _check_limits(script, config, prompt_lengths=[len(ids) for ids in tokenizer(list(dataset["prompt"]))["input_ids"]])
+    from sa2va_rl.plan import prompt_token_lengths
+
+    rc = _check_limits(script, config, prompt_lengths=prompt_token_lengths(tokenizer, dataset["prompt"]))
     if rc is not None:
         return rc
     model = AutoModelForCausalLM.from_pretrained(script.model_path, dtype=dtype,

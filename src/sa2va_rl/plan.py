@@ -234,6 +234,11 @@ def largest_fitting(dims: ModelDims, shape: RunShape, budget: int, runtime: int,
     return lo
 
 
+def prompt_token_lengths(tokenizer, prompts) -> list[int]:
+    """Each causal-LM prompt's length in tokens (the context check takes the longest)."""
+    return [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+
+
 def current_rss() -> int:
     """This process's resident bytes now (Linux /proc; 0 where unknown)."""
     try:

@@ -182,6 +182,7 @@ def _worker(rank, world, port, results):
             model[0].weight.grad[0, 0] = math.nan
         r = GradGuard().check(model)
         results[rank] = (r.finite, r.kind, r.nonfinite_params)
+        dist.barrier()  # no rank closes its side while the other still reads from it
     finally:
         dist.destroy_process_group()
 
