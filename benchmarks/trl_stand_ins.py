@@ -37,7 +37,7 @@ import sys
 
 HUB_USER = "trl-internal-testing"
 COMMIT = "5a2a0000000000000000000000000000000000aa"  # a fixed fake commit: refs/main points at it
-STAMP_VERSION = "1"
+STAMP_VERSION = "2"
 NOT_BUILT = {
     "tiny-RemoteForCausalLM": "remote code (a modeling file on the Hub, trust_remote_code)",
 }
@@ -135,7 +135,10 @@ def _template(name: str) -> str:
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-QWEN_ADDED = ["<tool_call>", "</tool_call>", "<think>", "</think>", "<tool_response>", "</tool_response>"]
+QWEN_ADDED = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+              "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+QWEN_FIRST_SPECIAL = 151643  # Qwen2.5/Qwen3's id of <|endoftext|>: TRL's tests hard-code 151643 (pad), 151645 (eos)
+QWEN_VOCAB = 151936  # the released configs' vocab_size (rows past the tokenizer's 151669)
 
 # family -> (special tokens, extra non-special added tokens, eos, pad, bos, chat template name)
 FAMILIES = {
@@ -179,14 +182,40 @@ def _corpus_words() -> list[str]:
     return sorted(words)
 
 
+def _qwen_layout_tokenizer(special: list[str], added: list[str]):
+    """A byte-level BPE trained on the corpus words, its vocabulary filled with unreachable placeholder tokens up to
+    Qwen's first special id, then Qwen's special and added tokens at their released ids."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sa2va_rl.models.tiny import word_tokenizer
+
+    trained = json.loads(word_tokenizer(_corpus_words()).backend_tokenizer.to_str())["model"]
+    vocab = {t: i for t, i in trained["vocab"].items() if t not in ("<pad>", "<unk>", "<eos>")}
+    vocab = {t: i for i, t in enumerate(sorted(vocab, key=vocab.get))}
+    for i in range(len(vocab), QWEN_FIRST_SPECIAL):
+        vocab[f"<|placeholder_{i}|>"] = i
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
 @functools.lru_cache(maxsize=None)
 def _base_tokenizer(family: str):
     from sa2va_rl.models.tiny import word_tokenizer
 
     special, added, eos, pad, bos, template = FAMILIES[family]
-    tok = word_tokenizer(_corpus_words(), extra_special=special)
-    if added:
-        tok.add_tokens(added)
+    if special is QWEN_SPECIAL:
+        tok = _qwen_layout_tokenizer(special, added)
+        assert tok.convert_tokens_to_ids("<|im_end|>") == QWEN_FIRST_SPECIAL + 2
+    else:
+        tok = word_tokenizer(_corpus_words(), extra_special=special)
+        if added:
+            tok.add_tokens(added)
     tok.eos_token, tok.pad_token = eos, pad
     if bos:
         tok.bos_token = bos
@@ -204,6 +233,8 @@ def tokenizer(family: str):
 
 # ---------------------------------------------------------------------------------------------------- models
 def _text(vocab: int, tok, **over) -> dict:
+    if len(tok) > QWEN_FIRST_SPECIAL:
+        vocab = QWEN_VOCAB
     d = dict(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
              eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id if tok.bos_token else None,
@@ -268,7 +299,7 @@ def _gemma3():
     text = _text(len(tok), tok, hidden_size=32, intermediate_size=64, head_dim=8, sliding_window=64,
                  layer_types=["sliding_attention", "full_attention"])
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=56, patch_size=14)
+                  image_size=56, patch_size=14, vision_use_head=False)
     cfg = AutoConfig.for_model("gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4,
                                boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
                                eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
@@ -303,6 +334,7 @@ def _llava(next_: bool):
             images = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
                                                 image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]])
             proc = transformers.LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=14,
+                                                   num_additional_image_tokens=1,
                                                    vision_feature_select_strategy="default",
                                                    chat_template=_template("llava_next"))
         else:
@@ -313,6 +345,7 @@ def _llava(next_: bool):
             model = transformers.LlavaForConditionalGeneration(cfg)
             images = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
             proc = transformers.LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=14,
+                                               num_additional_image_tokens=1,
                                                vision_feature_select_strategy="default",
                                                chat_template=_template("llava_next"))
         return model, proc
@@ -357,9 +390,28 @@ def images_only(cls: type) -> type:
                 return None
             return cls.check_argument_for_proper_class(self, argument_name, argument)
 
+        def save_pretrained(self, save_directory, **kwargs):
+            if self.video_processor is not None:
+                return cls.save_pretrained(self, save_directory, **kwargs)
+            return save_images_only(self, save_directory)
+
         _IMAGES_ONLY[cls] = type(cls.__name__, (cls,), {"check_argument_for_proper_class":
-                                                        check_argument_for_proper_class})
+                                                        check_argument_for_proper_class,
+                                                        "save_pretrained": save_pretrained})
     return _IMAGES_ONLY[cls]
+
+
+def save_images_only(proc, out: str) -> list[str]:
+    """Save a processor built without a video processor: tokenizer, image processor, chat template and a
+    processor_config.json naming its class (what :func:`activate`'s AutoProcessor fallback reads back)."""
+    os.makedirs(out, exist_ok=True)
+    proc.tokenizer.save_pretrained(out)
+    proc.image_processor.save_pretrained(out)
+    with open(os.path.join(out, "processor_config.json"), "w") as f:
+        json.dump({"processor_class": type(proc).__name__}, f)
+    with open(os.path.join(out, "chat_template.jinja"), "w") as f:
+        f.write(proc.chat_template)
+    return [out]
 
 
 # ------------------------------------------------------------------------------------------------------ build
@@ -381,15 +433,7 @@ def build_model(root: str, name: str, seed: int = 0) -> None:
         model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                                    bos_token_id=tok.bos_token_id, do_sample=True)
     model.save_pretrained(out)
-    if getattr(proc, "video_processor", "none needed") is None:  # built without one: save what there is
-        tok.save_pretrained(out)
-        proc.image_processor.save_pretrained(out)
-        with open(os.path.join(out, "processor_config.json"), "w") as f:
-            json.dump({"processor_class": type(proc).__name__}, f)
-        with open(os.path.join(out, "chat_template.jinja"), "w") as f:
-            f.write(proc.chat_template)
-    else:
-        proc.save_pretrained(out)
+    proc.save_pretrained(out)
     if proc is not tok and not os.path.exists(os.path.join(out, "tokenizer.json")):
         tok.save_pretrained(out)
     refs = os.path.join(root, "hub", f"models--{HUB_USER}--{name}", "refs")
