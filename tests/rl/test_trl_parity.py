@@ -322,3 +322,51 @@ def test_entropy_bonus_refused_by_a_policy_without_entropy_gradients(tiny_causal
             Sa2VAGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_causal), reward_funcs=[length_reward],
                              policy=NoEntropyGrad(pad_token_id=0), train_dataset=load_prompt_dataset(prompt_dir),
                              processing_class=tok, args=Sa2VAGRPOConfig(output_dir=str(tmp_path), **SHARED, **opt))
+
+
+# ----------------------------------------------------------------------- (7) rollout_func, tool-calling turns
+def test_rollout_func_refused_by_name(tiny_causal, prompt_dir, tmp_path):
+    """TRL's _generate calls rollout_func instead of _generate_single_turn: completions from outside the Policy and
+    its LogitsGuard. Refused at start, naming the option; stock TRL accepts it."""
+    tok = AutoTokenizer.from_pretrained(tiny_causal)
+    data = load_prompt_dataset(prompt_dir)
+
+    def rollout(prompts, trainer):
+        return {"prompt_ids": [[1]] * len(prompts), "completion_ids": [[2]] * len(prompts),
+                "logprobs": [[0.0]] * len(prompts)}
+
+    kw = dict(output_dir=str(tmp_path), **SHARED)
+    stock = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_causal), reward_funcs=[length_reward],
+                        train_dataset=data, processing_class=tok, args=GRPOConfig(**kw), rollout_func=rollout)
+    assert stock.rollout_func is rollout
+    with pytest.raises(ValueError, match=r"^rollout_func: not supported by Sa2VAGRPOTrainer.*trl_parity"):
+        Sa2VAGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_causal), reward_funcs=[length_reward],
+                         train_dataset=data, processing_class=tok, args=Sa2VAGRPOConfig(**kw), rollout_func=rollout)
+
+
+def test_tool_turns_keep_trls_tool_mask_and_each_turns_repaired_tokens():
+    """With tools, TRL's tool loop calls _generate_single_turn once per turn, on the rows that called a tool, and
+    builds tool_mask (0 = tool result). The drop flags of every turn land on that turn's tokens; tool results stay 0.
+    Rows: 0 no tool call; 1 two tool calls; 2 one tool call, its post-tool turn truncated to 2 of 3 tokens; 3 one
+    tool call whose post-tool turn was truncated to nothing."""
+    from sa2va_rl.rl.step_record import merge_turn_drops
+
+    T, F = True, False
+    turns = [[[F, T], [F, F, T], [T, F], [F]],  # call 1: every row
+             [[T, F], [F, T, F], [F]],          # call 2: rows 1, 2, 3 (one tool result or more), in row order
+             [[F, T]]]                          # call 3: row 1 only (two tool results)
+    tool_mask = [[1, 1],
+                 [1, 1, 1, 0, 0, 1, 1, 0, 1, 1],
+                 [1, 1, 0, 0, 0, 1, 1],
+                 [1, 0, 0]]
+    merged = merge_turn_drops(turns, tool_mask)
+    assert merged == [[F, T],
+                      [F, F, T, F, F, T, F, F, F, T],
+                      [T, F, F, F, F, F, T],
+                      [F, F, F]]
+    assert [len(r) for r in merged] == [len(m) for m in tool_mask]
+    # no tools: the single turn's flags, unchanged
+    assert merge_turn_drops([turns[0]], None) == turns[0]
+    # a mask with more tool results than turns is a bookkeeping error, not silently misaligned
+    with pytest.raises(ValueError, match="2 tool result"):
+        merge_turn_drops(turns[:2], [[1, 0, 1, 0, 1]])

@@ -82,6 +82,12 @@ def new_tokens(output: torch.Tensor, prompt: torch.Tensor, steps: int) -> torch.
     prompt_len = prompt.shape[1]
     if output.shape[1] == prompt_len + steps and torch.equal(output[:, :prompt_len], prompt):
         return output[:, prompt_len:]
+    if steps == 0 and output.shape[1] > prompt_len:
+        raise RuntimeError(
+            f"generate() returned {output.shape[1] - prompt_len} token(s) per row past the prompt without calling "
+            "the logits processors (a stand-in or mocked generate()?): the LogitsGuard saw none of those steps, so "
+            "the tokens cannot be vouched for; generate through transformers' generate(), which runs them once per "
+            "token")
     raise RuntimeError(
         f"generate() returned {output.shape[1]} tokens per row for a prompt of {prompt_len} tokens after "
         f"{steps} decoding steps; expected {steps} (new tokens only) or {prompt_len + steps} (prompt + new)"

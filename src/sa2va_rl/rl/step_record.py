@@ -47,6 +47,8 @@ class StepRecord:
     prompt_ids: list[list[int]] | None = None  # the prompts as generated from
     tasks: list | None = None  # per row: the dataset's `task` column (Sa2VA: mask2caption / caption2mask); None: none
     drop: list[list[bool]] | None = None  # per completion token: repaired by the LogitsGuard, or empty filler
+    # per _generate_single_turn call of this generation batch, its ``drop`` (TRL's tool loop calls it once per turn)
+    drop_turns: list[list[list[bool]]] | None = None
     rewards_per_func: torch.Tensor | None = None  # [B, reward funcs], all processes
     images: ImageCache | None = None  # the grounding encoder's features of this batch's images (segmenting policies)
     # per row (this process): completion positions of the [SEG]s whose masks the rewards read (think rows: the
@@ -78,3 +80,41 @@ def drop_tensor(drop: list[list[bool]], device: torch.device) -> torch.Tensor:
     for i, row in enumerate(drop):
         mask[i, : len(row)] = torch.tensor(row, dtype=torch.bool)
     return mask.to(device)
+
+
+def merge_turn_drops(turns: list[list[list[bool]]], tool_mask: list[list[int]] | None) -> list[list[bool]]:
+    """Per completion token of the final completions: sampled from a repaired row (or empty filler) in any turn.
+
+    ``turns[k]`` is the drop flags of the k-th ``_generate_single_turn`` call of one generation batch; ``tool_mask``
+    is TRL's (None: one turn, no tools): per row, the first turn's tokens (1), then for each tool call the tool result
+    (0) and the tokens generated after it (1, possibly truncated, possibly none when truncated to nothing: then the
+    row's last). TRL's tool loop (``_tool_call_loop``) runs call k on the rows, in row order, that have at least k
+    tool results, so row r's position in call k is the number of earlier rows with at least k tool results. Tool
+    result tokens are never flagged (TRL's mask already keeps them out of the loss)."""
+    if tool_mask is None:
+        return [list(r) for r in turns[0]]
+    runs = []  # per row: [(value, length)] of its mask
+    for mask in tool_mask:
+        row = []
+        for v in mask:
+            if row and row[-1][0] == v:
+                row[-1][1] += 1
+            else:
+                row.append([v, 1])
+        runs.append(row)
+    tools = [sum(1 for v, _ in row if v == 0) for row in runs]
+    if len(turns) <= max(tools, default=0):
+        raise ValueError(f"tool mask with {max(tools)} tool result(s) in a row but {len(turns)} generation turn(s)")
+    merged = []
+    for r, row in enumerate(runs):
+        flags, turn = [], 0
+        for v, n in row:
+            if v == 0:
+                flags += [False] * n
+                turn += 1
+                continue
+            pos = r if turn == 0 else sum(1 for q in range(r) if tools[q] >= turn)
+            own = list(turns[turn][pos][:n])
+            flags += own + [False] * (n - len(own))
+        merged.append(flags)
+    return merged

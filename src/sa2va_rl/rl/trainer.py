@@ -70,7 +70,7 @@ from sa2va_rl.rl.progress import ReadableProgress
 from sa2va_rl.rl.faults import FaultInjector
 from sa2va_rl.rl.reward_guard import RewardError, guarded_reward
 from sa2va_rl.rl.stability import NonFiniteTrainingError, StabilityCallback, ranks_agree, weights_finite
-from sa2va_rl.rl.step_record import StepRecord, drop_tensor
+from sa2va_rl.rl.step_record import StepRecord, drop_tensor, merge_turn_drops
 from sa2va_rl.rl.think import ThinkTags
 
 __all__ = ["RewardError", "Sa2VAGRPOTrainer", "group_advantages", "guarded_reward"]
@@ -213,6 +213,11 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                 f"entropy_coef / use_adaptive_entropy: TRL's entropy bonus needs entropies that carry a gradient, "
                 f"which {who}.logprobs() cannot give (no entropy_grad argument); without it the bonus would change "
                 "the logged loss and not the weights. Leave entropy_coef at 0 and use_adaptive_entropy off")
+        if self.rollout_func is not None:
+            raise ValueError(
+                "rollout_func: not supported by Sa2VAGRPOTrainer: TRL's generation would call it instead of the "
+                "Policy, so completions would be sampled outside the LogitsGuard (repair of NaN/inf logit rows, the "
+                "repaired-token drop), as with use_vllm; generate through the Policy (docs/trl_parity.md)")
         if self._is_vlm and "multimodal" not in takes:
             raise ValueError(
                 f"processing_class is a {type(self.processing_class).__name__} (a VLM's processor): TRL hands the "
@@ -268,7 +273,9 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             repaired_rows = sum(any(r) for r in gen.repaired)
             if repaired_rows and self.stability.counters.first_nonfinite_logits is None:
                 self._trace_logits(unwrapped_model, prompt_ids, gen, step, repaired_rows)
-        self.record.prompt_ids = prompt_ids
+        first_turn = not self.record.drop_turns  # TRL's tool loop calls again, with the rows that called a tool
+        if first_turn:
+            self.record.prompt_ids = prompt_ids
         self.faults.after_generation(step, gen.completion_ids)
         completions, drop = gen.completion_ids, [list(r) for r in gen.repaired]
         if not self.args.drop_repaired_tokens:
@@ -290,7 +297,9 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                 [tuple(p) for p in prompt_ids], self.args.max_completion_length,
                 # segmentation answers are one template by design ("Sure, [SEG]."): not a caption collapse
                 [t == "caption2mask" for t in tasks] if tasks is not None and len(tasks) == len(completions) else None)
-        self.record.drop = drop
+        self.record.drop_turns = (self.record.drop_turns or []) + [drop]
+        if first_turn:
+            self.record.drop = drop
         return completions, None
 
     @contextlib.contextmanager
@@ -333,10 +342,14 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                        module or "none (the fault did not reproduce: transient)")
 
     def _generate(self, prompts):
+        self.record.drop_turns = []
         out = list(super()._generate(prompts))
-        drop = self.record.drop
-        # TRL's tool_mask: 1 = model token that the loss sees, 0 = token the loss ignores
-        out[2] = [[0 if d else 1 for d in row] for row in drop]
+        # TRL's tool_mask: 1 = model token that the loss sees, 0 = token the loss ignores (with tools: the tool
+        # results are 0 already; each turn's repaired tokens join them)
+        drop = merge_turn_drops(self.record.drop_turns, out[2])
+        out[2] = [[0 if d else 1 for d in row] for row in drop] if out[2] is None else [
+            [0 if d else m for m, d in zip(mask, row, strict=True)] for mask, row in zip(out[2], drop, strict=True)]
+        self.record.drop = drop
         self.record.drop_mask = drop_tensor(drop, self.accelerator.device)
         return tuple(out)
 
