@@ -26,6 +26,9 @@ def free_port() -> int:
 
 
 def _run_then_exit(rank, worker, nprocs, port, results):
+    import faulthandler
+
+    faulthandler.enable(all_threads=True)  # an abort before the exit prints every thread's stack
     worker(rank, nprocs, port, results)  # an exception propagates: the spawn reports it as a failure
     sys.stdout.flush()
     sys.stderr.flush()

@@ -737,6 +737,10 @@ def main(argv: list[str] | None = None) -> int:
                             category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        import faulthandler
+
+        faulthandler.enable(all_threads=True)  # a rank that aborts (SIGABRT/SIGSEGV) prints where every thread was
     if argv and argv[0] == "train":
         return _train(argv[1:])
     if argv and argv[0] == "eval":

@@ -5,8 +5,9 @@ Everything here reads ``config.json`` and the safetensors headers (the shape and
 weight. The memory estimate is a sum of named parts, each a formula of the run's flags (docs/scale.md has the
 formulas, their limits and how they compare with measured peaks):
 
-* ``runtime``: on CPU the process's resident memory before loading (Python, torch, transformers); on a GPU 0 (it
-  is not device memory; ``fits`` keeps ``GPU_RESERVE`` free for the CUDA context and the allocator's slack).
+* ``runtime``: on CPU the process's resident memory before loading (Python, torch, transformers, TRL) plus
+  ``CPU_LOOP_GROWTH``; on a GPU 0 (it is not device memory; ``fits`` keeps ``GPU_RESERVE`` free for the CUDA
+  context and the allocator's slack).
 * ``weights``: every parameter at its training dtype (frozen ones at the compute dtype: bf16 where the run uses
   it, else fp32; trained ones fp32, numerics/precision.py), sharded over the devices under FSDP / ZeRO-3.
 * ``grads+adam``: fp32 gradient and AdamW's two fp32 moments per trained parameter (sharded under ZeRO-2/3, FSDP).
@@ -28,6 +29,9 @@ from dataclasses import dataclass, field
 
 GiB = 1024 ** 3
 GPU_RESERVE = 1.5 * GiB  # CUDA context + caching-allocator slack kept free when judging what fits
+# CPU: what the training loop adds to the process beyond its resident memory at the check (lazy imports, the data
+# loader, allocator arenas, OpenMP buffers); measured on the tiny models (benchmarks/memory_plan.py: 0.16-0.17 GiB)
+CPU_LOOP_GROWTH = int(0.17 * GiB)
 ACT_HIDDEN, ACT_FFN = 12, 5  # elements a decoder layer keeps for its backward, per token: x hidden, x intermediate
 TEXT_TOKENS = 256  # a Sa2VA prompt's text around the image tokens (template, region prompt, a GAR caption)
 ENGINES = ("none", "ddp", "fsdp", "zero2", "zero3")
@@ -322,11 +326,11 @@ def memory_problem(dims: ModelDims, shape: RunShape, prompts_per_step: int, budg
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         import sa2va_rl.rl.trainer  # noqa: F401 - the training stack, so that the runtime part includes it
-    runtime = 0 if on_gpu else current_rss()
+    held = 0 if on_gpu else current_rss()
+    runtime = 0 if on_gpu else held + CPU_LOOP_GROWTH
     if budget is None:
         budget, where = device_memory()
-        if not on_gpu:
-            budget += runtime  # MemAvailable excludes what this process holds already
+        budget += held  # MemAvailable excludes what this process holds already (0 on a GPU)
     plan = estimate(dims, shape, runtime)
     best = largest_fitting(dims, shape, budget, runtime, prompts_per_step) if budget else 0
     if not budget or plan.total <= budget:

@@ -196,9 +196,11 @@ def test_moe_aux_loss_refused_by_a_policy_that_cannot_return_it(tiny_causal, pro
 
 # ------------------------------------------------------------------------------- (3) options refused by name
 @pytest.mark.parametrize("kwargs, name", [({"num_beams": 2}, "num_beams"),
-                                          ({"num_return_sequences": 2}, "num_return_sequences")])
+                                          ({"num_return_sequences": 2}, "num_return_sequences"),
+                                          ({"prompt_lookup_num_tokens": 3}, "assistant_model"),
+                                          ({"assistant_early_exit": 1}, "assistant_model")])
 def test_generation_kwargs_that_change_the_rows_are_refused_by_name(tmp_path, kwargs, name):
-    with pytest.raises(ValueError, match=rf"generation_kwargs\['{name}'\].*trl_parity"):
+    with pytest.raises(ValueError, match=rf"generation_kwargs\['{name}'.*trl_parity"):
         Sa2VAGRPOConfig(output_dir=str(tmp_path), generation_kwargs={"do_sample": True, **kwargs})
     Sa2VAGRPOConfig(output_dir=str(tmp_path), generation_kwargs={"top_k": 50, "num_beams": 1})  # honoured
 

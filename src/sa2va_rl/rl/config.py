@@ -29,6 +29,12 @@ REFUSED_TRL_OPTIONS: dict[str, tuple] = {
         lambda a: int((a.generation_kwargs or {}).get("num_return_sequences") or 1) > 1,
         "GRPO's group is num_generations (the sampler repeats each prompt); more sequences per prompt would not "
         "match the prompts they are scored against; use num_generations"),
+    "generation_kwargs['assistant_model' / 'prompt_lookup_num_tokens' / 'assistant_early_exit']": (
+        lambda a: any((a.generation_kwargs or {}).get(k) for k in ("assistant_model", "prompt_lookup_num_tokens",
+                                                                    "assistant_early_exit")),
+        "assisted (speculative) decoding accepts several tokens per logits-processor call, so the LogitsGuard's "
+        "per-step flags no longer line up with the returned tokens and repaired tokens could not be dropped from "
+        "the loss; leave them unset"),
 }
 
 
