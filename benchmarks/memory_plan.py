@@ -3,7 +3,8 @@
 Each case trains `--max_steps 2` (the second step's backward is the first with AdamW's states allocated) through
 `sa2va-rl train` in a fresh process, which logs the estimate before the model loads ("estimated memory per device:
 ...") and reports its own peak resident memory at exit (``getrusage(RUSAGE_SELF).ru_maxrss``: the training process
-alone; on CPU the "device" is the host's RAM).
+alone; on CPU the "device" is the host's RAM), with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors
+leave the resident set (as ``max_memory_allocated`` counts live tensors on a GPU).
 Prints, per case, the estimate by part, the measured peak and their ratio (the target: within 25%).
 
     python benchmarks/memory_plan.py                  # tiny causal, tiny Sa2VA, a 41M causal LM (G 4 and 32)
@@ -43,6 +44,9 @@ def child(argv: list[str]) -> None:
 
 def measure(argv: list[str], threads: int) -> tuple[dict, int]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
+           # glibc serves large blocks from mmap and returns them on free: the resident memory then follows the live
+           # tensors instead of the allocator's high-water mark (without it, a Sa2VA-1B step's RSS ran ~3 GiB above)
+           "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"),
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, __file__, "--child", *argv], env=env, capture_output=True, text=True)
     text = out.stdout + out.stderr

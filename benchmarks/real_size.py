@@ -17,7 +17,8 @@ Phases are timed by wrapping the callables that do them (nothing in the library 
 
 caption2mask runs add ``SEG_BIAS`` to the ``[SEG]`` logit (``sequence_bias``): a random-weight model would never
 emit it, and the segmentation phases would not run. Phases nest (the vision encoder runs inside generation and scoring; SAM2 inside rewards), so rows do not add up
-to the step. Peak memory per step: ``max_memory_allocated`` on a GPU, the process's resident memory on CPU.
+to the step. Peak memory per step: ``max_memory_allocated`` on a GPU, the process's resident memory on CPU (there,
+also the most resident memory seen during each wrapped phase).
 
     python benchmarks/real_size.py --build tiny_v1 --steps 2          # smoke: a tiny pristine InternVL2.5 build
     python benchmarks/real_size.py --build sa2va_1b --steps 1         # Sa2VA-1B's dimensions (CPU: ~10 min a step)
@@ -53,6 +54,8 @@ class Phases(TrainerCallback):
         self.now: dict[str, float] = defaultdict(float)
         self.steps: list[dict[str, float]] = []
         self.peak = 0
+        self.active: dict[str, int] = {}  # phases running now (nesting counts)
+        self.phase_peak: dict[str, int] = defaultdict(int)  # CPU: the most resident memory seen during each phase
         self.t0 = None
         self.opt_t0 = None
         self._stop = threading.Event()
@@ -63,19 +66,26 @@ class Phases(TrainerCallback):
         page = os.sysconf("SC_PAGE_SIZE")
         while not self._stop.is_set():
             with open("/proc/self/statm") as f:
-                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+                rss = int(f.read().split()[1]) * page
+            self.peak = max(self.peak, rss)
+            for name in list(self.active):
+                self.phase_peak[name] = max(self.phase_peak[name], rss)
             time.sleep(0.01)
 
     def timed(self, name: str, fn):
         @functools.wraps(fn)
         def wrapper(*a, **k):
             t = time.perf_counter()
+            self.active[name] = self.active.get(name, 0) + 1
             try:
                 return fn(*a, **k)
             finally:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 self.now[name] += time.perf_counter() - t
+                self.active[name] -= 1
+                if not self.active[name]:
+                    del self.active[name]
         return wrapper
 
     def hook(self, module: torch.nn.Module | None, name: str) -> None:
@@ -92,6 +102,7 @@ class Phases(TrainerCallback):
         row = dict(self.now)
         row["step"] = time.perf_counter() - self.t0
         row["peak_gib"] = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else self.peak) / 2 ** 30
+        row["phase_peak_gib"] = {k: v / 2 ** 30 for k, v in self.phase_peak.items()}
         self.steps.append(row)
 
     def on_step_begin(self, args, state, control, **kw):
@@ -101,6 +112,7 @@ class Phases(TrainerCallback):
             torch.cuda.reset_peak_memory_stats()
         else:
             self.peak = 0
+            self.phase_peak = defaultdict(int)
 
     def on_pre_optimizer_step(self, args, state, control, **kw):
         self.opt_t0 = time.perf_counter()
@@ -187,8 +199,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args, extra = ap.parse_known_args()
     torch.set_num_threads(args.threads)
-    extra = extra or ["--batch_size", "2", "--num_generations", "2", "--max_completion_length", "16",
-                      "--max_tiles", "1", "--save_strategy", "steps", "--save_steps", "1"]
+    extra = ["--batch_size", "2", "--num_generations", "2", "--max_completion_length", "16", "--max_tiles", "1",
+             "--save_strategy", "steps", "--save_steps", "1", *extra]  # train flags given here come last: they win
     from sa2va_rl.data.synthetic import make_gar_data
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,6 +218,9 @@ def main() -> None:
                     rows.append(f"| {task} | {ckpt} | {i} | " + " | ".join(f"{s.get(k, 0.0):.2f}" for k in PHASES)
                                 + f" | {s['peak_gib']:.2f} |")
                     print(rows[-1], flush=True)
+                    if s["phase_peak_gib"]:
+                        print("  peak resident GiB during: " + ", ".join(
+                            f"{k} {v:.2f}" for k, v in s["phase_peak_gib"].items()), flush=True)
         print("\nseconds per phase (phases nest; see the docstring)\n" + header + "\n|"
               + "---|" * (len(PHASES) + 4) + "\n" + "\n".join(rows))
     print(f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")

@@ -111,3 +111,21 @@ def test_plan_command_prints_the_parts_and_the_largest_g(tiny_sa2va, capsys):
     assert rc == 1 and "the largest --num_generations that fits is" in out, out
     rc = cli.main(["plan", "--model_path", tiny_sa2va, "--engine", "zero4"])
     assert rc == cli.EXIT_USAGE and "--engine 'zero4'" in capsys.readouterr().err
+
+
+def test_total_is_what_is_held_plus_the_larger_of_a_step_and_the_final_save(tiny_sa2va, tmp_path):
+    from sa2va_rl.plan import MemoryPlan, check_limits
+    from sa2va_rl.rl.config import Sa2VAGRPOConfig
+
+    plan = MemoryPlan({"runtime": 1, "weights": 10, "grads+adam": 5, "reference": 0, "kv_cache": 2,
+                       "activations": 3, "save_copy": 4})
+    assert plan.total == 16 + 5
+    plan.parts["save_copy"] = 9
+    assert plan.total == 16 + 9
+    d = read_dims(tiny_sa2va)
+    assert d.stored_bytes == d.params * 4  # the tiny Sa2VA is stored in fp32
+    config = Sa2VAGRPOConfig(output_dir=str(tmp_path), batch_size=2, num_generations=2, max_completion_length=8)
+    same = check_limits(tiny_sa2va, config, Sa2VAModelArgs(), budget=GiB)  # fp32 in memory, fp32 saved: no copy
+    assert same.plan.parts["save_copy"] == 0
+    bf16 = check_limits(tiny_sa2va, config, Sa2VAModelArgs(save_dtype="bfloat16"), budget=GiB)
+    assert bf16.plan.parts["save_copy"] == d.params * 2

@@ -15,6 +15,9 @@ formulas, their limits and how they compare with measured peaks):
   LoRA's reference is the adapter-off policy (nothing).
 * ``kv_cache``: generation of ``per_device_train_batch_size * steps_per_generation`` rows of prompt + completion
   tokens: 2 (K, V) x layers x kv heads x head dim.
+* ``save_copy``: Sa2VA's final save converts every weight to the save dtype (``--save_dtype``; the release's
+  bf16 by default) when that differs from the dtype in memory: one copy of the model at that dtype, after the last
+  step's transients are gone (the total takes the larger of the two).
 * ``activations``: the gradient-carrying scoring forward of one micro-batch (``per_device_train_batch_size`` rows
   of prompt + completion tokens): per token and layer the tensors a decoder layer keeps for its backward
   (``ACT_HIDDEN`` x hidden + ``ACT_FFN`` x intermediate elements), or only the layer input under gradient
@@ -32,9 +35,13 @@ GPU_RESERVE = 1.5 * GiB  # CUDA context + caching-allocator slack kept free when
 # CPU: what the training loop adds to the process beyond its resident memory at the check (lazy imports, the data
 # loader, allocator arenas, OpenMP buffers); measured on the tiny models (benchmarks/memory_plan.py: 0.16-0.17 GiB)
 CPU_LOOP_GROWTH = int(0.17 * GiB)
-ACT_HIDDEN, ACT_FFN = 12, 5  # elements a decoder layer keeps for its backward, per token: x hidden, x intermediate
+# elements a decoder layer keeps for its backward, per token: x hidden (norm inputs and outputs, q, k/v, rotated q/k,
+# attention output), x intermediate (gate, up, activation, product); LoRA adds, per adapted projection, the
+# dropout's output (its input width) and lora_A's output (r)
+ACT_HIDDEN, ACT_FFN = 8, 4
 TEXT_TOKENS = 256  # a Sa2VA prompt's text around the image tokens (template, region prompt, a GAR caption)
 ENGINES = ("none", "ddp", "fsdp", "zero2", "zero3")
+TRANSIENT = ("kv_cache", "activations")  # a step's; the final save's copy comes when they are gone
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "wqkv", "wo", "w1",
                 "w2", "w3", "qkv_proj", "gate_up_proj")
 _BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1,
@@ -61,6 +68,7 @@ class ModelDims:
     ffn: int
     vocab: int
     context: int
+    stored_bytes: int  # bytes of every weight as stored in the checkpoint
     image_tokens: int  # a Sa2VA prompt's image tokens at the most tiles / pixels; 0 for a causal LM
     min_image_tokens: int  # ... at the fewest (one tile; min_pixels)
 
@@ -116,7 +124,7 @@ def read_dims(path: str, max_tiles: int | None = None) -> ModelDims:
         raise PlanError(f"{path}: no *.safetensors weights (a .bin checkpoint cannot be sized without unpickling "
                         "it); re-save it with save_pretrained(safe_serialization=True)")
     sa2va = any(k in cfg for k in ("llm_config", "text_config"))
-    params = llm = fcs = 0
+    params = llm = fcs = stored = 0
     linear = []
     for name in files:
         for key, t in _header(os.path.join(path, name)).items():
@@ -126,6 +134,7 @@ def read_dims(path: str, max_tiles: int | None = None) -> ModelDims:
             for d in t["shape"]:
                 n *= d
             params += n
+            stored += n * _BYTES.get(t["dtype"], 4)
             in_llm = not sa2va or ("language_model" in key and "visual" not in key)
             if "text_hidden_fcs" in key:
                 fcs += n
@@ -143,7 +152,7 @@ def read_dims(path: str, max_tiles: int | None = None) -> ModelDims:
                      kv_heads=int(c.get("num_key_value_heads") or heads),
                      head_dim=int(c.get("head_dim") or hidden // heads), ffn=int(c.get("intermediate_size", 4 * hidden)),
                      vocab=int(c["vocab_size"]), context=int(c.get("max_position_embeddings") or 0),
-                     image_tokens=most, min_image_tokens=fewest)
+                     stored_bytes=stored, image_tokens=most, min_image_tokens=fewest)
 
 
 @dataclass(frozen=True)
@@ -156,6 +165,8 @@ class RunShape:
     completion_tokens: int
     lora_r: int = 0  # 0: the LLM trains whole
     lora_targets: tuple[str, ...] = ()  # empty: every projection of LINEAR_NAMES
+    lora_dropout: float = 0.0
+    save_bytes: int = 0  # bytes per parameter of the saved model where saving converts the dtype (0: no copy)
     extra_trained: int = 0  # parameters trained beside the LLM / its LoRA (text_hidden_fcs, ...)
     compute_bytes: int = 4  # 2 under bf16
     gradient_checkpointing: bool = False
@@ -170,12 +181,16 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return sum(self.parts.values())
+        """The peak: what stays all run, plus the larger of a step's transients and the final save's copy."""
+        p = self.parts
+        held = sum(v for k, v in p.items() if k not in TRANSIENT and k != "save_copy")
+        return held + max(sum(p.get(k, 0) for k in TRANSIENT), p.get("save_copy", 0))
 
     def table(self) -> list[str]:
         width = max(len(k) for k in self.parts)
         return [f"  {k:<{width}}  {v / GiB:8.2f} GiB" for k, v in self.parts.items()] + [
-            f"  {'total':<{width}}  {self.total / GiB:8.2f} GiB"]
+            f"  {'total':<{width}}  {self.total / GiB:8.2f} GiB  (held parts + the larger of kv_cache + activations "
+            "and save_copy)"]
 
 
 def trained_params(dims: ModelDims, shape: RunShape) -> int:
@@ -184,6 +199,17 @@ def trained_params(dims: ModelDims, shape: RunShape) -> int:
     targets = set(shape.lora_targets) or set(LINEAR_NAMES)
     lora = sum(shape.lora_r * (i + o) for m, i, o in dims.llm_linear if m.rsplit(".", 1)[-1] in targets)
     return lora + shape.extra_trained
+
+
+def _lora_saved(dims: ModelDims, shape: RunShape) -> int:
+    """Elements per token and layer that LoRA keeps for the backward: lora_A's output (r) per adapted projection,
+    and with dropout the dropped input (the projection's input width)."""
+    if not shape.lora_r or not dims.layers:
+        return 0
+    targets = set(shape.lora_targets) or set(LINEAR_NAMES)
+    adapted = [(i, o) for m, i, o in dims.llm_linear if m.rsplit(".", 1)[-1] in targets]
+    per_layer = sum(shape.lora_r + (i if shape.lora_dropout > 0 else 0) for i, _ in adapted)
+    return per_layer // dims.layers
 
 
 def estimate(dims: ModelDims, shape: RunShape, runtime: int = 0) -> MemoryPlan:
@@ -198,7 +224,7 @@ def estimate(dims: ModelDims, shape: RunShape, runtime: int = 0) -> MemoryPlan:
     frozen = dims.params - base_trained
     b, act = shape.compute_bytes, shape.compute_bytes
     tokens = shape.prompt_tokens + shape.completion_tokens
-    per_token_layer = (ACT_HIDDEN * dims.hidden + ACT_FFN * dims.ffn) * act
+    per_token_layer = (ACT_HIDDEN * dims.hidden + ACT_FFN * dims.ffn + _lora_saved(dims, shape)) * act
     if shape.gradient_checkpointing:
         activations = shape.rows * tokens * (dims.layers * dims.hidden * act + per_token_layer)
     else:
@@ -213,6 +239,7 @@ def estimate(dims: ModelDims, shape: RunShape, runtime: int = 0) -> MemoryPlan:
         "reference": (base_trained * 4 // shard_weights) if shape.beta > 0 and shape.lora_r == 0 else 0,
         "kv_cache": shape.generation_rows * tokens * 2 * dims.layers * dims.kv_heads * dims.head_dim * b,
         "activations": activations + head,
+        "save_copy": dims.params * shape.save_bytes,
     }
     return MemoryPlan(parts)
 
@@ -286,7 +313,7 @@ def engine_of(config) -> tuple[str, int]:
 
 
 def run_shape(dims: ModelDims, config, lora_r: int, lora_targets: str = "auto", extra_trained: int = 0,
-              prompt_tokens: int | None = None) -> RunShape:
+              prompt_tokens: int | None = None, lora_dropout: float = 0.0) -> RunShape:
     """The RunShape of a Sa2VAGRPOConfig (its per-device batch, steps per generation, completion length, dtype)."""
     from dataclasses import replace
 
@@ -296,6 +323,7 @@ def run_shape(dims: ModelDims, config, lora_r: int, lora_targets: str = "auto", 
     targets = () if lora_targets == "auto" else tuple(t.strip() for t in lora_targets.split(",") if t.strip())
     shape = RunShape(rows=rows, generation_rows=rows * steps, prompt_tokens=0,
                      completion_tokens=int(config.max_completion_length or 0), lora_r=lora_r, lora_targets=targets,
+                     lora_dropout=lora_dropout,
                      extra_trained=extra_trained, compute_bytes=2 if (config.bf16 or config.fp16) else 4,
                      gradient_checkpointing=bool(config.gradient_checkpointing), beta=float(config.beta or 0.0),
                      engine=engine, devices=devices)
@@ -371,12 +399,16 @@ def check_limits(model_path: str, config, margs=None, prompt_lengths=None, max_p
         shortest, what = dims.min_image_tokens + 16, "the shortest Sa2VA prompt (one image tile and the template)"
         expected = min(dims.prompt_tokens, max_prompt_tokens)
         extra = dims.text_hidden_fcs if (config.mask_loss_weight > 0 or margs.train_mask_decoder) else 0
-        lora_r, targets = margs.lora_r, margs.lora_target_modules
+        lora_r, targets, dropout = margs.lora_r, margs.lora_target_modules, margs.lora_dropout
     else:
         shortest = expected = max(prompt_lengths or [0])
-        what, extra, lora_r, targets = "the longest prompt", 0, 0, "auto"
+        what, extra, lora_r, targets, dropout = "the longest prompt", 0, 0, "auto", 0.0
     context = context_problem(dims, int(config.max_completion_length or 0), shortest, what)
-    shape = run_shape(dims, config, lora_r, targets, extra, expected)
+    shape = run_shape(dims, config, lora_r, targets, extra, expected, dropout)
+    if margs is not None:  # models/sa2va.py save_sa2va: the release layout, converted to the save dtype
+        save = {"float32": 4, "bfloat16": 2, "float16": 2}.get(margs.save_dtype) or round(
+            dims.stored_bytes / max(1, dims.params))
+        shape = replace(shape, save_bytes=0 if save == shape.compute_bytes else save)
     if engine is not None or devices is not None:
         shape = replace(shape, engine=engine or shape.engine, devices=devices or shape.devices)
     per = max(1, config.per_device_train_batch_size // max(1, config.num_generations))
