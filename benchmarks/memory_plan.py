@@ -42,7 +42,8 @@ def child(argv: list[str]) -> None:
     print(json.dumps({"rc": rc, "peak": peak}))
 
 
-def measure(argv: list[str], threads: int) -> tuple[dict, int]:
+def measure(argv: list[str], threads: int) -> tuple[float, dict, int]:
+    """(the logged estimate in GiB, its parts, the measured peak in bytes)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
            # glibc serves large blocks from mmap and returns them on free: the resident memory then follows the live
            # tensors instead of the allocator's high-water mark (without it, a Sa2VA-1B step's RSS ran ~3 GiB above)
@@ -55,7 +56,7 @@ def measure(argv: list[str], threads: int) -> tuple[dict, int]:
     if line is None or not last or json.loads(last[-1])["rc"] != 0:
         raise SystemExit(f"case failed: {' '.join(argv)}\n{text[-3000:]}")
     parts = {k: float(v) for k, v in (p.rsplit(" ", 1) for p in line.group(2).split(", "))}
-    return parts, json.loads(last[-1])["peak"]
+    return float(line.group(1)), parts, json.loads(last[-1])["peak"]
 
 
 def build(root: Path, sa2va_1b: bool) -> list[tuple[str, object]]:
@@ -128,8 +129,7 @@ def main() -> None:
         rows = []
         for name, argv in cases:
             argv = argv() if callable(argv) else argv
-            parts, peak = measure([*argv, "--output_dir", os.path.join(tmp, "out"), *STEP], args.threads)
-            est = sum(parts.values())
+            est, parts, peak = measure([*argv, "--output_dir", os.path.join(tmp, "out"), *STEP], args.threads)
             rows.append((name, parts, est, peak / GiB))
             print(f"{name}: estimate {est:.2f} GiB ({', '.join(f'{k} {v:.2f}' for k, v in parts.items())}); "
                   f"measured peak {peak / GiB:.2f} GiB; estimate/measured {est / (peak / GiB):.2f}", flush=True)

@@ -200,7 +200,9 @@ def _plan(argv: list[str]) -> int:
 
     parser = TrlParser((TrainArgs, Sa2VAModelArgs, Sa2VAGRPOConfig, PlanArgs), prog="sa2va-rl plan",
                        description="Memory per device and context length of a run, from config.json and the weight "
-                                   "headers, before anything loads. Takes train's flags (and --config FILE.yaml).")
+                                   "headers, before anything loads. Takes train's command line unchanged (and --config FILE.yaml), so a run "
+                                   "can be planned by swapping `train` for `plan`; flags that do not change memory "
+                                   "or context length have no effect here.")
     try:
         script, margs, config, pargs = parser.parse_args_and_config(args=_join_negative_numbers(argv))
     except ValueError as e:
