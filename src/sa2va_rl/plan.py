@@ -193,12 +193,16 @@ class MemoryPlan:
             "and save_copy)"]
 
 
+def _adapted(dims: ModelDims, shape: RunShape) -> list[tuple[int, int]]:
+    """(in, out) of every LLM projection LoRA adapts."""
+    targets = set(shape.lora_targets) or set(LINEAR_NAMES)
+    return [(i, o) for m, i, o in dims.llm_linear if m.rsplit(".", 1)[-1] in targets]
+
+
 def trained_params(dims: ModelDims, shape: RunShape) -> int:
     if shape.lora_r == 0:
         return dims.llm_params + shape.extra_trained
-    targets = set(shape.lora_targets) or set(LINEAR_NAMES)
-    lora = sum(shape.lora_r * (i + o) for m, i, o in dims.llm_linear if m.rsplit(".", 1)[-1] in targets)
-    return lora + shape.extra_trained
+    return sum(shape.lora_r * (i + o) for i, o in _adapted(dims, shape)) + shape.extra_trained
 
 
 def _lora_saved(dims: ModelDims, shape: RunShape) -> int:
@@ -206,9 +210,7 @@ def _lora_saved(dims: ModelDims, shape: RunShape) -> int:
     and with dropout the dropped input (the projection's input width)."""
     if not shape.lora_r or not dims.layers:
         return 0
-    targets = set(shape.lora_targets) or set(LINEAR_NAMES)
-    adapted = [(i, o) for m, i, o in dims.llm_linear if m.rsplit(".", 1)[-1] in targets]
-    per_layer = sum(shape.lora_r + (i if shape.lora_dropout > 0 else 0) for i, _ in adapted)
+    per_layer = sum(shape.lora_r + (i if shape.lora_dropout > 0 else 0) for i, _ in _adapted(dims, shape))
     return per_layer // dims.layers
 
 
@@ -249,19 +251,19 @@ def largest_fitting(dims: ModelDims, shape: RunShape, budget: int, runtime: int,
     from dataclasses import replace
 
     steps = max(1, shape.generation_rows // max(1, shape.rows))
+
+    def fits(g: int) -> bool:
+        return estimate(dims, replace(shape, rows=per * g, generation_rows=per * g * steps), runtime).total <= budget
+
     best, g = 0, 1
-    while g <= 1 << 20:
-        s = replace(shape, rows=per * g, generation_rows=per * g * steps)
-        if estimate(dims, s, runtime).total > budget:
-            break
+    while g <= 1 << 20 and fits(g):
         best, g = g, g * 2
     if best == 0:
         return 0
     lo, hi = best, best * 2  # the answer lies in [best, 2 best)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        s = replace(shape, rows=per * mid, generation_rows=per * mid * steps)
-        lo, hi = (mid, hi) if estimate(dims, s, runtime).total <= budget else (lo, mid)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
 
