@@ -98,17 +98,9 @@ def build(root: Path, sa2va_1b: bool) -> list[tuple[str, object]]:
     ]
     if sa2va_1b:  # built when its turn comes (minutes), after the quick cases have printed
         def sa2va_1b_case() -> list[str]:
-            sys.path.insert(0, str(REPO))  # tests.upstream builds from the pristine remote code
-            sys.path.insert(0, str(REPO / "tests" / "stubs"))  # torchvision stand-ins where the real one cannot load
-            import activate  # tests/stubs/README.md
+            from _upstream import build_internvl_v1
 
-            if not activate.real_torchvision_imports():
-                activate.activate()
-                os.environ["PYTHONPATH"] = os.pathsep.join([activate.SITE, os.environ.get("PYTHONPATH", "")])
-            from tests.upstream import upstream_dir
-            from tests.upstream.internvl import SA2VA_1B_DIMS, build_internvl
-
-            path = build_internvl("v1", upstream_dir("v1"), str(root / "sa2va_1b"), dims=SA2VA_1B_DIMS)
+            path = build_internvl_v1(str(root / "sa2va_1b"), sa2va_1b=True)
             return ["--model_path", path, *sa2va, "--num_generations", "2", "--max_completion_length", "16",
                     "--max_tiles", "1", "--trust_remote_code", "true"]
 

@@ -36,12 +36,12 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-REPO = Path(__file__).resolve().parent.parent
+from _upstream import build_internvl_v1
+
 SEG_BIAS = 6.0  # added to [SEG]'s logit in caption2mask runs
 PHASES = ["step", "generation", "vision encoder", "scoring forward", "backward", "rewards", "[SEG] forward",
           "SAM2 encode", "SAM2 decode", "optimizer", "checkpoint"]
@@ -146,20 +146,6 @@ def instrument(trainer, policy, model) -> Phases:
     return p
 
 
-def build(kind: str, root: Path) -> str:
-    sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(REPO / "tests" / "stubs"))
-    import activate  # torchvision stand-ins where the real one cannot load (tests/stubs/README.md)
-
-    if not activate.real_torchvision_imports():
-        activate.activate()
-    from tests.upstream import upstream_dir
-    from tests.upstream.internvl import SA2VA_1B_DIMS, build_internvl
-
-    return build_internvl("v1", upstream_dir("v1"), str(root / kind), dims=SA2VA_1B_DIMS if kind == "sa2va_1b"
-                          else None)
-
-
 def run(model_path: str, data: str, out: str, task: str, ckpt: bool, extra: list[str]) -> list[dict]:
     from trl import TrlParser
 
@@ -204,7 +190,7 @@ def main() -> None:
     from sa2va_rl.data.synthetic import make_gar_data
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model_path or build(args.build, Path(tmp))
+        model = args.model_path or build_internvl_v1(os.path.join(tmp, args.build), args.build == "sa2va_1b")
         data = make_gar_data(os.path.join(tmp, "gar"), n=16)
         print(f"model {model}; flags {' '.join(extra)}; {args.threads} threads; "
               f"{'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}", flush=True)
