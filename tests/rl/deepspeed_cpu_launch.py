@@ -9,6 +9,7 @@ nothing else changes: accelerate's DeepSpeed preparation, DeepSpeed's ZeRO engin
 DeepSpeed checkpoints run as on GPUs. One process needs no patch (the patched branch is not taken), but it is the
 same script. Also not built: DeepSpeed's CPU shared-memory all-reduce kernel (inference only; see below). It prints what the tests need as evidence (one write per line):
   STEP <step> <ok|nan|inf> applied=<0|1> <digest before> <digest after> rank=<r>   around each guarded backward+step
+  LR <step> <the learning rate the engine's optimizer steps with> rank=<r>   at each guarded step
   SAVED <step> <digest> / BEFORE <step> <digest> / RESTORED <step> <digest> rank=<r>   at save, around a rollback
   NORM <step> guard=<GradGuard's norm> deepspeed=<the engine's global grad norm> rank=<r>   after each applied step
   ENGINE <distributed type> zero=<stage> <optimizer class> world=<n> rank=<r>   once
@@ -64,11 +65,12 @@ _install = Sa2VAGRPOTrainer._install_deepspeed_guard
 
 
 def backward(self, loss, sync_gradients=True, **kwargs):
-    before = digest(self.engine)
+    before, lr = digest(self.engine), self.engine.get_lr()[0]
     _backward(self, loss, sync_gradients=sync_gradients, **kwargs)
     if sync_gradients:
         say(f"STEP {self.engine.global_steps} {self.report.kind} applied={int(self.engine.was_step_applied())} "
             f"{before} {digest(self.engine)}")
+        say(f"LR {self.engine.global_steps} {lr!r}")
         if self.report.finite:  # DeepSpeed's own norm of the same step, over the same partitions
             say(f"NORM {self.engine.global_steps} guard={self.report.norm!r} "
                 f"deepspeed={float(self.engine.get_global_grad_norm())!r}")

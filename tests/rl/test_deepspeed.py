@@ -165,3 +165,27 @@ def test_a_deepspeed_optimizer_the_guard_cannot_read_is_refused_before_the_first
     trainer.args.allow_unguarded_deepspeed, trainer._deepspeed_guard = True, True
     trainer._install_deepspeed_guard()
     assert trainer._deepspeed_guard is False and trainer.accelerator.deepspeed_engine_wrapped is plain
+
+
+def test_zero2_resume_with_a_new_learning_rate_follows_the_new_schedule(tiny_causal, prompt_dir, tmp_path):
+    """A resume with --allow_changed_run and another --learning_rate under DeepSpeed: the restored engine's
+    scheduler and optimizer (DeepSpeed's own checkpoint) carry the old rate; the steps after the resume step with the
+    new rate at the schedule's point (linear decay over 3 steps: 3e-2 * 2/3, then 3e-2 * 1/3), read from the
+    optimizer DeepSpeed steps with, not only from the logs."""
+    out = tmp_path / "o"
+    common = ["--max_steps", "3", "--lr_scheduler_type", "linear", "--save_strategy", "steps", "--save_steps", "1"]
+    proc, _ = launch(1, 2, tiny_causal, prompt_dir, out, tmp_path, *common)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+
+    def lrs(text):
+        return {int(s): float(v) for s, v in re.findall(r"^LR (\d+) (\S+) rank=0$", text, re.M)}
+    assert lrs(proc.stdout) == pytest.approx({1: 1e-2, 2: 1e-2 * 2 / 3, 3: 1e-2 / 3})
+
+    proc, _ = launch(1, 2, tiny_causal, prompt_dir, out, tmp_path, *common, "--learning_rate", "3e-2",
+                     "--resume_from_checkpoint", str(out / "checkpoint-1"), "--allow_changed_run", "true")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert "changed settings (--allow_changed_run): learning_rate: 0.01 -> 0.03" in proc.stderr
+    assert lrs(proc.stdout) == pytest.approx({2: 3e-2 * 2 / 3, 3: 3e-2 / 3})
+    with open(out / "checkpoint-3" / "trainer_state.json") as f:
+        logged = {e["step"]: e["learning_rate"] for e in json.load(f)["log_history"] if "learning_rate" in e}
+    assert logged == pytest.approx({1: 1e-2, 2: 3e-2 * 2 / 3, 3: 3e-2 / 3}), logged
