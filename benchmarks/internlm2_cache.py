@@ -1,14 +1,15 @@
 """InternLM2 (Sa2VA-8B/26B's LLM, the checkpoint's own pristine code) generating with the KV-cache bridge of
 sa2va_rl.models.upstream (transformers 5's DynamicCache <-> the code's legacy tuples) vs the cache-free path (each
 step a forward over the whole sequence), and vs transformers' own Qwen2 (the LLM of the other Sa2VA releases,
-native DynamicCache) at equal width and depth.
+native DynamicCache) at equal width and depth. ``--arch phi3``: the same for the v1 code's Phi3 (its 4.x Cache API
+bridge).
 
 Per-new-token cost (generate() seconds / new tokens) at 16, 64 and 256 new tokens, from inputs_embeds (as Sa2VA
 generates), a left-padded batch of prompts of different lengths, greedy with min_new_tokens = max_new_tokens and
 the LogitsGuard. Medians of interleaved repeats in one run; greedy tokens are checked identical cached vs
 cache-free. The upstream files come from ../shared/upstream (SA2VA_UPSTREAM_DIR overrides).
 
-Run: python benchmarks/internlm2_cache.py [--hidden 256 --layers 4 --batch 4 --prompt 96 --repeats 3 --threads N
+Run: python benchmarks/internlm2_cache.py [--arch internlm2|phi3 --hidden 256 --layers 4 --batch 4 --prompt 96 --repeats 3 --threads N
 --cpu_time --device cuda]
 """
 
@@ -34,12 +35,13 @@ UPSTREAM = Path(os.environ.get("SA2VA_UPSTREAM_DIR", REPO.parent / "shared" / "u
 NEW = (16, 64, 256)
 
 
-def internlm2(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int):
-    """InternLM2ForCausalLM from the pristine sa2va_v1_llava_sam2 files, through the compatibility fixes."""
-    from tests.upstream.internvl import build_internlm2_llm
+def upstream_llm(arch: str, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int):
+    """InternLM2ForCausalLM or Phi3ForCausalLM from the pristine sa2va_v1_llava_sam2 files, through the
+    compatibility fixes."""
+    from tests.upstream.internvl import build_upstream_llm
 
-    return build_internlm2_llm(UPSTREAM / "sa2va_v1_llava_sam2", tempfile.mkdtemp(prefix="internlm2_"), hidden,
-                               layers, heads, kv_heads, ffn, vocab)
+    return build_upstream_llm(arch, UPSTREAM / "sa2va_v1_llava_sam2", tempfile.mkdtemp(prefix=f"{arch}_"),
+                              hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, ffn=ffn, vocab=vocab)
 
 
 def qwen2(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int):
@@ -52,6 +54,7 @@ def qwen2(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", choices=["internlm2", "phi3"], default="internlm2")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=8)
@@ -74,7 +77,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
     dtype, dev = getattr(torch, args.dtype), torch.device(args.device)
     dims = (args.hidden, args.layers, args.heads, args.kv_heads, args.ffn, args.vocab)
-    ilm, qwen = internlm2(*dims).to(dev, dtype), qwen2(*dims).to(dev, dtype)
+    ilm, qwen = upstream_llm(args.arch, *dims).to(dev, dtype), qwen2(*dims).to(dev, dtype)
+    name = {"internlm2": "InternLM2", "phi3": "Phi3"}[args.arch]
     n = sum(p.numel() for p in ilm.parameters())
     torch.manual_seed(1)
     lengths = [max(4, args.prompt - 13 * i) for i in range(args.batch)]
@@ -82,13 +86,13 @@ def main() -> None:
     ids = torch.randint(3, args.vocab, mask.shape, device=dev) * mask
     clock = time.process_time if args.cpu_time else time.perf_counter
     unit = "wall" if clock is time.perf_counter else "CPU"
-    print(f"== InternLM2 (pristine upstream code, {n / 1e6:.1f}M parameters: hidden {args.hidden}, {args.layers} "
+    print(f"== {name} (pristine upstream code, {n / 1e6:.1f}M parameters: hidden {args.hidden}, {args.layers} "
           f"layers, {args.heads}/{args.kv_heads} heads, vocab {args.vocab}) vs Qwen2 at the same sizes; batch "
           f"{args.batch}, prompts {lengths} tokens (left-padded to {args.prompt}), from inputs_embeds, greedy, "
           f"LogitsGuard; {args.device} {args.dtype}, {unit} time, {torch.get_num_threads()} thread(s), medians of "
           f"{args.repeats} interleaved repeats")
-    print(f"  {'new':>4s} {'InternLM2 cache-free':>22s} {'InternLM2 cached':>18s} {'Qwen2 cached':>14s}"
-          f"   {'free/cached':>11s} {'cached ILM2/Qwen2':>17s}  tokens identical")
+    print(f"  {'new':>4s} {name + ' cache-free':>22s} {name + ' cached':>18s} {'Qwen2 cached':>14s}"
+          f"   {'free/cached':>11s} {'cached ' + name[:4] + '/Qwen2':>17s}  tokens identical")
     for new in args.new:
         gc = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=2,
                               pad_token_id=0)

@@ -1,6 +1,6 @@
 """InternLM2 (Sa2VA-8B/26B) generates with a KV cache through the compatibility layer (upstream.py's
 ``generation_mixin`` fix): transformers 5's DynamicCache bridged to the legacy (key, value) tuples of the pristine
-code. Greedy tokens, the logits processors' inputs and the Policy's completions equal the cache-free path's (each
+code; Phi3 (the v1 code's other pre-Cache LLM) with the same DynamicCache handed to its 4.x Cache API code. Greedy tokens, the logits processors' inputs and the Policy's completions equal the cache-free path's (each
 step a forward over the whole sequence); the cache is used (the prompt is read once, then one token per step)."""
 
 import numpy as np
@@ -70,15 +70,14 @@ def generate(lm, embeds, mask, cached: bool, new: int = 8):
     return out, rec, guard, lengths
 
 
-def test_internlm2_is_bridged_and_phi3_stays_cache_free(internlm2):
+def test_internlm2_and_phi3_are_bridged(internlm2):
     model, _tok, lm, _path = internlm2
     classes = {c.__name__: c for c in _dynamic_classes(type(model))}
-    assert getattr(type(lm).forward, "_sa2va_rl_cache_bridge", False)
-    assert type(lm).prepare_inputs_for_generation is _prepare_inputs_with_cache
-    assert type(lm)._supports_default_dynamic_cache()
-    phi3 = classes["Phi3ForCausalLM"]  # 4.x Cache API (get_usable_length, from_legacy_cache), not legacy tuples
-    assert phi3.prepare_inputs_for_generation is _prepare_inputs_without_cache
-    assert not getattr(phi3.forward, "_sa2va_rl_cache_bridge", False) and not phi3._supports_default_dynamic_cache()
+    assert type(lm).__name__ == "InternLM2ForCausalLM"
+    for cls in (type(lm), classes["Phi3ForCausalLM"]):  # legacy tuples; 4.x Cache API (get_usable_length)
+        assert getattr(cls.forward, "_sa2va_rl_cache_bridge", False)
+        assert cls.prepare_inputs_for_generation is _prepare_inputs_with_cache
+        assert cls._supports_default_dynamic_cache()
 
 
 def test_cached_greedy_equals_cache_free_on_a_left_padded_batch_from_inputs_embeds(internlm2):
@@ -168,31 +167,40 @@ def test_policy_generation_with_images_and_the_guard_equals_the_cache_free_path(
     assert runs[True] == runs[False] and runs[True][0] != runs[True][-1]
 
 
-@pytest.mark.parametrize("family", ["v1_internlm2", "v2"])
-def test_internlm2_llm_alone_from_each_release_generates_as_greedy_decoding_by_hand(family, tmp_path):
-    """Both copies of modeling_internlm2.py: sa2va_v2's has GenerationMixin on its PreTrainedModel only, which
-    transformers 5's can_generate() does not count (no generation_config: generate() failed before the fix)."""
+@pytest.mark.parametrize("arch, family", [("internlm2", "v1_internlm2"), ("internlm2", "v2"), ("phi3", "v1")])
+def test_each_upstream_llm_generates_with_the_cache_as_greedy_decoding_by_hand(arch, family, tmp_path):
+    """Both copies of modeling_internlm2.py (sa2va_v2's has GenerationMixin on its PreTrainedModel only, which
+    transformers 5's can_generate() does not count: no generation_config, generate() failed before the fix), and
+    modeling_phi3.py (transformers 4.x's Cache API: it calls get_usable_length, which 5 removed): cached greedy
+    tokens equal the cache-free path's and greedy decoding by hand with upstream's own forward, on a left-padded
+    batch from inputs_embeds; the cache is used (the prompt once, then one token per step)."""
     from tests.upstream import upstream_dir
-    from tests.upstream.internvl import build_internlm2_llm
+    from tests.upstream.internvl import build_upstream_llm
 
-    lm = build_internlm2_llm(upstream_dir(family), str(tmp_path))
+    lm = build_upstream_llm(arch, upstream_dir(family), str(tmp_path))
     assert lm.generation_config is not None
     torch.manual_seed(1)
-    with torch.no_grad():
-        lm.output.weight.normal_()
+    with torch.no_grad():  # spread (random weights at scale 0.02 make every greedy token the same)
+        lm.get_output_embeddings().weight.normal_()
+        lm.get_input_embeddings().weight.normal_()
     ids = torch.randint(3, 512, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     with torch.no_grad():
         embeds = lm.get_input_embeddings()(ids)
-    got, _r, _g, lengths = generate(lm, embeds, mask, cached=True, new=6)
-    want, _r, _g, _l = generate(lm, embeds, mask, cached=False, new=6)
-    assert got.tolist() == want.tolist() and lengths == [9] + [1] * 5
-    seq = ids[:1]  # the unpadded first row, by hand with upstream's own forward (no cache)
-    with torch.no_grad():
-        for _ in range(6):
-            seq = torch.cat([seq, lm(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert got[0].tolist() == seq[0, 9:].tolist() and len(set(got[0].tolist())) > 1
+    got, rec, guard, lengths = generate(lm, embeds, mask, cached=True, new=6)
+    want, rec0, _g, lengths0 = generate(lm, embeds, mask, cached=False, new=6)
+    assert got.tolist() == want.tolist() and lengths == [9] + [1] * 5 and lengths0 == [9 + i for i in range(6)]
+    for a, b in zip(rec.scores, rec0.scores):  # the processors see the same rows
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert guard.stats.calls == 6 and guard.stats.rows_repaired == 0
+    for row, start in ((0, 0), (1, 4)):  # each row unpadded, by hand with upstream's own forward (no cache)
+        seq = ids[row:row + 1, start:]
+        with torch.no_grad():
+            for _ in range(6):
+                nxt = lm(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+                seq = torch.cat([seq, nxt], dim=1)
+        assert got[row].tolist() == seq[0, 9 - start:].tolist() and len(set(got[row].tolist())) > 1
 
 
 def test_a_cache_the_bridge_cannot_take_generates_without_it(internlm2, caplog):

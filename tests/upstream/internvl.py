@@ -103,33 +103,42 @@ def build_internvl(family: str, src, out: str, seed: int = 0, dims: dict | None 
     return out
 
 
-def build_internlm2_llm(src, out: str, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                        ffn: int = 128, vocab: int = 512, seed: int = 0):
-    """InternLM2ForCausalLM alone (Sa2VA-8B/26B's LLM), built in fp32 from a family's pristine
-    configuration_internlm2.py / modeling_internlm2.py through the compatibility fixes (as load_upstream applies
-    them to the LLM): for the sa2va_v2 copy, which no tiny family here builds, and for benchmarks."""
+# the pre-Cache causal LMs of the v1 code: (class, config class, extra config)
+UPSTREAM_LLMS = {
+    "internlm2": ("InternLM2ForCausalLM", "InternLM2Config", dict(bias=False, rope_theta=1e6)),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(original_max_position_embeddings=4096, rope_theta=1e4)),
+}
+
+
+def build_upstream_llm(arch: str, src, out: str, hidden: int = 64, layers: int = 2, heads: int = 4,
+                       kv_heads: int = 2, ffn: int = 128, vocab: int = 512, seed: int = 0):
+    """An upstream causal LM alone (``arch``: InternLM2, Sa2VA-8B/26B's LLM, or Phi3, the v1 code's other LLM),
+    built in fp32 from a family's pristine configuration_<arch>.py / modeling_<arch>.py through the compatibility
+    fixes (as load_upstream applies them to the LLM): for the sa2va_v2 copy, which no tiny family here builds, for
+    Phi3, which no released Sa2VA uses, and for benchmarks."""
     from transformers import AutoConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     from sa2va_rl.models import upstream as up
 
+    name, config_name, extra = UPSTREAM_LLMS[arch]
     os.makedirs(out, exist_ok=True)
-    for f in ("configuration_internlm2.py", "modeling_internlm2.py"):
+    for f in (f"configuration_{arch}.py", f"modeling_{arch}.py"):
         shutil.copy(os.path.join(src, f), out)
     with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", vocab_size=vocab,
-                       hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
-                       num_key_value_heads=kv_heads, max_position_embeddings=4096, bias=False, rope_theta=1e6,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-                       attn_implementation="eager",
-                       auto_map={"AutoConfig": "configuration_internlm2.InternLM2Config",
-                                 "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}), f)
+        json.dump(dict(architectures=[name], model_type=arch, vocab_size=vocab, hidden_size=hidden,
+                       intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=2, tie_word_embeddings=False, attn_implementation="eager", **extra,
+                       auto_map={"AutoConfig": f"configuration_{arch}.{config_name}",
+                                 "AutoModelForCausalLM": f"modeling_{arch}.{name}"}), f)
     applied: list[str] = []
+    if up._needs_attn_mask_shim(out):  # modeling_phi3.py imports transformers.modeling_attn_mask_utils
+        up._attn_mask_utils_shim(applied)
     with up._quiet_stdout():
-        cls = get_class_from_dynamic_module("modeling_internlm2.InternLM2ForCausalLM", out)
+        cls = get_class_from_dynamic_module(f"modeling_{arch}.{name}", out)
         cfg = AutoConfig.from_pretrained(out, trust_remote_code=True)
-    if isinstance(cfg.rope_scaling, dict) and "type" not in cfg.rope_scaling:  # the rope_scaling fix, LLM alone
-        cfg.rope_scaling = None
+    up._fix_rope_scaling(cfg, applied)
     up._fix_tied_weights_keys(cls, applied)
     up._fix_generation_mixin(cls, applied)
     torch.manual_seed(seed)

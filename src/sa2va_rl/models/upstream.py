@@ -93,9 +93,11 @@ FIXES: dict[str, Fix] = {f.name: f for f in [
         "model's device and hands upstream an inference state whose devices and feature cache are already set"),
     Fix("rope_scaling", (INTERNVL,),
         "transformers 5 rewrites an LLM config's rope_scaling into its standard dict ({'rope_type': 'default', "
-        "...}), never None; InternLM2's code (Sa2VA-8B/26B) then reads rope_scaling['type'] and fails (KeyError)",
+        "...}), never None; InternLM2's code (Sa2VA-8B/26B) and Phi3's then read rope_scaling['type'] and fail "
+        "(KeyError)",
         "the loaded llm_config gets rope_scaling None for the default type, or {'type', 'factor'} as InternLM2 "
-        "expects for linear/dynamic scaling"),
+        "expects for linear/dynamic scaling (Phi3: the dict with 'type' added, 'su' for transformers 5's "
+        "'longrope')"),
     Fix("tied_weights_keys", (INTERNVL,),
         "InternLM2ForCausalLM (Sa2VA-8B/26B) and Phi3ForCausalLM declare _tied_weights_keys as a list; "
         "transformers 5 expects a dict {tied: source} and fails on .keys() when building or saving the model",
@@ -113,8 +115,10 @@ FIXES: dict[str, Fix] = {f.name: f for f in [
         "a KV cache: its forward takes transformers 5's DynamicCache, hands the attention its layers as the "
         "legacy tuples and stores the tuples it returns back in the DynamicCache; the first step reads the "
         "prompt's embeddings, each later step only the new token, positions from the attention mask (left "
-        "padding). Phi3 (no released Sa2VA uses it as the LLM) and any cache other than the plain dynamic one "
-        "generate without a KV cache: each step re-reads the prompt's embeddings plus the tokens so far"),
+        "padding). Phi3 (no released Sa2VA uses it as the LLM) generates with the same DynamicCache, handed to "
+        "its 4.x-API code as past_key_values with get_usable_length (the one 4.x method it calls that 5 removed). "
+        "Any cache other than the plain dynamic one generates without a KV cache: each step re-reads the "
+        "prompt's embeddings plus the tokens so far"),
     Fix("rotary_buffers", (INTERNVL,),
         "transformers 5 builds a model on the meta device and leaves non-persistent buffers as uninitialised "
         "memory unless the model's own _init_weights fills them; upstream's InternLM2RotaryEmbedding computes "
@@ -368,15 +372,20 @@ def _prepare_inputs_without_cache(self, input_ids, attention_mask=None, inputs_e
             "use_cache": False}
 
 
-def _speaks_legacy_tuples(cls: type) -> bool:
-    """Whether ``cls``'s module keeps its KV cache as legacy (key, value) tuples per layer and never uses
-    transformers' Cache classes (InternLM2's code; Phi3's uses the 4.x Cache API instead)."""
+def _cache_dialect(cls: type) -> str | None:
+    """How ``cls``'s module keeps its KV cache: "tuples", legacy (key, value) tuples per layer and never
+    transformers' Cache classes (InternLM2's code); "cache_4x", transformers 4.x's Cache API on the Cache it is
+    handed (``get_usable_length``: Phi3's code); None otherwise (a Cache-aware class, or no source to read)."""
     path = getattr(sys.modules.get(cls.__module__), "__file__", None)
     if not path or not os.path.exists(path):
-        return False
+        return None
     with open(path, encoding="utf-8") as f:
         src = f.read()
-    return "past_key_values[0][0]" in src and "cache_utils" not in src and "Cache(" not in src
+    if "past_key_values[0][0]" in src and "cache_utils" not in src and "Cache(" not in src:
+        return "tuples"
+    if "get_usable_length" in src and "cache_utils" in src:
+        return "cache_4x"
+    return None
 
 
 _UNBRIDGED_WARNED: set[tuple[str, str]] = set()
@@ -401,8 +410,8 @@ def _bridgeable(self, cache) -> bool:
         key = (type(self).__name__, type(cache).__name__)
         if key not in _UNBRIDGED_WARNED:  # once, not at every decoding step
             _UNBRIDGED_WARNED.add(key)
-            logger.warning("%s: its code keeps the KV cache as legacy tuples, which only a plain DynamicCache can "
-                           "be bridged to (got %s); generating without a KV cache", *key)
+            logger.warning("%s: its code predates transformers 5's Cache classes; only a plain DynamicCache can be "
+                           "bridged to it (got %s); generating without a KV cache", *key)
         return False
     return True
 
@@ -471,24 +480,56 @@ def _cache_bridge(forward):
     return bridged
 
 
+def _cache_api_bridge(forward):
+    """Wrap a causal LM's forward written for transformers 4.x's Cache API (Phi3) to take transformers 5's
+    ``cache`` (a DynamicCache): it goes in as ``past_key_values`` with ``get_usable_length`` (4.x: for a cache
+    without a maximum, the length already cached), the one 4.x method the code calls that 5 removed; the attention
+    fills it through ``update``, as in 4.x, and the output's ``cache`` is that DynamicCache. Without ``cache``, the
+    forward is upstream's, unchanged."""
+    import functools
+
+    @functools.wraps(forward)
+    def bridged(self, *args, cache=None, **kwargs):
+        if cache is None:
+            return forward(self, *args, **kwargs)
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError("pass either cache (a DynamicCache) or past_key_values, not both")
+        if not hasattr(cache, "get_usable_length"):
+            cache.get_usable_length = lambda new_seq_length, layer_idx=0: cache.get_seq_length(layer_idx)
+        as_tuple = kwargs.pop("return_dict", True) is False
+        kwargs.update(past_key_values=cache, use_cache=True)
+        before = cache.get_seq_length()
+        out = forward(self, *args, return_dict=True, **kwargs)
+        if cache.get_seq_length() <= before:
+            raise RuntimeError(f"{type(self).__name__} did not fill the KV cache with use_cache=True (activation "
+                               "checkpointing in training mode?); generate without one (use_cache=False)")
+        out["cache"] = cache
+        return out.to_tuple() if as_tuple else out
+
+    bridged._sa2va_rl_cache_bridge = True
+    return bridged
+
+
 def _fix_generation_mixin(cls: type, applied: list[str]) -> None:
-    """Give upstream's causal LMs (those with prepare_inputs_for_generation) generate() back; the legacy-tuple
-    ones (InternLM2) generate with a DynamicCache through the bridge, the others (Phi3) without a cache."""
+    """Give upstream's causal LMs (those with prepare_inputs_for_generation) generate() back, with a DynamicCache
+    through a bridge: the legacy-tuple ones (InternLM2) through ``_cache_bridge``, the 4.x-Cache-API ones (Phi3)
+    through ``_cache_api_bridge``."""
     from transformers import GenerationMixin
 
+    bridges = {"tuples": _cache_bridge, "cache_4x": _cache_api_bridge}
     fixed = False
     for obj in _dynamic_classes(cls):
         if "prepare_inputs_for_generation" not in vars(obj) or vars(obj).get("_sa2va_rl_generation_mixin"):
             fixed = fixed or vars(obj).get("_sa2va_rl_generation_mixin", False)
             continue
-        legacy = _speaks_legacy_tuples(obj)
-        if issubclass(obj, GenerationMixin) and not legacy:
+        dialect = _cache_dialect(obj)
+        if issubclass(obj, GenerationMixin) and dialect is None:
             continue  # a Cache-aware class that generates already
         if "GenerationMixin" not in str(obj.__bases__):  # what transformers 5's can_generate() reads: a direct
             # base (sa2va_v2's InternLM2 has it on InternLM2PreTrainedModel only, which can_generate() skips)
             obj.__bases__ = obj.__bases__ + (GenerationMixin,)
-        if legacy:
-            obj.forward = _cache_bridge(vars(obj)["forward"])
+        if dialect is not None:
+            obj.forward = bridges[dialect](vars(obj)["forward"])
             obj._supports_default_dynamic_cache = classmethod(lambda c: True)
             obj.prepare_inputs_for_generation = _prepare_inputs_with_cache
         else:
@@ -501,14 +542,20 @@ def _fix_generation_mixin(cls: type, applied: list[str]) -> None:
 
 
 def _fix_rope_scaling(config, applied: list[str]) -> None:
-    """InternLM2 reads ``rope_scaling['type']`` unless it is None; transformers 5 never leaves it None."""
-    llm = getattr(config, "llm_config", None)
+    """InternLM2 and Phi3 read ``rope_scaling['type']`` unless it is None; transformers 5 never leaves it None.
+    ``config``: a Sa2VA config (its ``llm_config``) or the LLM's own."""
+    llm = getattr(config, "llm_config", config)
     rs = getattr(llm, "rope_scaling", None)
-    if llm is None or "InternLM2" not in str(getattr(llm, "architectures", "")) or not isinstance(rs, dict) \
-            or "type" in rs:
+    arch = str(getattr(llm, "architectures", ""))
+    if llm is None or not ("InternLM2" in arch or "Phi3" in arch) or not isinstance(rs, dict) or "type" in rs:
         return
     kind = rs.get("rope_type", "default")
-    llm.rope_scaling = None if kind == "default" else {"type": kind, "factor": float(rs.get("factor", 1.0))}
+    if kind == "default":
+        llm.rope_scaling = None
+    elif "Phi3" in arch:  # su (transformers 5: longrope) / yarn read their factors from the same dict
+        llm.rope_scaling = {**rs, "type": "su" if kind == "longrope" else kind}
+    else:
+        llm.rope_scaling = {"type": kind, "factor": float(rs.get("factor", 1.0))}
     applied.append("rope_scaling")
 
 
