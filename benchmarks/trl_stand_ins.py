@@ -139,6 +139,13 @@ QWEN_ADDED = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
               "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
 QWEN_FIRST_SPECIAL = 151643  # Qwen2.5/Qwen3's id of <|endoftext|>: TRL's tests hard-code 151643 (pad), 151645 (eos)
 QWEN_VOCAB = 151936  # the released configs' vocab_size (rows past the tokenizer's 151669)
+# Qwen2.5/Qwen3 vocabulary pieces at their released ids, for the token ids TRL's tool and environment tests hard-code
+# in their mocked generate() (tool calls in Qwen's JSON format); every other id below the specials stays a trained
+# or placeholder token. Pieces only Qwen's merges reach: decoded right, never produced by encoding here.
+QWEN_PIECES = {293: " b", 314: " {", 330: ' "', 397: ">\n", 411: "out", 450: "de", 497: '",', 522: "</", 606: "name",
+               788: '":', 927: "sh", 1318: "text", 4913: '{"', 5212: ' {"', 6023: "hi", 6659: "call", 7692: "async",
+               9520: "step", 11248: "}}\n", 13477: "crement", 14172: "tool", 16370: "arguments", 17453: "Done",
+               22785: "_tool", 35744: "increment", 64648: "multiply", 93054: "_multiply", 95642: '"}}\n'}
 
 # family -> (special tokens, extra non-special added tokens, eos, pad, bos, chat template name)
 FAMILIES = {
@@ -184,7 +191,8 @@ def _corpus_words() -> list[str]:
 
 def _qwen_layout_tokenizer(special: list[str], added: list[str]):
     """A byte-level BPE trained on the corpus words, its vocabulary filled with unreachable placeholder tokens up to
-    Qwen's first special id, then Qwen's special and added tokens at their released ids."""
+    Qwen's first special id, Qwen's pieces at their ids where TRL's tests hard-code them (``QWEN_PIECES``), then
+    Qwen's special and added tokens at their released ids."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -193,8 +201,20 @@ def _qwen_layout_tokenizer(special: list[str], added: list[str]):
     trained = json.loads(word_tokenizer(_corpus_words()).backend_tokenizer.to_str())["model"]
     vocab = {t: i for t, i in trained["vocab"].items() if t not in ("<pad>", "<unk>", "<eos>")}
     vocab = {t: i for i, t in enumerate(sorted(vocab, key=vocab.get))}
-    for i in range(len(vocab), QWEN_FIRST_SPECIAL):
-        vocab[f"<|placeholder_{i}|>"] = i
+    tokens = sorted(vocab, key=vocab.get) + [f"<|placeholder_{i}|>" for i in range(len(vocab), QWEN_FIRST_SPECIAL)]
+    to_unicode = _bytes_to_unicode()
+    free = (i for i in range(QWEN_FIRST_SPECIAL - 1, -1, -1) if i not in QWEN_PIECES)  # placeholder slots, from the top
+    where = {t: i for i, t in enumerate(tokens)}
+    for i, text in QWEN_PIECES.items():
+        piece, old = "".join(to_unicode[b] for b in text.encode("utf-8")), tokens[i]
+        j = where.get(piece)  # a trained piece swaps ids with the token at i
+        if j is None and not old.startswith("<|placeholder_"):
+            j = next(free)  # a new piece: the trained token it displaces moves to a placeholder's slot
+        if j is not None:
+            tokens[j], where[old] = old, j
+        tokens[i], where[piece] = piece, i
+    vocab = {t: i for i, t in enumerate(tokens)}
+    assert len(vocab) == QWEN_FIRST_SPECIAL, "a piece placed twice"
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -202,6 +222,18 @@ def _qwen_layout_tokenizer(special: list[str], added: list[str]):
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (byte-level BPE vocabularies are written in it)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, n = keep[:], 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(keep, map(chr, chars)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,10 +265,13 @@ def tokenizer(family: str):
 
 # ---------------------------------------------------------------------------------------------------- models
 def _text(vocab: int, tok, **over) -> dict:
+    """A tiny text config; 4096 positions (the released models have 32k+): a tool-calling prompt renders its tools'
+    JSON schema in this small vocabulary's many tokens (456 for TRL's environment tests), and TRL drops a tool turn
+    that reaches the context."""
     if len(tok) > QWEN_FIRST_SPECIAL:
         vocab = QWEN_VOCAB
     d = dict(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+             num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
              eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id if tok.bos_token else None,
              tie_word_embeddings=False)
     d.update(over)
