@@ -241,3 +241,49 @@ def test_caption2mask_step_encodes_each_distinct_image_once(tiny_sa2va, gar_dir,
     assert trainer._metrics["train"]["seg/no_seg_frac"][-1] == 0.0  # all 8 completions were segmented
     assert len(encodes) == len(images)
     assert len(seg_forwards) == 1
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers.
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+
+    Returns:
+        The product.
+    """
+    return a * b
+
+
+class Counter:
+    def reset(self, **kwargs):
+        self.n = 0
+
+    def increment(self, step: int) -> int:
+        """Increment the counter.
+
+        Args:
+            step: Value to add.
+
+        Returns:
+            The counter.
+        """
+        self.n += step
+        return self.n
+
+
+@pytest.mark.parametrize("option", ["tools", "environment_factory"])
+def test_tool_calling_turns_are_refused_for_sa2va_by_name(tiny_sa2va, gar_dir, tmp_path, option, monkeypatch):
+    """TRL's tool loop generates again from token ids (prompt + completion + tool result) for the rows that called a
+    tool; a Sa2VA row's image and region live in its context (spliced into the embeddings), which those turns would
+    not carry: refused at start, by name, before any step."""
+    kw = {"tools": [multiply]} if option == "tools" else {"environment_factory": Counter}
+    init = Sa2VAGRPOTrainer.__init__
+
+    def with_option(self, *a, **k):
+        init(self, *a, **{**k, **kw})
+
+    monkeypatch.setattr(Sa2VAGRPOTrainer, "__init__", with_option)
+    with pytest.raises(ValueError, match=rf"^{option}: .*Sa2VAPolicy"):
+        make(tiny_sa2va, gar_dir, tmp_path, max_steps=1)

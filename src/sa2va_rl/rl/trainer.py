@@ -136,6 +136,13 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         if args.use_vllm or args.use_transformers_continuous_batching:
             raise ValueError("Sa2VAGRPOTrainer generates through its Policy with the LogitsGuard; "
                              "use_vllm and use_transformers_continuous_batching are not supported")
+        for option in ("tools", "environment_factory"):
+            if kwargs.get(option) and hasattr(policy, "segment_at"):  # before TRL renders tool prompts
+                raise ValueError(
+                    f"{option}: not supported with {type(policy).__name__}: TRL's tool loop generates the turns after "
+                    "a tool call from token ids (prompt + completion + tool result), and a Sa2VA row's image and "
+                    "region reach the model as its context (spliced into the embeddings), which those turns would "
+                    "not carry; train tools with a causal LM or a plain VLM (docs/trl_parity.md)")
         self.faults = FaultInjector.from_specs(args.inject)
         self.faults.token_id = getattr(kwargs.get("processing_class"), "convert_tokens_to_ids", None)
         # None: as in TRL, no reward function of the user's (an environment's get_reward may own the reward)
