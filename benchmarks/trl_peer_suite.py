@@ -128,7 +128,7 @@ def _accept_mocked_generate() -> None:
     collect = policy.collect_generation
 
     def collect_generation(out, prompt, logits_guard, counter, eos, cut=None):
-        seen = len(logits_guard._steps) if logits_guard is not None else counter.steps
+        seen = logits_guard.steps_seen if logits_guard is not None else counter.steps
         n = prompt.shape[1]
         if seen == 0 and out.shape[1] > n and torch.equal(out[:, :n], prompt):
             if logits_guard is not None:

@@ -37,7 +37,7 @@ import sys
 
 HUB_USER = "trl-internal-testing"
 COMMIT = "5a2a0000000000000000000000000000000000aa"  # a fixed fake commit: refs/main points at it
-STAMP_VERSION = "2"
+STAMP_VERSION = "3"  # 3: Qwen pieces at their ids, 4096 positions
 NOT_BUILT = {
     "tiny-RemoteForCausalLM": "remote code (a modeling file on the Hub, trust_remote_code)",
 }

@@ -172,7 +172,9 @@ def test_pop_repaired_marks_steps_and_rows():
         if step == 3:
             s[0] = -INF
         guard(None, s)
+        assert guard.steps_seen == step + 1
     rec = guard.pop_repaired()
+    assert guard.steps_seen == 0  # pop resets the record
     expected = torch.zeros(3, 5, dtype=torch.bool)
     expected[2, 1] = True
     expected[0, 3] = True

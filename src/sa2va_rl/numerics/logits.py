@@ -148,6 +148,11 @@ class LogitsGuard(_Base):
             lim = self._limits[dtype] = float(torch.tensor(self.max_abs_logit, dtype=dtype))
         return lim
 
+    @property
+    def steps_seen(self) -> int:
+        """Decoding steps recorded since the last ``pop_repaired`` / ``reset``."""
+        return len(self._steps)
+
     def pop_repaired(self) -> torch.Tensor:
         """Bool [batch, steps]: True where the token of that step was sampled from a repaired row. Resets."""
         steps, batch = self._steps, self._batch or 0
