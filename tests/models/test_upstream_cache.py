@@ -167,7 +167,8 @@ def test_policy_generation_with_images_and_the_guard_equals_the_cache_free_path(
     assert runs[True] == runs[False] and runs[True][0] != runs[True][-1]
 
 
-@pytest.mark.parametrize("arch, family", [("internlm2", "v1_internlm2"), ("internlm2", "v2"), ("phi3", "v1")])
+@pytest.mark.parametrize("arch, family", [("internlm2", "v1_internlm2"), ("internlm2", "v2"), ("phi3", "v1"),
+                                          ("phi3", "v2")])
 def test_each_upstream_llm_generates_with_the_cache_as_greedy_decoding_by_hand(arch, family, tmp_path):
     """Both copies of modeling_internlm2.py (sa2va_v2's has GenerationMixin on its PreTrainedModel only, which
     transformers 5's can_generate() does not count: no generation_config, generate() failed before the fix), and
