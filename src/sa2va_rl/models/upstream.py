@@ -547,7 +547,7 @@ def _fix_rope_scaling(config, applied: list[str]) -> None:
     llm = getattr(config, "llm_config", config)
     rs = getattr(llm, "rope_scaling", None)
     arch = str(getattr(llm, "architectures", ""))
-    if llm is None or not ("InternLM2" in arch or "Phi3" in arch) or not isinstance(rs, dict) or "type" in rs:
+    if not ("InternLM2" in arch or "Phi3" in arch) or not isinstance(rs, dict) or "type" in rs:
         return
     kind = rs.get("rope_type", "default")
     if kind == "default":
