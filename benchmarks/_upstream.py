@@ -11,8 +11,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build_internvl_v1(out: str, sa2va_1b: bool) -> str:
-    """An InternVL2.5 (v1) Sa2VA checkpoint in ``out``: Sa2VA-1B's dimensions, or the tiny test build."""
+def stand_ins() -> None:
+    """The test suite's torchvision/timm stand-ins, where the real torchvision cannot load (here and in the
+    processes this one starts); nothing where it can."""
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "tests" / "stubs"))
     import activate
@@ -20,7 +21,23 @@ def build_internvl_v1(out: str, sa2va_1b: bool) -> str:
     if not activate.real_torchvision_imports():
         activate.activate()
         os.environ["PYTHONPATH"] = os.pathsep.join([activate.SITE, os.environ.get("PYTHONPATH", "")])
-    from tests.upstream import upstream_dir
-    from tests.upstream.internvl import SA2VA_1B_DIMS, build_internvl
 
-    return build_internvl("v1", upstream_dir("v1"), out, dims=SA2VA_1B_DIMS if sa2va_1b else None)
+
+def build_release(out: str, name: str) -> str:
+    """A Sa2VA checkpoint in ``out`` from the pristine InternVL-family code: ``tiny_v1`` (the tests' build) or a
+    release's dimensions (``sa2va_1b``, ``sa2va_4b``, ``sa2va_8b``: tests/upstream/internvl.py RELEASE_DIMS), with
+    random weights made on the GPU where there is one."""
+    stand_ins()
+    import torch
+
+    from tests.upstream import upstream_dir
+    from tests.upstream.internvl import RELEASE_DIMS, build_internvl
+
+    family, dims = RELEASE_DIMS.get(name, ("v1", None))
+    if torch.cuda.is_available():
+        try:
+            return build_internvl(family, upstream_dir(family), out, dims=dims, device="cuda")
+        except Exception as e:  # noqa: BLE001 - the CPU build below is the fallback, slower but the tests' path
+            print(f"build on the GPU failed ({e!r}); building on the CPU", file=sys.stderr)
+            torch.cuda.empty_cache()
+    return build_internvl(family, upstream_dir(family), out, dims=dims)

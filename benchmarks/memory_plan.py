@@ -2,14 +2,15 @@
 
 Each case trains `--max_steps 2` (the second step's backward is the first with AdamW's states allocated) through
 `sa2va-rl train` in a fresh process, which logs the estimate before the model loads ("estimated memory per device:
-...") and reports its own peak resident memory at exit (``getrusage(RUSAGE_SELF).ru_maxrss``: the training process
-alone; on CPU the "device" is the host's RAM), with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors
+...") and reports its own peak at exit: on a GPU ``torch.cuda.max_memory_allocated()``; on CPU, where the "device" is
+the host's RAM, its peak resident memory (``getrusage(RUSAGE_SELF).ru_maxrss``: the training process alone) with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors
 leave the resident set (as ``max_memory_allocated`` counts live tensors on a GPU).
 Prints, per case, the estimate by part, the measured peak and their ratio (the target: within 25%).
 
     python benchmarks/memory_plan.py                  # tiny causal, tiny Sa2VA, a 41M causal LM (G 4 and 32)
     python benchmarks/memory_plan.py --sa2va_1b       # + Sa2VA-1B's dimensions from the pristine upstream code
                                                       #   (../shared/upstream or SA2VA_UPSTREAM_DIR; ~10 min on 2 cores)
+    python benchmarks/memory_plan.py --sa2va_1b --sa2va_1b_path DIR   # that checkpoint instead of a new build
 
 METEOR 1.5 runs a JVM beside the trainer (host memory, not the device's): the Sa2VA cases use nltk's METEOR so
 the peak is the trainer's own.
@@ -34,11 +35,17 @@ STEP = ["--max_steps", "2", "--report_to", "none", "--save_strategy", "no", "--d
 
 
 def child(argv: list[str]) -> None:
-    """One training run in this process; prints its peak RSS (bytes) as JSON on the last line."""
+    """One training run in this process; prints its peak (bytes) as JSON on the last line: the GPU's
+    ``max_memory_allocated`` where the run used one, else the process's peak RSS."""
+    import torch
+
     from sa2va_rl import cli
 
     rc = cli.main(["train", *argv])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     print(json.dumps({"rc": rc, "peak": peak}))
 
 
@@ -59,7 +66,8 @@ def measure(argv: list[str], threads: int) -> tuple[float, dict, int]:
     return float(line.group(1)), parts, json.loads(last[-1])["peak"]
 
 
-def build(root: Path, sa2va_1b: bool) -> list[tuple[str, object]]:
+def build(root: Path, sa2va_1b: bool | str) -> list[tuple[str, object]]:
+    """The cases; ``sa2va_1b``: add Sa2VA-1B's dimensions (a path: that checkpoint, else built here)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -98,9 +106,10 @@ def build(root: Path, sa2va_1b: bool) -> list[tuple[str, object]]:
     ]
     if sa2va_1b:  # built when its turn comes (minutes), after the quick cases have printed
         def sa2va_1b_case() -> list[str]:
-            from _upstream import build_internvl_v1
+            from _upstream import build_release, stand_ins
 
-            path = build_internvl_v1(str(root / "sa2va_1b"), sa2va_1b=True)
+            stand_ins()
+            path = sa2va_1b if isinstance(sa2va_1b, str) else build_release(str(root / "sa2va_1b"), "sa2va_1b")
             return ["--model_path", path, *sa2va, "--num_generations", "2", "--max_completion_length", "16",
                     "--max_tiles", "1", "--trust_remote_code", "true"]
 
@@ -113,11 +122,13 @@ def main() -> None:
         return child(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sa2va_1b", action="store_true", help="add Sa2VA-1B's dimensions (slow: minutes)")
+    ap.add_argument("--sa2va_1b_path", default=None, help="with --sa2va_1b: use this Sa2VA-1B-dims checkpoint "
+                    "(benchmarks/_upstream.py build_release) instead of building one")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None, help="run the cases whose name contains this text")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cases = [c for c in build(Path(tmp), args.sa2va_1b) if args.only is None or args.only in c[0]]
+        cases = [c for c in build(Path(tmp), args.sa2va_1b and (args.sa2va_1b_path or True)) if args.only is None or args.only in c[0]]
         rows = []
         for name, argv in cases:
             argv = argv() if callable(argv) else argv
@@ -125,7 +136,10 @@ def main() -> None:
             rows.append((name, parts, est, peak / GiB))
             print(f"{name}: estimate {est:.2f} GiB ({', '.join(f'{k} {v:.2f}' for k, v in parts.items())}); "
                   f"measured peak {peak / GiB:.2f} GiB; estimate/measured {est / (peak / GiB):.2f}", flush=True)
-    print("\n| case | estimate (GiB) | measured peak RSS (GiB) | estimate / measured |\n|---|---|---|---|")
+    import torch
+
+    what = "max_memory_allocated" if torch.cuda.is_available() else "peak RSS"
+    print(f"\n| case | estimate (GiB) | measured {what} (GiB) | estimate / measured |\n|---|---|---|---|")
     for name, _, est, peak in rows:
         print(f"| {name} | {est:.2f} | {peak:.2f} | {est / peak:.2f} |")
 

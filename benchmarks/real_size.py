@@ -18,10 +18,12 @@ Phases are timed by wrapping the callables that do them (nothing in the library 
 caption2mask runs add ``SEG_BIAS`` to the ``[SEG]`` logit (``sequence_bias``): a random-weight model would never
 emit it, and the segmentation phases would not run. Phases nest (the vision encoder runs inside generation and scoring; SAM2 inside rewards), so rows do not add up
 to the step. Peak memory per step: ``max_memory_allocated`` on a GPU, the process's resident memory on CPU (there,
-also the most resident memory seen during each wrapped phase).
+also the most resident memory seen during each wrapped phase), beside the estimate ``sa2va-rl train`` logs before
+loading (sa2va_rl/plan.py) and their ratio.
 
     python benchmarks/real_size.py --build tiny_v1 --steps 2          # smoke: a tiny pristine InternVL2.5 build
     python benchmarks/real_size.py --build sa2va_1b --steps 1         # Sa2VA-1B's dimensions (CPU: ~10 min a step)
+    python benchmarks/real_size.py --build sa2va_8b --bf16 true       # Sa2VA-8B's dimensions on a GPU (InternLM2)
     python benchmarks/real_size.py --model_path DIR --bf16 true ...   # a real checkpoint on a GPU
 """
 
@@ -29,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import threading
@@ -40,7 +44,7 @@ from collections import defaultdict
 import torch
 from transformers import TrainerCallback
 
-from _upstream import build_internvl_v1
+from _upstream import build_release, stand_ins
 
 SEG_BIAS = 6.0  # added to [SEG]'s logit in caption2mask runs
 PHASES = ["step", "generation", "vision encoder", "scoring forward", "backward", "rewards", "[SEG] forward",
@@ -165,19 +169,31 @@ def run(model_path: str, data: str, out: str, task: str, ckpt: bool, extra: list
 
         seg = AutoTokenizer.from_pretrained(model_path, trust_remote_code=True).convert_tokens_to_ids("[SEG]")
         config.generation_kwargs = {**(config.generation_kwargs or {}), "sequence_bias": [[[seg], SEG_BIAS]]}
+    from sa2va_rl.plan import check_limits
+
+    estimate = check_limits(model_path, config, margs, max_prompt_tokens=script.max_prompt_tokens).plan.total
     built = cli._build_sa2va_run(script, margs, config, jargs)
     if isinstance(built, int):
         raise SystemExit(f"build failed (exit {built})")
     trainer, _save = built
     phases = instrument(trainer, trainer.policy, trainer.accelerator.unwrap_model(trainer.model))
     trainer.train()
-    return phases.steps
+    steps = phases.steps
+    for s in steps:
+        s["estimate_gib"] = estimate / 2 ** 30
+    del trainer, built, phases  # the next run starts with the device empty
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return steps
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--build", choices=["tiny_v1", "sa2va_1b"], help="build from the pristine upstream code")
+    src.add_argument("--build", choices=["tiny_v1", "sa2va_1b", "sa2va_4b", "sa2va_8b"],
+                     help="build from the pristine upstream code: the tests' tiny InternVL2.5, or a release's "
+                          "dimensions (tests/upstream/internvl.py RELEASE_DIMS; 4B/8B: bf16 on a GPU)")
     src.add_argument("--model_path", help="an existing Sa2VA checkpoint")
     ap.add_argument("--steps", type=int, default=1, help="GRPO steps per task and setting")
     ap.add_argument("--tasks", default="mask2caption,caption2mask")
@@ -185,30 +201,33 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args, extra = ap.parse_known_args()
     torch.set_num_threads(args.threads)
+    stand_ins()
     extra = ["--batch_size", "2", "--num_generations", "2", "--max_completion_length", "16", "--max_tiles", "1",
              "--save_strategy", "steps", "--save_steps", "1", *extra]  # train flags given here come last: they win
     from sa2va_rl.data.synthetic import make_gar_data
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model_path or build_internvl_v1(os.path.join(tmp, args.build), args.build == "sa2va_1b")
+        model = args.model_path or build_release(os.path.join(tmp, args.build), args.build)
         data = make_gar_data(os.path.join(tmp, "gar"), n=16)
         print(f"model {model}; flags {' '.join(extra)}; {args.threads} threads; "
               f"{'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}", flush=True)
-        header = "| task | grad ckpt | # | " + " | ".join(PHASES) + " | peak GiB |"
+        header = "| task | grad ckpt | # | " + " | ".join(PHASES) + " | peak GiB | estimate GiB | estimate / peak |"
         rows = []
         for task in args.tasks.split(","):
             for ckpt in args.checkpointing.split(","):
-                steps = run(model, data, os.path.join(tmp, f"out-{task}-{ckpt}"), task, ckpt == "on",
-                            [*extra, "--max_steps", str(args.steps)])
+                out = os.path.join(tmp, f"out-{task}-{ckpt}")
+                steps = run(model, data, out, task, ckpt == "on", [*extra, "--max_steps", str(args.steps)])
+                shutil.rmtree(out, ignore_errors=True)  # the checkpoints: Sa2VA-8B's fill a disk in a few runs
                 for i, s in enumerate(steps, 1):
                     rows.append(f"| {task} | {ckpt} | {i} | " + " | ".join(f"{s.get(k, 0.0):.2f}" for k in PHASES)
-                                + f" | {s['peak_gib']:.2f} |")
+                                + f" | {s['peak_gib']:.2f} | {s['estimate_gib']:.2f} | "
+                                f"{s['estimate_gib'] / s['peak_gib']:.2f} |")
                     print(rows[-1], flush=True)
                     if s["phase_peak_gib"]:
                         print("  peak resident GiB during: " + ", ".join(
                             f"{k} {v:.2f}" for k, v in s["phase_peak_gib"].items()), flush=True)
         print("\nseconds per phase (phases nest; see the docstring)\n" + header + "\n|"
-              + "---|" * (len(PHASES) + 4) + "\n" + "\n".join(rows))
+              + "---|" * (len(PHASES) + 6) + "\n" + "\n".join(rows))
     print(f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")
 
 

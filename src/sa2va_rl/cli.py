@@ -478,7 +478,8 @@ def _train_and_save(trainer, config, save) -> int:
         from sa2va_rl.models.layout import resume_mismatch
         from sa2va_rl.rl.checkpoints import checkpoint_state
 
-        why = resume_mismatch(resume, trainer.accelerator.unwrap_model(trainer.model))
+        why = resume_mismatch(resume, trainer.accelerator.unwrap_model(trainer.model),
+                              (trainer.run_settings or {}).get("weights_fingerprint"))
         written_by = (checkpoint_state(resume) or {}).get("world_size")  # None: a checkpoint from before it was kept
         if why is None and written_by not in (None, trainer.accelerator.num_processes):
             why = (f"{written_by} process(es) wrote it, this run has {trainer.accelerator.num_processes}: the global "

@@ -108,6 +108,19 @@ def test_sa2va_seams(tiny_sa2va, gar_dir, tmp_path):
     assert module.startswith("language_model.") and "layers.0.self_attn.v_proj" in module
 
 
+def test_sa2va_rollback_restores_the_trained_parameters_from_its_checkpoint(tiny_sa2va, gar_dir, tmp_path):
+    """A Sa2VA checkpoint holds only what trains (rl/checkpoints.py save_trainable): rolling back to it must put
+    those back (the poisoned LoRA weights), else the NaN weights persist and the run halts."""
+    from sa2va_rl.rl.checkpoints import TRAINABLE_FILE
+
+    rc, report = run(tiny_sa2va, gar_dir, tmp_path, "--inject", "nan_weights@3", "--on_persistent_nonfinite",
+                     "rollback", "--save_strategy", "steps", "--save_steps", "2", "--max_steps", "4", "--lora_r", "4",
+                     "--lora_alpha", "8")
+    assert rc == 0 and report["rollbacks"] == 1 and report["final_weights_finite"] is True and report["steps"] == 4
+    assert report["events"][-1]["kind"] == "rollback" and report["events"][-1]["checkpoint"] == "checkpoint-2"
+    assert TRAINABLE_FILE in os.listdir(tmp_path / "checkpoint-2")
+
+
 def test_bad_spec_is_a_usage_error(tiny_causal, prompt_dir, tmp_path, capsys):
     assert run(tiny_causal, prompt_dir, tmp_path, "--inject", "nan_logit@2")[0] == cli.EXIT_USAGE
     assert "expected KIND[@STEP][:ARG]" in capsys.readouterr().err

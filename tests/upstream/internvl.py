@@ -26,12 +26,31 @@ def tokenizer():
 
 # Sa2VA-1B's dimensions (InternVL2.5-1B: InternViT-300M-448px-V2_5 + Qwen2.5-0.5B-Instruct; SAM2 Hiera-L as always):
 # 1.16 B parameters with random weights, for benchmarks (benchmarks/memory_plan.py, docs/scale.md)
+_INTERNVIT_300M = dict(hidden_size=1024, num_attention_heads=16, intermediate_size=4096, num_hidden_layers=24)
 SA2VA_1B_DIMS = {
     "llm": dict(vocab_size=151674, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768),
-    "vision": dict(hidden_size=1024, num_attention_heads=16, intermediate_size=4096, num_hidden_layers=24),
+    "vision": _INTERNVIT_300M,
     "top": dict(template="qwen_chat"),
 }
+# Sa2VA-4B (InternVL2.5-4B: InternViT-300M + Qwen2.5-3B-Instruct's published dims). Unconfirmed here
+# (SA2VA_FACTS.md section 5): the lm_head rows (151,679 or Qwen's 151,936: the larger is taken) and whether the
+# embeddings are tied (untied taken: the larger). Template phi3_chat, as the sa2va_4b configs say.
+SA2VA_4B_DIMS = {
+    "llm": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768),
+    "vision": _INTERNVIT_300M,
+}
+# Sa2VA-8B (InternVL2.5-8B: InternViT-300M + InternLM2.5-7B-chat's published dims; vocabulary 92,553 as
+# InternVL2.5-8B's llm_config, before Sa2VA's added tokens: unconfirmed). The pre-Cache InternLM2 code.
+SA2VA_8B_DIMS = {
+    "llm": dict(vocab_size=92553, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768),
+    "vision": _INTERNVIT_300M,
+}
+# the releases benchmarks build: name -> (family, dims)
+RELEASE_DIMS = {"sa2va_1b": ("v1", SA2VA_1B_DIMS), "sa2va_4b": ("v1", SA2VA_4B_DIMS),
+                "sa2va_8b": ("v1_internlm2", SA2VA_8B_DIMS)}
 
 
 def config(family: str, vocab: int, eos: int, dims: dict | None = None) -> dict:
@@ -67,9 +86,11 @@ def config(family: str, vocab: int, eos: int, dims: dict | None = None) -> dict:
                 max_dynamic_patch=12, torch_dtype="bfloat16") | dims.get("top", {})
 
 
-def build_internvl(family: str, src, out: str, seed: int = 0, dims: dict | None = None) -> str:
+def build_internvl(family: str, src, out: str, seed: int = 0, dims: dict | None = None,
+                   device: str | None = None) -> str:
     """Copy the pristine .py files, write config/tokenizer/generation config, build with upstream's classes
-    (through sa2va-rl's compatibility fixes, the only way they import on transformers 5) and save in bf16."""
+    (through sa2va-rl's compatibility fixes, the only way they import on transformers 5) and save in bf16.
+    ``device``: where the random weights are made ("cuda" makes a billions-of-parameters build in seconds)."""
     from transformers import AutoConfig, GenerationConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
@@ -94,8 +115,10 @@ def build_internvl(family: str, src, out: str, seed: int = 0, dims: dict | None 
     up._fix_generation_mixin(cls, applied)
     up._wrap_post_init(cls, applied)
     torch.manual_seed(seed)
-    model = cls(cfg).to(torch.bfloat16)
+    with torch.device(device or "cpu"):
+        model = cls(cfg).to(torch.bfloat16)
     model.save_pretrained(out)
+    del model
     with open(os.path.join(out, "config.json"), "w") as f:  # the release's config, not transformers 5's rewrite
         json.dump(config(family, vocab, eos, dims), f, indent=2)
     tok.save_pretrained(out)

@@ -188,31 +188,50 @@ def _write_json(path: str, obj) -> None:
     dump_json(obj, path, atomic=True, sort_keys=True)
 
 
-def resume_mismatch(checkpoint: str, model) -> str | None:
+def resume_mismatch(checkpoint: str, model, base_fingerprint: str | None = None) -> str | None:
     """Why ``checkpoint``'s weights cannot be loaded into ``model`` (other LoRA rank, other model), or None.
 
-    Headers only: key names (as loading would rename them) and shapes against ``model.state_dict()``."""
-    files = sorted(f for f in os.listdir(checkpoint) if f.endswith(".safetensors") and f.startswith("model"))
+    Headers only: key names (as loading would rename them) and shapes against ``model.state_dict()``. A checkpoint
+    of the trained parameters only (rl/checkpoints.py ``trainable.safetensors``) must also hold every parameter
+    this model trains, and none it keeps frozen, and (``base_fingerprint``, where given) come from the same base
+    model, whose frozen weights it does not hold."""
+    from sa2va_rl.rl.checkpoints import TRAINABLE_FILE, frozen_parameter_names
+
+    trained_only = os.path.isfile(os.path.join(checkpoint, TRAINABLE_FILE))
+    files = [TRAINABLE_FILE] if trained_only else sorted(
+        f for f in os.listdir(checkpoint) if f.endswith(".safetensors") and f.startswith("model"))
     if not files:
         return None
     state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     names = set(state)
-    shapes, unknown = [], []
+    shapes, unknown, seen, base = [], [], set(), None
     for file in files:
         for key, meta in _header(os.path.join(checkpoint, file)).items():
             if key == "__metadata__":
+                saved = (meta or {}).get("base_model_fingerprint")
+                if trained_only and base_fingerprint and saved and saved != base_fingerprint:
+                    base = (f"it holds only the trained parameters, and --model_path is not the model they were "
+                            f"trained on (fingerprint {saved}, now {base_fingerprint})")
                 continue
-            name = _loaded_name(model, key, names)
+            name = key if trained_only else _loaded_name(model, key, names)
+            seen.add(name)
             if name not in state:
                 unknown.append(key)
             elif tuple(meta["shape"]) != state[name]:
                 shapes.append(f"{key}: checkpoint {list(meta['shape'])} vs this model {list(state[name])}")
-    if not shapes and not unknown:
-        return None
-    parts = []
+    missing, frozen = [], []
+    if trained_only:
+        frozen_names = frozen_parameter_names(model)
+        missing = sorted(names - frozen_names - seen)
+        frozen = sorted(seen & frozen_names)
+    parts = [base] if base else []
     if shapes:
         parts.append(f"{len(shapes)} tensor(s) differ in shape (first: {shapes[0]})")
     if unknown:
         parts.append(f"{len(unknown)} checkpoint tensor(s) this model does not have (first: {unknown[0]})")
-    return "; ".join(parts)
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) this model trains are not in the checkpoint (first: {missing[0]})")
+    if frozen:
+        parts.append(f"{len(frozen)} checkpoint tensor(s) are frozen in this model (first: {frozen[0]})")
+    return "; ".join(parts) or None
 

@@ -51,6 +51,81 @@ def remove_stale_staging(output_dir: str) -> None:
         shutil.rmtree(stale)
 
 
+# ------------------------------------------------------------------------------------------------ trained weights
+TRAINABLE_FILE = "trainable.safetensors"  # a checkpoint's trained parameters and buffers, without the frozen ones
+
+
+def frozen_parameter_names(model) -> set[str]:
+    """Every name under which a frozen parameter appears in ``model.state_dict()`` (tied names included)."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def save_trainable(model, output_dir: str, base_fingerprint: str | None = None) -> int:
+    """Write ``model``'s state without its frozen parameters to ``output_dir/trainable.safetensors``.
+
+    The frozen parameters (a Sa2VA's vision tower, SAM2, the LLM under LoRA: most of the model) never change in a
+    run and are the ones ``--model_path`` holds, so a checkpoint needs only what trains (and the buffers): at
+    Sa2VA-8B's size that is ~1 GB instead of 16 GB a checkpoint. ``base_fingerprint`` (the run's
+    ``model_fingerprint``) is stored so that a resume onto another base model is refused. Returns the bytes."""
+    import safetensors.torch
+
+    frozen = frozen_parameter_names(model)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in frozen}
+    meta = {"format": "pt", "frozen_parameters": str(len(frozen))}
+    if base_fingerprint:
+        meta["base_model_fingerprint"] = base_fingerprint
+    # tensors that share storage (tied, trained) are written once each by name: clone so safetensors accepts them
+    seen: dict[tuple[int, int], str] = {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        if key in seen:
+            state[k] = v.clone()
+        seen.setdefault(key, k)
+    os.makedirs(output_dir, exist_ok=True)
+    safetensors.torch.save_file(state, os.path.join(output_dir, TRAINABLE_FILE), metadata=meta)
+    return sum(v.numel() * v.element_size() for v in state.values())
+
+
+class CheckpointMismatch(ValueError):
+    """A trained-parameters checkpoint that does not fit the model it is loaded into."""
+
+
+def load_trainable(model, checkpoint: str, base_fingerprint: str | None = None) -> None:
+    """Load ``checkpoint/trainable.safetensors`` into ``model``, whose frozen parameters come from the base model.
+
+    Refused, naming the tensors, unless the file holds exactly what ``model`` trains (and its buffers) at the same
+    shapes, and, where both are known, the base model is the one the checkpoint was trained on."""
+    import safetensors
+    import safetensors.torch
+
+    path = os.path.join(checkpoint, TRAINABLE_FILE)
+    with safetensors.safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    saved_base = meta.get("base_model_fingerprint")
+    if base_fingerprint and saved_base and saved_base != base_fingerprint:
+        raise CheckpointMismatch(
+            f"{path} holds only the trained parameters; the frozen ones come from --model_path, and that model is "
+            f"not the one this checkpoint was trained on (fingerprint {saved_base}, now {base_fingerprint}): resume "
+            "with the run's own --model_path")
+    state = safetensors.torch.load_file(path, device="cpu")
+    own = model.state_dict()
+    expected = set(own) - frozen_parameter_names(model)
+    missing, unknown = sorted(expected - set(state)), sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    frozen_saved = sorted(set(state) & (set(own) - expected))
+    problems = [f"{len(x)} {what} (first: {x[0]})" for x, what in
+                ((missing, "trained tensor(s) of this model are not in it"),
+                 (unknown, "tensor(s) in it this model does not have"),
+                 (frozen_saved, "tensor(s) in it are frozen in this model"), (shapes, "shape(s) differ"))
+                if x]
+    if problems:
+        raise CheckpointMismatch(f"{path} does not fit this model: {'; '.join(problems)}. Resume with the run's "
+                                 "own setup (--lora_r, --train_vision, --mask_loss, ...) or start a new --output_dir")
+    result = model.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys  # checked above
+
+
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX_CHECKPOINT_DIR}-{step}"
 

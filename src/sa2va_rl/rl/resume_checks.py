@@ -100,9 +100,28 @@ def model_fingerprint(model_path: str) -> str:
     return h.hexdigest()[:16]
 
 
+def weights_fingerprint(model_path: str, sample: int = 1 << 20) -> str:
+    """Stronger than ``model_fingerprint`` and still cheap: sha256 of each weight file's name, size and ``sample``
+    bytes at its start, middle and end (3 MiB a file), so two models of the same shapes differ. A checkpoint that
+    holds only the trained parameters (rl/checkpoints.py) records it: its frozen weights come from the base."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(model_path)):
+        path = os.path.join(model_path, name)
+        if not (os.path.isfile(path) and name.endswith(WEIGHT_SUFFIXES)):
+            continue
+        size = os.path.getsize(path)
+        h.update(f"{name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            for at in sorted({0, max(0, size // 2 - sample // 2), max(0, size - sample)}):
+                f.seek(at)
+                h.update(f.read(sample))
+    return h.hexdigest()[:16]
+
+
 def run_settings(model_path: str, task: str | None, config) -> dict:
     """The settings that define a run, as stored in each checkpoint's run_settings.json."""
     return {"model_path": os.path.realpath(model_path), "model_fingerprint": model_fingerprint(model_path),
+            "weights_fingerprint": weights_fingerprint(model_path),
             "task": task, "num_generations": config.num_generations,
             "per_device_train_batch_size": config.per_device_train_batch_size,
             "gradient_accumulation_steps": config.gradient_accumulation_steps,

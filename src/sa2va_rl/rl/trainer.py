@@ -22,6 +22,8 @@ TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The o
   rows each step consumed: rollback past the data) and the collapse monitors (rl/collapse.py), from host values.
 * ``log``, ``training_step``: stability metrics, non-finite losses and metric values counted, not hidden.
 * ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: the stability state travels with checkpoints.
+* ``_save`` / ``_load_from_checkpoint``: where part of the model is frozen (a Sa2VA: vision tower, SAM2, the LLM
+  under LoRA), a checkpoint holds only the trained parameters and buffers (rl/checkpoints.py ``save_trainable``).
 * ``_calculate_rewards``: for policies that segment (Sa2VA), each completion's ``[SEG]`` masks are added to its row
   before the reward functions run: ``pred_masks`` (think rows: the answer's ``[SEG]``s, rl/think.py; plain rows:
   the first ``[SEG]``) and ``pred_mask`` (the first of them, or None), and every row gets ``seg_text`` (its text
@@ -782,6 +784,37 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                 write_run_settings(os.path.join(run_dir, checkpoints.STAGING, name), self.run_settings)
             checkpoints.publish(run_dir, name, self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
+
+    def _checkpoints_hold_trained_only(self) -> bool:
+        """Checkpoints write only the trained parameters (rl/checkpoints.py save_trainable) where some are frozen
+        and the weights are whole on each process. TRL's own layouts stay: a PeftModel's adapter (already only the
+        trained part), and FSDP's and DeepSpeed's sharded checkpoints, which their engines write and load."""
+        from transformers.trainer import _is_peft_model
+
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or _is_peft_model(self.model):
+            return False
+        return any(not p.requires_grad for p in self.model.parameters())
+
+    def _save(self, output_dir=None, state_dict=None):
+        if getattr(self, "_staging_dir", None) is None or not self._checkpoints_hold_trained_only():
+            return super()._save(output_dir, state_dict)  # not a checkpoint (save_model), or nothing frozen
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        from transformers.trainer import TRAINING_ARGS_NAME
+
+        size = checkpoints.save_trainable(self.model, output_dir, (self.run_settings or {}).get("weights_fingerprint"))
+        logger.info("checkpoint %s: the trained parameters and buffers, %.1f MB (the frozen ones are the base "
+                    "model's)", output_dir, size / 1e6)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not os.path.isfile(os.path.join(resume_from_checkpoint, checkpoints.TRAINABLE_FILE)):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        checkpoints.load_trainable(model if model is not None else self.model, resume_from_checkpoint,
+                                   (self.run_settings or {}).get("weights_fingerprint"))
 
     def _save_optimizer_and_scheduler(self, output_dir):
         self.faults.checkpoint_write(self.state.global_step, os.path.join(output_dir, "optimizer.pt"))
