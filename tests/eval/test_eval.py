@@ -131,6 +131,11 @@ def test_eval_usage_errors(tiny_sa2va, gar_dir, tmp_path, capsys):
     assert "mask2caption, caption2mask or both" in capsys.readouterr().err
     assert cli.main(["eval", "--model_path", str(tmp_path), "--data_dir", gar_dir]) == cli.EXIT_USAGE
     assert "has no config.json" in capsys.readouterr().err
+    ckpt = tmp_path / "checkpoint-2"  # a training checkpoint (rl/checkpoints.py): named as such, not "no config"
+    ckpt.mkdir()
+    (ckpt / "trainable.safetensors").write_bytes(b"")
+    assert cli.main(["eval", "--model_path", str(ckpt), "--data_dir", gar_dir]) == cli.EXIT_USAGE
+    assert "is a training checkpoint: it holds only the trained parameters" in capsys.readouterr().err
     out = tmp_path / "e"
     assert cli.main(["eval", "--model_path", tiny_sa2va, "--data_dir", str(tmp_path), "--out_dir", str(out)]) == \
         cli.EXIT_DATA

@@ -59,11 +59,16 @@ class EvalArgs:
                                                           "-> settings.meteor_impl says which ran."})
 
     def __post_init__(self) -> None:
+        from sa2va_rl.rl.checkpoints import TRAINABLE_FILE
         from sa2va_rl.rl.tasks import task_list
 
         if not self.model_path or not self.data_dir:
             raise ValueError("--model_path and --data_dir are required")
         for flag, path in (("model_path", self.model_path), ("compare", self.compare)):
+            if path and os.path.isfile(os.path.join(path, TRAINABLE_FILE)):
+                raise ValueError(f"{flag} {path!r} is a training checkpoint: it holds only the trained parameters "
+                                 "(the frozen ones are the run's --model_path). Evaluate the run's --output_dir, "
+                                 "where the whole model is written at the end")
             if path and not os.path.isfile(os.path.join(path, "config.json")):
                 raise ValueError(f"{flag} {path!r} has no config.json: pass a checkpoint directory (saved with "
                                  "save_pretrained, or a run's --output_dir)")
