@@ -175,3 +175,70 @@ def test_rollback_halts_without_a_good_checkpoint_and_in_halt_mode(tmp_path):
         Rollback(t).on_persistent_nonfinite(3, "bad")
     assert f"details in {os.path.join(out, 'stability.json')}." in str(e.value)
     assert t.stability.counters.rollbacks == 0 and checkpoints.last_good_checkpoint(out).endswith("checkpoint-2")
+
+
+class _Toy(torch.nn.Module):
+    """A trained embedding tied to the head, a frozen layer, a persistent and a non-persistent buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+        self.head = torch.nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+        self.frozen = torch.nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+        self.register_buffer("count", torch.zeros(1))
+        self.register_buffer("scratch", torch.ones(2), persistent=False)
+
+
+def test_trained_only_checkpoint_round_trip_and_refusals(tmp_path):
+    from safetensors.torch import load_file
+
+    from sa2va_rl.rl.checkpoints import TRAINABLE_FILE, CheckpointMismatch, load_trainable, save_trainable
+
+    torch.manual_seed(0)
+    trained = _Toy()
+    with torch.no_grad():
+        trained.emb.weight.add_(1.0)
+        trained.count += 5
+    size = save_trainable(trained, str(tmp_path), base_fingerprint="base-a")
+    saved = load_file(tmp_path / TRAINABLE_FILE)
+    assert sorted(saved) == ["count", "emb.weight", "head.weight"]  # tied names both, no frozen, no scratch
+    assert size == sum(v.numel() * v.element_size() for v in saved.values())
+
+    torch.manual_seed(0)
+    fresh = _Toy()
+    frozen_before = {k: v.clone() for k, v in fresh.frozen.state_dict().items()}
+    load_trainable(fresh, str(tmp_path), base_fingerprint="base-a")
+    assert torch.equal(fresh.emb.weight, trained.emb.weight) and torch.equal(fresh.count, trained.count)
+    assert fresh.head.weight is fresh.emb.weight  # still tied
+    assert all(torch.equal(fresh.frozen.state_dict()[k], v) for k, v in frozen_before.items())
+
+    with pytest.raises(CheckpointMismatch, match="fingerprint base-a, now base-b"):
+        load_trainable(_Toy(), str(tmp_path), base_fingerprint="base-b")
+    more = _Toy()
+    more.frozen.requires_grad_(True)  # trains what the checkpoint kept frozen
+    with pytest.raises(CheckpointMismatch, match=r"2 trained tensor\(s\) of this model are not in it "
+                                                 r"\(first: frozen.bias\)"):
+        load_trainable(more, str(tmp_path))
+    less = _Toy()
+    less.emb.requires_grad_(False)  # keeps frozen what the checkpoint trained
+    with pytest.raises(CheckpointMismatch, match=r"2 tensor\(s\) in it are frozen in this model"):
+        load_trainable(less, str(tmp_path))
+
+
+def test_weights_fingerprint_sees_a_difference_inside_any_tensor(tmp_path):
+    """Two bases of the same shapes and file sizes that differ in one small tensor (a mask decoder, say) have
+    different fingerprints: a trained-only checkpoint must not resume onto the wrong one."""
+    from safetensors.torch import save_file
+
+    from sa2va_rl.rl.resume_checks import model_fingerprint, weights_fingerprint
+
+    # 1.5 MiB, the small tensor, 5 MiB: it lies in none of 1 MiB windows at the file's start, middle and end
+    before, after = torch.zeros(3 << 17), torch.zeros(5 << 18)  # fp32, as m_small: laid out in name order
+    for name, value in (("a", 0.0), ("b", 1.0)):
+        os.makedirs(tmp_path / name)
+        save_file({"a_before": before, "m_small": torch.full((64,), value), "z_after": after},
+                  str(tmp_path / name / "model.safetensors"))
+    assert model_fingerprint(str(tmp_path / "a")) == model_fingerprint(str(tmp_path / "b"))  # names and sizes only
+    assert weights_fingerprint(str(tmp_path / "a")) != weights_fingerprint(str(tmp_path / "b"))

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from sa2va_rl import cli
 from sa2va_rl.rl.faults import KINDS, SPIKE_KINDS, Fault
@@ -108,17 +109,32 @@ def test_sa2va_seams(tiny_sa2va, gar_dir, tmp_path):
     assert module.startswith("language_model.") and "layers.0.self_attn.v_proj" in module
 
 
-def test_sa2va_rollback_restores_the_trained_parameters_from_its_checkpoint(tiny_sa2va, gar_dir, tmp_path):
-    """A Sa2VA checkpoint holds only what trains (rl/checkpoints.py save_trainable): rolling back to it must put
-    those back (the poisoned LoRA weights), else the NaN weights persist and the run halts."""
+def test_sa2va_rollback_restores_the_trained_parameters_from_its_checkpoint(tiny_sa2va, gar_dir, tmp_path,
+                                                                           monkeypatch):
+    """A Sa2VA checkpoint holds only what trains (rl/checkpoints.py save_trainable): rolling back to it puts every
+    one of those tensors back as checkpoint-2 holds it (the poisoned LoRA weights among them)."""
+    from safetensors.torch import load_file
+
+    from sa2va_rl.rl import checkpoints
     from sa2va_rl.rl.checkpoints import TRAINABLE_FILE
 
-    rc, report = run(tiny_sa2va, gar_dir, tmp_path, "--inject", "nan_weights@3", "--on_persistent_nonfinite",
-                     "rollback", "--save_strategy", "steps", "--save_steps", "2", "--max_steps", "4", "--lora_r", "4",
+    restored = []
+    load = checkpoints.load_trainable
+
+    def spy(model, checkpoint, base_fingerprint=None):
+        load(model, checkpoint, base_fingerprint)
+        restored.append((checkpoint, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+
+    monkeypatch.setattr(checkpoints, "load_trainable", spy)
+    rc, report = run(tiny_sa2va, gar_dir, tmp_path, "--inject", "nan_weights@4", "--on_persistent_nonfinite",
+                     "rollback", "--save_strategy", "steps", "--save_steps", "2", "--max_steps", "5", "--lora_r", "4",
                      "--lora_alpha", "8")
-    assert rc == 0 and report["rollbacks"] == 1 and report["final_weights_finite"] is True and report["steps"] == 4
+    assert rc == 0 and report["rollbacks"] == 1 and report["final_weights_finite"] is True and report["steps"] == 5
     assert report["events"][-1]["kind"] == "rollback" and report["events"][-1]["checkpoint"] == "checkpoint-2"
-    assert TRAINABLE_FILE in os.listdir(tmp_path / "checkpoint-2")
+    (where, state), = restored
+    saved = load_file(os.path.join(where, TRAINABLE_FILE))
+    assert os.path.basename(where) == "checkpoint-2" and saved
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
 
 
 def test_bad_spec_is_a_usage_error(tiny_causal, prompt_dir, tmp_path, capsys):

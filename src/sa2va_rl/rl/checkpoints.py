@@ -121,7 +121,8 @@ def load_trainable(model, checkpoint: str, base_fingerprint: str | None = None) 
                 if x]
     if problems:
         raise CheckpointMismatch(f"{path} does not fit this model: {'; '.join(problems)}. Resume with the run's "
-                                 "own setup (--lora_r, --train_vision, --mask_loss, ...) or start a new --output_dir")
+                                 "own setup (--lora_r, --lora_target_modules, --train_vision, --mask_loss_weight, "
+                                 "--train_mask_decoder) or start a new --output_dir")
     result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys  # checked above
 

@@ -22,7 +22,7 @@ TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The o
   rows each step consumed: rollback past the data) and the collapse monitors (rl/collapse.py), from host values.
 * ``log``, ``training_step``: stability metrics, non-finite losses and metric values counted, not hidden.
 * ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: the stability state travels with checkpoints.
-* ``_save`` / ``_load_from_checkpoint``: where part of the model is frozen (a Sa2VA: vision tower, SAM2, the LLM
+* ``_save`` / ``_load_from_checkpoint`` / ``_load_best_model``: where part of the model is frozen (a Sa2VA: vision tower, SAM2, the LLM
   under LoRA), a checkpoint holds only the trained parameters and buffers (rl/checkpoints.py ``save_trainable``).
 * ``_calculate_rewards``: for policies that segment (Sa2VA), each completion's ``[SEG]`` masks are added to its row
   before the reward functions run: ``pred_masks`` (think rows: the answer's ``[SEG]``s, rl/think.py; plain rows:
@@ -815,6 +815,13 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         checkpoints.load_trainable(model if model is not None else self.model, resume_from_checkpoint,
                                    (self.run_settings or {}).get("weights_fingerprint"))
+
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        if best and os.path.isfile(os.path.join(best, checkpoints.TRAINABLE_FILE)):
+            logger.info("loading the best model from %s (score %s)", best, self.state.best_metric)
+            return self._load_from_checkpoint(best)
+        return super()._load_best_model()
 
     def _save_optimizer_and_scheduler(self, output_dir):
         self.faults.checkpoint_write(self.state.global_step, os.path.join(output_dir, "optimizer.pt"))
