@@ -131,3 +131,32 @@ def test_fsdp_through_accelerate_skip_rollback_resume(tiny_causal, prompt_dir, t
     assert report["ranks_agree"] is True and report["rollbacks"] == 1 and report["final_weights_finite"] is True
     with open(out / "checkpoint-8" / "trainer_state.json") as f:
         assert json.load(f)["global_step"] == 8
+
+
+@gloo
+def test_sa2va_under_ddp_syncs_gradients_and_resumes_from_its_trained_only_checkpoint(tiny_sa2va, gar_dir, tmp_path):
+    """Sa2VA in 2 DDP processes: its Policy's scoring forward runs inside DDP's forward (``as_wrapper_forward``),
+    so the gradients are all-reduced and the ranks' weights agree although each rank saw other rows. Its
+    checkpoints hold only the trained parameters; a resume from checkpoint-1 ends on the weights of the run that
+    went through."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from sa2va_rl.rl.checkpoints import TRAINABLE_FILE
+
+    flags = ["--task", "both", "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "2", "--save_strategy", "steps",
+             "--save_steps", "1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    proc, report = launch(tiny_sa2va, gar_dir, full, *flags)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert report["ranks_agree"] is True and report["final_weights_finite"] is True
+    assert report["skipped_steps"] == 0 and report["grad_guard"]["norm_min"] > 0 and report["steps"] == 2
+    assert TRAINABLE_FILE in os.listdir(full / "checkpoint-1")
+
+    shutil.copytree(full / "checkpoint-1", part / "checkpoint-1")
+    proc, report = launch(tiny_sa2va, gar_dir, part, *flags, "--resume_from_checkpoint", "latest")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert report["ranks_agree"] is True
+    a, b = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)

@@ -128,6 +128,29 @@ def checkpointing_paused(model: torch.nn.Module):
             m.gradient_checkpointing = flag
 
 
+def as_wrapper_forward(model: torch.nn.Module, fn):
+    """``fn(module)`` run as DistributedDataParallel's forward when ``model`` is one, else ``fn(model)``.
+
+    A Policy that is not a plain causal LM (Sa2VA) reaches into the model's parts (the vision tower, the LLM, its
+    head) instead of calling the model. Under DDP that would bypass DDP's forward: the wrapper has none of those
+    parts, and DDP's forward does the bookkeeping the gradient all-reduce needs (buffers broadcast, the reducer
+    readied for this backward). The inner module's ``forward`` is shadowed for this one call, so that DDP's own
+    forward runs around the Policy's; whatever ``forward`` the module had (accelerate's autocast wrapper under
+    mixed precision is an instance attribute) is put back."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return fn(model)
+    inner = model.module
+    own = inner.__dict__.get("forward")
+    inner.forward = lambda: fn(inner)
+    try:
+        return model()
+    finally:
+        if own is None:
+            del inner.forward
+        else:
+            inner.forward = own
+
+
 class Sa2VAGRPOTrainer(GRPOTrainer):
     def __init__(self, model, reward_funcs=None, args: Sa2VAGRPOConfig | None = None, policy: Policy | None = None,
                  **kwargs) -> None:
@@ -512,8 +535,11 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             e = min(s + batch_size, input_ids.shape[0])
             # the KL reference: a frozen copy, or (AdapterReference) the policy's model with its adapters disabled
             with self.accelerator.autocast(), reference.scoring(model) as scored:
-                scores = self.policy.logprobs(
-                    scored, input_ids[s:e, :P], attention_mask[s:e, :P], input_ids[s:e, P:],
+                # a causal LM's Policy calls the (wrapped) model itself; a Sa2VA Policy runs inside DDP's forward
+                run = (lambda f: f(scored)) if isinstance(self.policy, CausalLMPolicy) else \
+                    (lambda f: as_wrapper_forward(scored, f))
+                scores = run(lambda m: self.policy.logprobs(
+                    m, input_ids[s:e, :P], attention_mask[s:e, :P], input_ids[s:e, P:],
                     attention_mask[s:e, P:], temperature=self.temperature,
                     drop_mask=None if drop is None else drop[s:e],
                     **({} if record.contexts is None else {"contexts": record.contexts[s:e]}),
@@ -523,7 +549,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                     **({"multimodal": mm} if (mm := multimodal_rows(multimodal, s, e, input_ids.shape[0])) else {}),
                     **({"hidden_hook": hook} if (hook := self._mask_loss_hook(model, attention_mask[:, :P], s, e))
                        is not None else {}),
-                )
+                ))
             lp, ent = scores[:2]
             if compute_aux_loss:
                 aux.append(scores[2])
