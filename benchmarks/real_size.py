@@ -202,6 +202,11 @@ def main() -> None:
     args, extra = ap.parse_known_args()
     torch.set_num_threads(args.threads)
     stand_ins()
+    if not torch.cuda.is_available():  # on CPU the plan's runtime term is the RSS when train checks: keep the first
+        import sa2va_rl.plan as plan   # run's (a fresh process's), or later runs would count the earlier runs' memory
+
+        first, rss = [], plan.current_rss
+        plan.current_rss = lambda: first[0] if first else first.append(rss()) or first[0]
     extra = ["--batch_size", "2", "--num_generations", "2", "--max_completion_length", "16", "--max_tiles", "1",
              "--save_strategy", "steps", "--save_steps", "1", *extra]  # train flags given here come last: they win
     from sa2va_rl.data.synthetic import make_gar_data
