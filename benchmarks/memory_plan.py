@@ -3,8 +3,9 @@
 Each case trains `--max_steps 2` (the second step's backward is the first with AdamW's states allocated) through
 `sa2va-rl train` in a fresh process, which logs the estimate before the model loads ("estimated memory per device:
 ...") and reports its own peak at exit: on a GPU ``torch.cuda.max_memory_allocated()``; on CPU, where the "device" is
-the host's RAM, its peak resident memory (``getrusage(RUSAGE_SELF).ru_maxrss``: the training process alone) with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors
-leave the resident set (as ``max_memory_allocated`` counts live tensors on a GPU).
+the host's RAM, its peak resident memory (``getrusage(RUSAGE_SELF).ru_maxrss``: the training process alone) with
+glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the resident set (as ``max_memory_allocated``
+counts live tensors on a GPU).
 Prints, per case, the estimate by part, the measured peak and their ratio (the target: within 25%).
 
     python benchmarks/memory_plan.py                  # tiny causal, tiny Sa2VA, a 41M causal LM (G 4 and 32)
@@ -128,7 +129,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="run the cases whose name contains this text")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cases = [c for c in build(Path(tmp), args.sa2va_1b and (args.sa2va_1b_path or True)) if args.only is None or args.only in c[0]]
+        cases = [c for c in build(Path(tmp), args.sa2va_1b and (args.sa2va_1b_path or True))
+                 if args.only is None or args.only in c[0]]
         rows = []
         for name, argv in cases:
             argv = argv() if callable(argv) else argv

@@ -408,8 +408,11 @@ def _build_sa2va_run(script, margs, config, jargs=None):
                                  f"has {len(funcs)} rewards: {[f.__name__ for f in funcs]}")
     dataset = GARTaskDataset(reader, policy, tasks, max_prompt_tokens=script.max_prompt_tokens,
                              seg_format=script.seg_format)
-    trainer = Sa2VAGRPOTrainer(model=model, reward_funcs=funcs, args=config, train_dataset=dataset.to_dataset(),
-                               processing_class=tokenizer, policy=policy)
+    try:
+        trainer = Sa2VAGRPOTrainer(model=model, reward_funcs=funcs, args=config, train_dataset=dataset.to_dataset(),
+                                   processing_class=tokenizer, policy=policy)
+    except ValueError as e:  # a setup the trainer refuses at start (engine, options): the message says why and how
+        return _fail(EXIT_USAGE, str(e))
     trainer.stability.extras["bad_rows"] = lambda: {f"{f}:{fld}": n for (f, fld), n in reader.bad_counts.items()}
     if judge is not None:
         trainer.stability.extras["judge"] = judge.report

@@ -189,3 +189,18 @@ def test_zero2_resume_with_a_new_learning_rate_follows_the_new_schedule(tiny_cau
     with open(out / "checkpoint-3" / "trainer_state.json") as f:
         logged = {e["step"]: e["learning_rate"] for e in json.load(f)["log_history"] if "learning_rate" in e}
     assert logged == pytest.approx({1: 1e-2, 2: 3e-2 * 2 / 3, 3: 3e-2 / 3}), logged
+
+
+@gloo
+def test_zero2_trains_sa2va_and_zero3_refuses_it_at_start(tiny_sa2va, gar_dir, tmp_path):
+    """ZeRO-2 keeps whole parameters on every rank: a Sa2VA policy trains there and the ranks agree. ZeRO-3 shards
+    them, and a Sa2VA Policy runs its parts outside the engine's gathering forward: refused at start, by name
+    (before, it stopped at step 1 with "mat2 must be a matrix")."""
+    flags = ["--task", "both", "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "2"]
+    proc, report = launch(2, 2, tiny_sa2va, gar_dir, tmp_path / "z2", tmp_path, *flags)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert report["ranks_agree"] is True and report["steps"] == 2 and report["skipped_steps"] == 0
+    proc, report = launch(2, 3, tiny_sa2va, gar_dir, tmp_path / "z3", tmp_path, *flags)
+    assert proc.returncode != 0 and report is None, (proc.stdout + proc.stderr)[-4000:]
+    assert "(exitcode: 2)" in proc.stderr  # each rank exits with the usage code; the launcher reports it
+    assert "Sa2VAPolicy under DeepSpeed ZeRO-3 is not supported yet" in proc.stderr

@@ -160,3 +160,16 @@ def test_sa2va_under_ddp_syncs_gradients_and_resumes_from_its_trained_only_check
     assert report["ranks_agree"] is True
     a, b = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+@gloo
+def test_sa2va_under_fsdp_is_refused_at_start_by_name(tiny_sa2va, gar_dir, tmp_path):
+    """FSDP shards the parameters that a Sa2VA Policy's piecewise forward (vision tower, LLM, SAM2) would read
+    outside FSDP's gathering forward (before: "got mixed torch.Tensor and DTensor" at the first generation)."""
+    env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}
+    launcher = os.path.join(os.path.dirname(__file__), "fsdp_cpu_launch.py")
+    proc, report = launch(tiny_sa2va, gar_dir, tmp_path / "o", "--task", "both", "--lora_r", "4", "--lora_alpha",
+                          "8", "--max_steps", "1", script=launcher, env=env)
+    assert proc.returncode != 0 and report is None, (proc.stdout + proc.stderr)[-4000:]
+    assert "(exitcode: 2)" in proc.stderr  # each rank exits with the usage code; the launcher reports it
+    assert "Sa2VAPolicy under FSDP is not supported yet" in proc.stderr and "configs/ddp.yaml" in proc.stderr

@@ -22,8 +22,9 @@ TRL keeps the loss types, KL, reward weighting, logging and checkpointing. The o
   rows each step consumed: rollback past the data) and the collapse monitors (rl/collapse.py), from host values.
 * ``log``, ``training_step``: stability metrics, non-finite losses and metric values counted, not hidden.
 * ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: the stability state travels with checkpoints.
-* ``_save`` / ``_load_from_checkpoint`` / ``_load_best_model``: where part of the model is frozen (a Sa2VA: vision tower, SAM2, the LLM
-  under LoRA), a checkpoint holds only the trained parameters and buffers (rl/checkpoints.py ``save_trainable``).
+* ``_save`` / ``_load_from_checkpoint`` / ``_load_best_model``: where part of the model is frozen (a Sa2VA: vision
+  tower, SAM2, the LLM under LoRA), a checkpoint holds only the trained parameters and buffers
+  (rl/checkpoints.py ``save_trainable``).
 * ``_calculate_rewards``: for policies that segment (Sa2VA), each completion's ``[SEG]`` masks are added to its row
   before the reward functions run: ``pred_masks`` (think rows: the answer's ``[SEG]``s, rl/think.py; plain rows:
   the first ``[SEG]``) and ``pred_mask`` (the first of them, or None), and every row gets ``seg_text`` (its text
@@ -225,6 +226,14 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self._think_tags: ThinkTags | None = None  # think rows' tags on the policy's tokenizer (rl/think.py)
         self._nonfinite_losses = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
         self._mask_stats = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)  # ce, dice, weight
+        if not isinstance(self.policy, CausalLMPolicy) and (
+                self._dist.is_fsdp or self._dist.is_zero3):
+            raise ValueError(
+                f"{type(self.policy).__name__} under {'FSDP' if self._dist.is_fsdp else 'DeepSpeed ZeRO-3'} is not "
+                "supported yet: a Sa2VA Policy runs the vision tower, the LLM and SAM2 piece by piece, outside the "
+                "sharded forward that gathers their parameters, and its final save needs the whole weights. Use DDP "
+                "(configs/ddp.yaml) or DeepSpeed ZeRO-1/2 (configs/zero2.yaml): with LoRA (the default) each GPU "
+                "holds the frozen model once. docs/distributed.md")
         if args.mask_loss_weight > 0:
             mask_loss.refuse_unsupported(self.policy, self.accelerator.distributed_type, self._dist.is_zero3)
         self._unwrapped_for_generation = (None, None)  # (model_wrapped, its unwrapped model): see _generation_model
