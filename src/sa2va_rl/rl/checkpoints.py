@@ -66,7 +66,8 @@ def save_trainable(model, output_dir: str, base_fingerprint: str | None = None) 
     The frozen parameters (a Sa2VA's vision tower, SAM2, the LLM under LoRA: most of the model) never change in a
     run and are the ones ``--model_path`` holds, so a checkpoint needs only what trains (and the buffers): at
     Sa2VA-8B's size that is ~1 GB instead of 16 GB a checkpoint. ``base_fingerprint`` (the run's
-    ``model_fingerprint``) is stored so that a resume onto another base model is refused. Returns the bytes."""
+    ``weights_fingerprint``, rl/resume_checks.py) is stored so that a resume onto another base model is refused.
+    Returns the bytes written."""
     import safetensors.torch
 
     frozen = frozen_parameter_names(model)
@@ -123,8 +124,7 @@ def load_trainable(model, checkpoint: str, base_fingerprint: str | None = None) 
         raise CheckpointMismatch(f"{path} does not fit this model: {'; '.join(problems)}. Resume with the run's "
                                  "own setup (--lora_r, --lora_target_modules, --train_vision, --mask_loss_weight, "
                                  "--train_mask_decoder) or start a new --output_dir")
-    result = model.load_state_dict(state, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys  # checked above
+    model.load_state_dict(state, strict=False)  # every key checked above; the frozen ones stay the base's
 
 
 def checkpoint_name(step: int) -> str:

@@ -226,8 +226,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
         self._think_tags: ThinkTags | None = None  # think rows' tags on the policy's tokenizer (rl/think.py)
         self._nonfinite_losses = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
         self._mask_stats = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)  # ce, dice, weight
-        if not isinstance(self.policy, CausalLMPolicy) and (
-                self._dist.is_fsdp or self._dist.is_zero3):
+        if not isinstance(self.policy, CausalLMPolicy) and (self._dist.is_fsdp or self._dist.is_zero3):
             raise ValueError(
                 f"{type(self.policy).__name__} under {'FSDP' if self._dist.is_fsdp else 'DeepSpeed ZeRO-3'} is not "
                 "supported yet: a Sa2VA Policy runs the vision tower, the LLM and SAM2 piece by piece, outside the "
@@ -544,10 +543,7 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
             e = min(s + batch_size, input_ids.shape[0])
             # the KL reference: a frozen copy, or (AdapterReference) the policy's model with its adapters disabled
             with self.accelerator.autocast(), reference.scoring(model) as scored:
-                # a causal LM's Policy calls the (wrapped) model itself; a Sa2VA Policy runs inside DDP's forward
-                run = (lambda f: f(scored)) if isinstance(self.policy, CausalLMPolicy) else \
-                    (lambda f: as_wrapper_forward(scored, f))
-                scores = run(lambda m: self.policy.logprobs(
+                score = (lambda m: self.policy.logprobs(
                     m, input_ids[s:e, :P], attention_mask[s:e, :P], input_ids[s:e, P:],
                     attention_mask[s:e, P:], temperature=self.temperature,
                     drop_mask=None if drop is None else drop[s:e],
@@ -559,6 +555,8 @@ class Sa2VAGRPOTrainer(GRPOTrainer):
                     **({"hidden_hook": hook} if (hook := self._mask_loss_hook(model, attention_mask[:, :P], s, e))
                        is not None else {}),
                 ))
+                # a causal LM's Policy calls the (wrapped) model itself; a Sa2VA Policy runs inside DDP's forward
+                scores = score(scored) if isinstance(self.policy, CausalLMPolicy) else as_wrapper_forward(scored, score)
             lp, ent = scores[:2]
             if compute_aux_loss:
                 aux.append(scores[2])
