@@ -192,46 +192,58 @@ def resume_mismatch(checkpoint: str, model, base_fingerprint: str | None = None)
     """Why ``checkpoint``'s weights cannot be loaded into ``model`` (other LoRA rank, other model), or None.
 
     Headers only: key names (as loading would rename them) and shapes against ``model.state_dict()``. A checkpoint
-    of the trained parameters only (rl/checkpoints.py ``trainable.safetensors``) must also hold every parameter
-    this model trains, and none it keeps frozen, and (``base_fingerprint``, where given) come from the same base
-    model, whose frozen weights it does not hold."""
-    from sa2va_rl.rl.checkpoints import TRAINABLE_FILE, frozen_parameter_names
+    of the trained parameters only is checked by ``trained_only_mismatch``."""
+    from sa2va_rl.rl.checkpoints import TRAINABLE_FILE
 
-    trained_only = os.path.isfile(os.path.join(checkpoint, TRAINABLE_FILE))
-    files = [TRAINABLE_FILE] if trained_only else sorted(
-        f for f in os.listdir(checkpoint) if f.endswith(".safetensors") and f.startswith("model"))
+    if os.path.isfile(os.path.join(checkpoint, TRAINABLE_FILE)):
+        return trained_only_mismatch(os.path.join(checkpoint, TRAINABLE_FILE), model, base_fingerprint)
+    files = sorted(f for f in os.listdir(checkpoint) if f.endswith(".safetensors") and f.startswith("model"))
     if not files:
         return None
     state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     names = set(state)
-    shapes, unknown, seen, base = [], [], set(), None
+    shapes, unknown = [], []
     for file in files:
         for key, meta in _header(os.path.join(checkpoint, file)).items():
             if key == "__metadata__":
-                saved = (meta or {}).get("base_model_fingerprint")
-                if trained_only and base_fingerprint and saved and saved != base_fingerprint:
-                    base = (f"it holds only the trained parameters, and --model_path is not the model they were "
-                            f"trained on (fingerprint {saved}, now {base_fingerprint})")
                 continue
-            name = key if trained_only else _loaded_name(model, key, names)
-            seen.add(name)
+            name = _loaded_name(model, key, names)
             if name not in state:
                 unknown.append(key)
             elif tuple(meta["shape"]) != state[name]:
                 shapes.append(f"{key}: checkpoint {list(meta['shape'])} vs this model {list(state[name])}")
-    missing, frozen = [], []
-    if trained_only:
-        frozen_names = frozen_parameter_names(model)
-        missing = sorted(names - frozen_names - seen)
-        frozen = sorted(seen & frozen_names)
-    parts = [base] if base else []
+    if not shapes and not unknown:
+        return None
+    parts = []
     if shapes:
         parts.append(f"{len(shapes)} tensor(s) differ in shape (first: {shapes[0]})")
     if unknown:
         parts.append(f"{len(unknown)} checkpoint tensor(s) this model does not have (first: {unknown[0]})")
-    if missing:
-        parts.append(f"{len(missing)} tensor(s) this model trains are not in the checkpoint (first: {missing[0]})")
-    if frozen:
-        parts.append(f"{len(frozen)} checkpoint tensor(s) are frozen in this model (first: {frozen[0]})")
+    return "; ".join(parts)
+
+
+def trained_only_mismatch(path: str, model, base_fingerprint: str | None = None) -> str | None:
+    """Why the trained-parameters file ``path`` (rl/checkpoints.py ``save_trainable``) does not fit ``model``, or
+    None: it must hold exactly what ``model`` trains and its buffers, at the same shapes, and (where both are
+    known) come from the same base model, whose frozen weights it does not hold. Header only; the one check behind
+    both the resume check before training and ``load_trainable``."""
+    from sa2va_rl.rl.checkpoints import frozen_parameter_names
+
+    header = _header(path)
+    saved_base = (header.pop("__metadata__", None) or {}).get("base_model_fingerprint")
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    trained = set(own) - frozen_parameter_names(model)
+    parts = []
+    if base_fingerprint and saved_base and saved_base != base_fingerprint:
+        parts.append(f"it holds only the trained parameters, and --model_path is not the model they were trained on "
+                     f"(fingerprint {saved_base}, now {base_fingerprint})")
+    shapes = [f"{k}: checkpoint {list(m['shape'])} vs this model {list(own[k])}" for k, m in header.items()
+              if k in own and tuple(m["shape"]) != own[k]]
+    for found, what in ((shapes, "tensor(s) differ in shape"),
+                        (sorted(set(header) - set(own)), "tensor(s) in it this model does not have"),
+                        (sorted(trained - set(header)), "trained tensor(s) of this model are not in it"),
+                        (sorted(set(header) & (set(own) - trained)), "tensor(s) in it are frozen in this model")):
+        if found:
+            parts.append(f"{len(found)} {what} (first: {found[0]})")
     return "; ".join(parts) or None
 

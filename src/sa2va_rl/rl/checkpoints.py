@@ -94,37 +94,20 @@ class CheckpointMismatch(ValueError):
 def load_trainable(model, checkpoint: str, base_fingerprint: str | None = None) -> None:
     """Load ``checkpoint/trainable.safetensors`` into ``model``, whose frozen parameters come from the base model.
 
-    Refused, naming the tensors, unless the file holds exactly what ``model`` trains (and its buffers) at the same
-    shapes, and, where both are known, the base model is the one the checkpoint was trained on."""
-    import safetensors
+    Refused, naming the tensors, unless the file fits (models/layout.py ``trained_only_mismatch``: exactly what
+    ``model`` trains and its buffers, at the same shapes, and, where both are known, from the same base model)."""
     import safetensors.torch
 
+    from sa2va_rl.models.layout import trained_only_mismatch
+
     path = os.path.join(checkpoint, TRAINABLE_FILE)
-    with safetensors.safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    saved_base = meta.get("base_model_fingerprint")
-    if base_fingerprint and saved_base and saved_base != base_fingerprint:
-        raise CheckpointMismatch(
-            f"{path} holds only the trained parameters; the frozen ones come from --model_path, and that model is "
-            f"not the one this checkpoint was trained on (fingerprint {saved_base}, now {base_fingerprint}): resume "
-            "with the run's own --model_path")
-    state = safetensors.torch.load_file(path, device="cpu")
-    own = model.state_dict()
-    expected = set(own) - frozen_parameter_names(model)
-    missing, unknown = sorted(expected - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}" for k, v in state.items()
-              if k in own and v.shape != own[k].shape]
-    frozen_saved = sorted(set(state) & (set(own) - expected))
-    problems = [f"{len(x)} {what} (first: {x[0]})" for x, what in
-                ((missing, "trained tensor(s) of this model are not in it"),
-                 (unknown, "tensor(s) in it this model does not have"),
-                 (frozen_saved, "tensor(s) in it are frozen in this model"), (shapes, "shape(s) differ"))
-                if x]
-    if problems:
-        raise CheckpointMismatch(f"{path} does not fit this model: {'; '.join(problems)}. Resume with the run's "
-                                 "own setup (--lora_r, --lora_target_modules, --train_vision, --mask_loss_weight, "
+    why = trained_only_mismatch(path, model, base_fingerprint)
+    if why:
+        raise CheckpointMismatch(f"{path} does not fit this model: {why}. Resume with the run's own --model_path and "
+                                 "setup (--lora_r, --lora_target_modules, --train_vision, --mask_loss_weight, "
                                  "--train_mask_decoder) or start a new --output_dir")
-    model.load_state_dict(state, strict=False)  # every key checked above; the frozen ones stay the base's
+    # every key checked above; the frozen ones stay the base's
+    model.load_state_dict(safetensors.torch.load_file(path, device="cpu"), strict=False)
 
 
 def checkpoint_name(step: int) -> str:
